@@ -1,0 +1,164 @@
+"""`chroma-serve` command line: offline generation and checkpoint tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TINY_DIR = Path(os.environ.get("CHROMA_SERVE_HOME", Path.home() / ".cache" / "chroma-serve")) / "tiny-seed0"
+DEFAULT_REPLY = Path("reply.wav")
+
+
+def _banner(message: str) -> None:
+    line = "!" * (len(message) + 8)
+    print(f"{line}\n!!! {message} !!!\n{line}", file=sys.stderr)
+
+
+def _tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    from model.tiny import write_tiny_checkpoint
+
+    if not (path / "config.json").is_file():
+        write_tiny_checkpoint(path, seed=seed)
+    return path
+
+
+def cmd_generate(args) -> int:
+    from model.audio import load_audio_file, write_wav
+    from model.offline import OfflineChroma, RANDOM_WEIGHTS_NOTICE, speak
+    from model.processor import Conversation, Turn
+    from model.sampling import SamplingParams
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _tiny_checkpoint(DEFAULT_TINY_DIR)
+    started = time.perf_counter()
+    chroma = OfflineChroma(checkpoint, dtype=args.dtype, device=args.device)
+    if chroma.random_weights:
+        _banner(f"{RANDOM_WEIGHTS_NOTICE} ({checkpoint})")
+    print(f"loaded {checkpoint} in {time.perf_counter() - started:.1f} s")
+
+    user_audio, user_rate = load_audio_file(args.audio) if args.audio else speak(args.say)
+    voice_audio, voice_rate = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
+    voice = chroma.voice(args.voice_text, voice_audio, voice_rate)
+    conversation = Conversation(
+        system_prompt=args.system, turns=[Turn(role="user", audio=user_audio, sample_rate=user_rate)]
+    )
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    result = chroma.reply(conversation, voice, max_frames=args.max_frames, sampling=sampling)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_wav(args.out, result.audio.numpy(), result.sample_rate)
+    print(f"text:        {result.text!r}")
+    print(f"text tokens: {len(result.text_tokens)}")
+    print(f"frames:      {result.frames.shape[0]} ({result.audio_seconds:.2f} s of audio at {result.sample_rate} Hz)")
+    print(f"time:        {result.timings['total_s']:.2f} s (thinker {result.timings['thinker_s']:.2f}, "
+          f"speech {result.timings['speech_s']:.2f}, codec {result.timings['codec_s']:.2f})")
+    print(f"real-time factor: {result.real_time_factor:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from model.tiny import RANDOM_WEIGHTS_NOTICE, write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(args.dir, seed=args.seed)
+    _banner(RANDOM_WEIGHTS_NOTICE)
+    print(f"wrote tiny checkpoint to {out}")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from model.checkpoint import split_thinker
+
+    print(f"wrote thinker-only directory {split_thinker(args.dir, args.out)}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from model.checkpoint import describe
+    from model.offline import uses_random_weights
+
+    report = describe(args.dir)
+    if uses_random_weights(args.dir):
+        _banner("RANDOM WEIGHTS: this is a tiny test checkpoint")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'component':<12}{'tensors':>9}{'parameters':>16}{'MiB':>10}  dtypes")
+    for name, info in report.items():
+        if name == "unrecognised":
+            print(f"unrecognised tensors: {info['tensors']} e.g. {', '.join(info['examples'])}")
+            continue
+        print(f"{name:<12}{info['tensors']:>9}{info['parameters']:>16,}{info['bytes'] / 2**20:>10.1f}  {', '.join(info['dtypes'])}")
+    return 0
+
+
+def cmd_check_parity(args) -> int:
+    from model.parity import run_fixture
+
+    items = run_fixture(args.dir)
+    for item in items:
+        print(f"{'PASS' if item.ok else 'FAIL'}  {item.name:<12} {item.detail}")
+    ok = all(item.ok for item in items)
+    print("parity: " + ("identical to upstream" if ok else "MISMATCH"))
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chroma-serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer one spoken turn offline and write the reply WAV")
+    gen.add_argument("--checkpoint", help="checkpoint directory (default: a tiny RANDOM-WEIGHT one, made on first use)")
+    gen.add_argument("--audio", help="caller audio (WAV/FLAC, any rate); default: --say synthesised by espeak-ng")
+    gen.add_argument("--say", default="Hello, can you tell me what the weather is like today?")
+    gen.add_argument("--voice-audio", help="reference clip of the voice to clone; default: --voice-text spoken by espeak-ng")
+    gen.add_argument("--voice-text", default="This is the voice you will hear in every reply.",
+                     help="transcript of the reference clip")
+    gen.add_argument("--system", default="You are a helpful voice assistant. Answer briefly.")
+    gen.add_argument("--out", default=str(DEFAULT_REPLY))
+    gen.add_argument("--max-frames", type=int, default=125, help="frame limit (12.5 frames per second)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    ckpt = commands.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="tool", required=True)
+    tiny = ckpt.add_parser("tiny", help="write a tiny RANDOM-WEIGHT checkpoint in the official layout")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny)
+    split = ckpt.add_parser("split", help="write a thinker-only directory for vLLM / transformers")
+    split.add_argument("dir")
+    split.add_argument("out")
+    split.set_defaults(func=cmd_split)
+    inspect = ckpt.add_parser("inspect", help="components, parameter counts, dtypes, sizes")
+    inspect.add_argument("dir")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    # Reachable both as `chroma-serve check-parity` and `chroma-serve checkpoint check-parity`.
+    for group in (commands, ckpt):
+        parity = group.add_parser("check-parity", help="compare against an upstream-made fixture directory")
+        parity.add_argument("dir")
+        parity.set_defaults(func=cmd_check_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers warns about the custom `chroma` model type on every load
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"chroma-serve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

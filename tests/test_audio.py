@@ -1,0 +1,169 @@
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from model.audio import (
+    AudioError,
+    decode_audio,
+    encode_mulaw,
+    encode_wav,
+    load_audio_file,
+    resample,
+    write_wav,
+)
+
+
+def sine(rate: int, seconds: float = 0.25, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def container(wave: np.ndarray, rate: int, fmt: str, subtype: str | None = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+@pytest.mark.parametrize("rate", [8000, 16000, 24000, 44100])
+def test_container_round_trip(fmt: str, rate: int) -> None:
+    wave = sine(rate)
+    out, out_rate = decode_audio(container(wave, rate, fmt))
+    assert out_rate == rate
+    assert out.dtype == np.float32 and out.shape == wave.shape
+    np.testing.assert_allclose(out, wave, atol=1e-4)
+
+
+def test_ogg_is_read() -> None:
+    wave = sine(16000, seconds=0.5)
+    out, rate = decode_audio(container(wave, 16000, "OGG", subtype="VORBIS"))
+    assert rate == 16000
+    assert abs(len(out) - len(wave)) < 100
+    assert np.abs(out).max() > 0.3
+
+
+def test_encode_wav_and_files(tmp_path) -> None:
+    wave = sine(24000)
+    out, rate = decode_audio(encode_wav(wave, 24000))
+    assert rate == 24000
+    np.testing.assert_allclose(out, wave, atol=1e-4)
+    path = tmp_path / "a.wav"
+    write_wav(path, wave, 24000)
+    out, rate = load_audio_file(path)
+    assert rate == 24000
+    np.testing.assert_allclose(out, wave, atol=1e-4)
+
+
+def test_raw_pcm16() -> None:
+    pcm = np.array([0, 16384, -16384, 32767, -32768], dtype="<i2")
+    out, rate = decode_audio(pcm.tobytes(), encoding="pcm16", sample_rate=16000)
+    assert rate == 16000
+    np.testing.assert_allclose(out, pcm / 32768.0)
+
+
+def test_mulaw_round_trip() -> None:
+    wave = sine(8000, seconds=0.5, amp=0.8)
+    data = encode_mulaw(wave)
+    assert len(data) == len(wave)
+    out, rate = decode_audio(data, encoding="mulaw")
+    assert rate == 8000
+    assert np.abs(out - wave).max() < 0.02  # 8-bit log quantisation, coarsest step 1024/32768
+    snr = 10 * np.log10(np.sum(wave**2) / np.sum((out - wave) ** 2))
+    assert snr > 30
+
+
+def test_mulaw_reference_values() -> None:
+    # G.711: 0xFF and 0x7F are (+/-) zero, 0x80 / 0x00 are the positive / negative extremes.
+    out, _ = decode_audio(bytes([0xFF, 0x7F, 0x80, 0x00]), encoding="mulaw", sample_rate=16000)
+    np.testing.assert_array_equal(out * 32768, [0, 0, 32124, -32124])
+    assert encode_mulaw(np.array([0.0, 1.0, -1.0], dtype=np.float32)) == bytes([0xFF, 0x80, 0x00])
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "message"),
+    [
+        (b"", {}, "empty"),
+        (b"this is not audio at all, just text", {}, "unknown audio format"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", {}, "WAV audio is truncated or corrupt"),
+        (b"fLaC" + b"\x00" * 40, {}, "could not read FLAC"),
+        (b"\x00\x01\x02", {"encoding": "pcm16", "sample_rate": 16000}, "odd byte count"),
+        (b"\x00\x01", {"encoding": "pcm16"}, "needs sample_rate"),
+        (b"\x00\x01", {"encoding": "pcm16", "sample_rate": 4000}, "unsupported sample rate 4000"),
+        (b"\x00\x01", {"encoding": "mulaw", "sample_rate": 400000}, "unsupported sample rate 400000"),
+        (b"\x00\x01", {"encoding": "mp3"}, "unknown audio encoding 'mp3'"),
+    ],
+)
+def test_bad_bytes(data: bytes, kwargs: dict, message: str) -> None:
+    with pytest.raises(AudioError, match=message):
+        decode_audio(data, **kwargs)
+
+
+def test_truncated_wav() -> None:
+    data = container(sine(16000), 16000, "WAV")
+    with pytest.raises(AudioError, match="truncated"):
+        decode_audio(data[: len(data) // 2])
+    with pytest.raises(AudioError, match="truncated or corrupt"):
+        decode_audio(data[:30])
+
+
+def test_stereo_rejected() -> None:
+    stereo = np.stack([sine(16000), sine(16000)], axis=1)
+    with pytest.raises(AudioError, match="has 2 channels; send mono audio"):
+        decode_audio(container(stereo, 16000, "WAV"))
+
+
+def test_zero_samples_rejected() -> None:
+    with pytest.raises(AudioError, match="zero samples"):
+        decode_audio(container(np.zeros(0, dtype=np.float32), 16000, "WAV"))
+
+
+def test_non_finite_rejected() -> None:
+    wave = sine(16000)
+    wave[10] = np.nan
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        decode_audio(container(wave, 16000, "WAV", subtype="FLOAT"))
+
+
+def test_unsupported_container_rate() -> None:
+    with pytest.raises(AudioError, match="unsupported sample rate 4000"):
+        decode_audio(container(sine(4000), 4000, "WAV"))
+
+
+def test_declared_rate_must_match_header() -> None:
+    with pytest.raises(AudioError, match="header says 16000 Hz"):
+        decode_audio(container(sine(16000), 16000, "WAV"), sample_rate=8000)
+
+
+def test_missing_file(tmp_path) -> None:
+    path = tmp_path / "nope.wav"
+    with pytest.raises(AudioError, match="not found: .*nope.wav"):
+        load_audio_file(path)
+
+
+@pytest.mark.parametrize(("src", "dst"), [(16000, 24000), (44100, 16000), (8000, 16000)])
+def test_resample_length(src: int, dst: int) -> None:
+    wave = sine(src, seconds=1.0)
+    out = resample(wave, src, dst)
+    assert out.dtype == np.float32
+    assert abs(len(out) - dst) <= 1
+
+
+def test_resample_identity_and_errors() -> None:
+    wave = sine(16000)
+    np.testing.assert_array_equal(resample(wave, 16000, 16000), wave)
+    with pytest.raises(AudioError, match="mono"):
+        resample(np.zeros((10, 2), dtype=np.float32), 16000, 8000)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_real_speech(tmp_path) -> None:
+    path = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "hello, how are you today"], check=True)
+    wave, rate = load_audio_file(path)
+    assert wave.ndim == 1 and len(wave) > rate // 2
+    assert np.abs(wave).max() > 0.05
+    assert len(resample(wave, rate, 16000)) == pytest.approx(len(wave) * 16000 / rate, abs=2)
