@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -183,15 +184,7 @@ class SingleTurnBackbone:
         """embeds [L, H] -> (x [1, H], codebook-0 logits [1, V]) at the last new position."""
         device = self.speech.device
         count = embeds.shape[0]
-        if self.length + count > self.cache.capacity:
-            raise ValueError(f"turn exceeds the backbone context of {self.cache.capacity} positions")
-        index = torch.arange(self.length, self.length + count, device=device)[None]
-        step = StepInputs(
-            rows=torch.zeros(1, dtype=torch.long, device=device),
-            write_index=index,
-            positions=index,
-            attend=(torch.ones(1, count, dtype=torch.bool) if attend is None else attend[None]).to(device),
-        )
+        step = StepInputs.contiguous([0], [self.length], [count], device, attend=None if attend is None else attend[None])
         self.length += count
         return self.speech.backbone_step(embeds[None], self.cache, step, torch.tensor([count - 1], device=device))
 
@@ -210,6 +203,37 @@ def turn_frame_budget(speech: SpeechModel, voice: VoicePrompt, max_frames: int) 
 
 
 @torch.inference_mode()
+def speak_turn(
+    speech: SpeechModel,
+    voice: VoicePrompt,
+    next_pair: Callable[[int | None], tuple[int, torch.Tensor]],
+    max_frames: int,
+    sampling: SamplingParams | None = None,
+) -> TurnProgress:
+    """The speech side of one turn, batch of one: backbone step + decoder frame completion per frame, asking
+    `next_pair(previous token)` (None first) for a thinker (token, hidden state) once per two frames."""
+    sampling_state = [SamplingState(sampling or SamplingParams(), speech.device)]
+    progress = TurnProgress(speech.config, turn_frame_budget(speech, voice, max_frames))
+    backbone = SingleTurnBackbone(speech)
+    token, hidden = next_pair(None)
+    progress.add_text(token)
+    embeds = torch.cat([speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes), speech.thinker_pair(token, hidden)])
+    attend = torch.cat([voice_prompt_attend(voice), torch.ones(2, dtype=torch.bool)])
+    while True:
+        x, logits = backbone.step(embeds, attend)
+        attend = None
+        frame = speech.complete_frames(x, speech.sample(logits, sampling_state), sampling_state)
+        progress.add_frame(frame[0].tolist())
+        if progress.finished:
+            return progress
+        embeds = speech.frame_embeddings(frame)
+        if progress.wants_thinker_pair():
+            token, hidden = next_pair(token)
+            progress.add_text(token)
+            embeds = torch.cat([embeds, speech.thinker_pair(token, hidden)])
+
+
+@torch.inference_mode()
 def generate_turn(
     thinker,
     speech: SpeechModel,
@@ -220,39 +244,21 @@ def generate_turn(
     sampling: SamplingParams | None = None,
     decode_text=None,
 ) -> TurnResult:
-    """One spoken reply, batch of one: thinker prefill, then backbone step + decoder frame completion per
-    frame, stepping the thinker once per two frames, then one Mimi decode of all frames."""
+    """One spoken reply, batch of one: thinker prefill, the speech loop stepping the thinker once per two
+    frames, then one Mimi decode of all frames."""
     config = speech.config
-    sampling_state = [SamplingState(sampling or SamplingParams(), speech.device)]
-    progress = TurnProgress(config, turn_frame_budget(speech, voice, max_frames))
     started = time.perf_counter()
-
     session = ThinkerSession(thinker)
-    token, hidden = session.prefill(conversation)
-    progress.add_text(token)
-    thinker_s = time.perf_counter() - started
+    thinker_s = 0.0
 
-    backbone = SingleTurnBackbone(speech)
-    prompt = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
-    pair = torch.stack([hidden.to(speech.dtype), speech.text_embedding(torch.tensor(token, device=speech.device))])
-    embeds = torch.cat([prompt, pair])
-    attend = torch.cat([voice_prompt_attend(voice), torch.ones(2, dtype=torch.bool)])
-    while True:
-        x, logits = backbone.step(embeds, attend)
-        attend = None
-        codebook0 = speech.sample(logits, sampling_state)
-        frame = speech.complete_frames(x, codebook0, sampling_state)
-        progress.add_frame(frame[0].tolist())
-        if progress.finished:
-            break
-        embeds = speech.frame_embeddings(frame)
-        if progress.wants_thinker_pair():
-            thinker_started = time.perf_counter()
-            token, hidden = session.step(token)
-            thinker_s += time.perf_counter() - thinker_started
-            progress.add_text(token)
-            pair = torch.stack([hidden.to(speech.dtype), speech.text_embedding(torch.tensor(token, device=speech.device))])
-            embeds = torch.cat([embeds, pair])
+    def next_pair(previous: int | None) -> tuple[int, torch.Tensor]:
+        nonlocal thinker_s
+        thinker_started = time.perf_counter()
+        pair = session.prefill(conversation) if previous is None else session.step(previous)
+        thinker_s += time.perf_counter() - thinker_started
+        return pair
+
+    progress = speak_turn(speech, voice, next_pair, max_frames, sampling)
     speech_done = time.perf_counter()
 
     frames = torch.tensor(progress.frames, dtype=torch.long).reshape(-1, config.audio_num_codebooks)

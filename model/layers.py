@@ -103,12 +103,31 @@ class StepInputs:
     write_index:  [B, L] cache column of each new position, -1 for padding
     positions:    [B, L] rotary position of each new position
     attend:       [B, L] whether later positions may attend to this one (upstream's attention_mask)
+    kv_len:       1 + the largest write index, known on the host so the forward needs no device sync
     """
 
     rows: torch.Tensor
     write_index: torch.Tensor
     positions: torch.Tensor
     attend: torch.Tensor
+    kv_len: int
+
+    @classmethod
+    def contiguous(cls, rows: list[int], starts: list[int], lengths: list[int], device, attend=None, positions=None) -> "StepInputs":
+        """Row i writes `lengths[i]` new positions from cache column `starts[i]`; rotary positions equal the
+        cache columns unless given. Shorter rows are padded to the longest."""
+        width = max(lengths)
+        offsets = torch.arange(width)
+        starts_t, lengths_t = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+        real = offsets[None] < lengths_t
+        write_index = torch.where(real, starts_t + offsets[None], -1)
+        return cls(
+            rows=torch.tensor(rows, device=device),
+            write_index=write_index.to(device),
+            positions=(write_index.clamp(min=0) if positions is None else positions).to(device),
+            attend=(real if attend is None else attend & real).to(device),
+            kv_len=max(s + n for s, n in zip(starts, lengths)),
+        )
 
     def attention_mask(self, cache: KVCache, kv_len: int) -> torch.Tensor:
         """[B, 1, L, kv_len] bool: a query sees every visible column up to its own (causal)."""
@@ -196,12 +215,12 @@ class TransformerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache, step: StepInputs) -> torch.Tensor:
         """x [B, L, hidden] -> final-normed outputs [B, L, hidden]; writes the new keys into `cache`."""
-        if int(step.write_index.max()) >= cache.capacity:
+        if step.kv_len > cache.capacity:
             raise ValueError(f"sequence longer than the KV cache ({cache.capacity} positions)")
         rows = step.rows[:, None]
         columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
         cache.visible[rows, columns] = step.attend & (step.write_index >= 0)
-        kv_len = int(step.write_index.max()) + 1
+        kv_len = step.kv_len
         mask = step.attention_mask(cache, kv_len)
         cos, sin = self.rotary(step.positions, x.dtype)
         for index, layer in enumerate(self.layers):

@@ -96,6 +96,11 @@ class SpeechModel(nn.Module):
         zero = torch.zeros_like(text[:1])
         return torch.cat([text, self.frame_embeddings(codes.to(self.device)), zero], dim=0)
 
+    def thinker_pair(self, token: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The two backbone inputs a thinker step injects: [its hidden state, E_text(its token)] -> [2, H]."""
+        text = self.text_embedding(torch.tensor(token, device=self.device))
+        return torch.stack([hidden.to(self.device, self.dtype), text])
+
     def allocate_backbone_cache(self, rows: int, capacity: int | None = None) -> KVCache:
         return self.backbone.model.allocate_cache(rows, capacity)
 
@@ -106,34 +111,34 @@ class SpeechModel(nn.Module):
         x = out[torch.arange(out.shape[0], device=out.device), last]
         return x, self.backbone.codebook0_head(x)
 
-    def complete_frames(self, x: torch.Tensor, codebook0: torch.Tensor, sampling: list[SamplingState]) -> torch.Tensor:
+    def complete_frames(
+        self, x: torch.Tensor, codebook0: torch.Tensor, sampling: list[SamplingState], decoder_stack=None
+    ) -> torch.Tensor:
         """SPEC step 5 for a batch: backbone outputs x [B, H] and codebook-0 codes [B] -> frames [B, 8].
 
         The decoder gets a fresh 8-position cache per frame. Rotary positions follow upstream: both inputs of
-        sub-step 1 sit at position 0, sub-step k >= 2 at position k - 1."""
+        sub-step 1 sit at position 0, sub-step k >= 2 at position k - 1. `decoder_stack` may replace the
+        decoder's transformer call (e.g. a torch.compile'd one)."""
         decoder = self.decoder
+        decoder_stack = decoder.model if decoder_stack is None else decoder_stack
         batch, device = x.shape[0], x.device
         num_codebooks = self.config.audio_num_codebooks
         cache = decoder.model.allocate_cache(batch, capacity=num_codebooks)
-        rows = torch.arange(batch, device=device)
+        rows = list(range(batch))
 
         inputs = torch.stack([x, decoder.audio_embedding.codebook(codebook0, 0)], dim=1)
-        write, positions = [0, 1], [0, 0]
         codes = [codebook0]
         for codebook in range(1, num_codebooks):
-            length = len(write)
-            step = StepInputs(
-                rows=rows,
-                write_index=torch.tensor(write, device=device).expand(batch, length),
-                positions=torch.tensor(positions, device=device).expand(batch, length),
-                attend=torch.ones(batch, length, dtype=torch.bool, device=device),
-            )
-            out = decoder.model(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
+            # Sub-step 1 writes cache columns 0 and 1 (both at rotary position 0); sub-step k column k.
+            start = 0 if codebook == 1 else codebook
+            length = inputs.shape[1]
+            positions = torch.full((batch, length), max(codebook - 1, 0))
+            step = StepInputs.contiguous(rows, [start] * batch, [length] * batch, device, positions=positions)
+            out = decoder_stack(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
             logits = out @ decoder.codebook_head.weight[codebook - 1]
             code = self.sample(logits, sampling)
             codes.append(code)
             inputs = decoder.audio_embedding.codebook(code, codebook)[:, None]
-            write, positions = [write[-1] + 1], [codebook]
         return torch.stack(codes, dim=1)
 
     def sample(self, logits: torch.Tensor, sampling: list[SamplingState]) -> torch.Tensor:

@@ -1,0 +1,375 @@
+"""SpeechEngine: many turns on one device, continuous batching of Backbone + Decoder.
+
+Each live turn owns one slot: a row of a preallocated (static, gpt-fast style) backbone KV cache. Every step
+runs ONE batched backbone forward over all turns that are ready, whatever each needs (its first thinker pair
+after the cached voice prompt, one frame, or a frame plus a thinker pair), then ONE batched decoder pass that
+completes their frames. A turn joins at the next step and leaves (finished, failed or cancelled) freeing its
+slot at once. Thinker pairs arrive asynchronously per turn; a turn whose next step needs a pair that has not
+arrived sits the step out without holding back the others.
+
+The math is `SpeechModel`'s, the same as the offline `generate_turn`, so greedy frames are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from pydantic import BaseModel, Field
+
+from .generate import TurnProgress, VoicePrompt, turn_frame_budget, voice_prompt_attend
+from .layers import KVCache, StepInputs
+from .sampling import SamplingParams, SamplingState
+from .speech import SpeechModel
+
+ThinkerPair = tuple[int, torch.Tensor]
+
+
+class SpeechEngineSettings(BaseModel):
+    max_slots: int = Field(16, ge=1, description="live turns per device")
+    max_queue: int = Field(64, ge=0, description="turns waiting for a slot before submit refuses")
+    voice_cache_mb: float = Field(256.0, ge=0, description="memory bound of the voice-prompt KV cache (LRU)")
+    max_frames: int = Field(750, ge=1, description="frame limit per turn (60 s at 12.5 frames/s)")
+    # torch.compile of the decoder's 7-sub-step transformer calls, the per-frame hot loop. On CUDA,
+    # "reduce-overhead" captures them as CUDA graphs. Off by default: on CPU the compiled path measured slower
+    # (tiny model: ~14 vs ~45 frames/s) after a ~70 s compile.
+    compile_mode: str | None = Field(None, description='None (eager), "default", "reduce-overhead", "max-autotune"')
+    compile_backend: str = "inductor"
+
+
+class CapacityError(RuntimeError):
+    """Every slot and queue place is taken: refuse the turn rather than slow every live call down."""
+
+
+@dataclass
+class GeneratedFrame:
+    codes: list[int] | None  # the frame's 8 codes; None only for a last, text-only flush
+    text_tokens: list[int]  # thinker tokens injected since the previous yielded frame
+
+
+@dataclass
+class VoicePrefix:
+    """Backbone keys/values of one voice prompt, ready to copy into a slot."""
+
+    keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
+    values: torch.Tensor
+    visible: torch.Tensor  # [P]
+
+    @property
+    def length(self) -> int:
+        return self.visible.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes
+
+
+@dataclass
+class _Turn:
+    turn_id: str
+    voice: VoicePrompt
+    voice_key: str
+    sampling: SamplingState
+    progress: TurnProgress
+    output: asyncio.Queue
+    pairs: deque = field(default_factory=deque)
+    thinker_ended: bool = False
+    slot: int | None = None
+    length: int = 0  # positions in the slot's cache
+    next_frame_embedding: torch.Tensor | None = None  # input of the next step, once a frame exists
+    unsent_text: list[int] = field(default_factory=list)
+    pump: asyncio.Task | None = None
+    cancelled: bool = False
+    error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_frame_at: float | None = None
+
+
+_END = object()
+
+
+class SpeechEngine:
+    def __init__(self, speech: SpeechModel, settings: SpeechEngineSettings | None = None):
+        self.speech = speech
+        self.settings = settings or SpeechEngineSettings()
+        self.cache: KVCache = speech.allocate_backbone_cache(rows=self.settings.max_slots)
+        self.free_slots = list(range(self.settings.max_slots - 1, -1, -1))
+        self.turns: dict[str, _Turn] = {}
+        self.waiting: deque[_Turn] = deque()
+        self.voice_cache: OrderedDict[str, VoicePrefix] = OrderedDict()
+        self.steps = 0
+        self.frames_out = 0
+        self.step_times: deque[float] = deque(maxlen=200)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
+        self._decoder_stack = None
+        if self.settings.compile_mode is not None:
+            self._decoder_stack = torch.compile(
+                speech.decoder.model, mode=self.settings.compile_mode, backend=self.settings.compile_backend, dynamic=True
+            )
+
+    # ---- public API -------------------------------------------------------------------------------------
+    async def submit(
+        self,
+        turn_id: str,
+        voice: VoicePrompt,
+        thinker_stream: AsyncIterator[ThinkerPair],
+        sampling: SamplingParams | None = None,
+        max_frames: int | None = None,
+    ) -> AsyncIterator[GeneratedFrame]:
+        """Start a turn; returns its frames as they are produced. Closing the iterator cancels the turn."""
+        if turn_id in self.turns:
+            raise ValueError(f"turn {turn_id!r} is already running")
+        if not self.free_slots and len(self.waiting) >= self.settings.max_queue:
+            raise CapacityError(f"no free slots: {self.settings.max_slots} live turns and {len(self.waiting)} queued")
+        frames = turn_frame_budget(self.speech, voice, min(max_frames or self.settings.max_frames, self.settings.max_frames))
+        turn = _Turn(
+            turn_id=turn_id,
+            voice=voice,
+            voice_key=_voice_key(voice),
+            sampling=SamplingState(sampling or SamplingParams(), self.speech.device),
+            progress=TurnProgress(self.speech.config, frames),
+            output=asyncio.Queue(),
+        )
+        self.turns[turn_id] = turn
+        turn.pump = asyncio.create_task(self._pump(turn, thinker_stream))
+        self._admit_or_queue(turn)
+        self._ensure_running()
+        return self._frames(turn)
+
+    def cancel(self, turn_id: str) -> bool:
+        """Stop a turn now and free its slot; returns whether it was live."""
+        turn = self.turns.get(turn_id)
+        if turn is None:
+            return False
+        turn.cancelled = True
+        self._finish(turn)
+        return True
+
+    def stats(self) -> dict:
+        live = [t for t in self.turns.values() if t.slot is not None]
+        step_times = sorted(self.step_times)
+        return {
+            "live_slots": len(live),
+            "free_slots": len(self.free_slots),
+            "queued": len(self.waiting),
+            "steps": self.steps,
+            "frames": self.frames_out,
+            "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
+            "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
+            "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
+            "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
+            "voice_cache_entries": len(self.voice_cache),
+            "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
+        }
+
+    def clear_voice_cache(self) -> None:
+        self.voice_cache.clear()
+
+    async def close(self) -> None:
+        for turn_id in list(self.turns):
+            self.cancel(turn_id)
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+
+    # ---- turn lifecycle -----------------------------------------------------------------------------------
+    async def _frames(self, turn: _Turn) -> AsyncIterator[GeneratedFrame]:
+        try:
+            while True:
+                item = await turn.output.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if turn.turn_id in self.turns:  # the consumer left early: cancel
+                self.cancel(turn.turn_id)
+
+    async def _pump(self, turn: _Turn, stream: AsyncIterator[ThinkerPair]) -> None:
+        try:
+            async for token, hidden in stream:
+                turn.pairs.append((token, hidden))
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a failed thinker fails only its own turn
+            turn.error = error
+        finally:
+            turn.thinker_ended = True
+            self._wake.set()
+            # Closing the stream frees the Reasoner's request when the turn ends before the text does.
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _admit_or_queue(self, turn: _Turn) -> None:
+        if self.free_slots:
+            turn.slot = self.free_slots.pop()
+        else:
+            self.waiting.append(turn)
+
+    def _finish(self, turn: _Turn) -> None:
+        self.turns.pop(turn.turn_id, None)
+        if turn in self.waiting:
+            self.waiting.remove(turn)
+        if turn.slot is not None:
+            self.cache.visible[turn.slot] = False
+            self.free_slots.append(turn.slot)
+            turn.slot = None
+            if self.waiting:
+                self._admit_or_queue(self.waiting.popleft())
+        if turn.pump is not None and not turn.pump.done():
+            turn.pump.cancel()
+        if turn.error is not None:
+            turn.output.put_nowait(turn.error)
+        elif not turn.cancelled and turn.unsent_text:
+            turn.output.put_nowait(GeneratedFrame(codes=None, text_tokens=turn.unsent_text))
+        turn.output.put_nowait(_END)
+        self._wake.set()
+
+    # ---- the step loop ------------------------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = self._collect_ready()
+            if not batch:
+                if not self.turns:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.perf_counter()
+            try:
+                frames, embeddings = await asyncio.to_thread(self._forward, batch)
+            except Exception as error:  # a failed step fails the turns in it, not the engine
+                for turn, _ in batch:
+                    turn.error = error
+                    self._finish(turn)
+                continue
+            self.step_times.append(time.perf_counter() - started)
+            self.steps += 1
+            self._apply(batch, frames, embeddings)
+
+    @torch.inference_mode()
+    def _collect_ready(self) -> list[tuple[_Turn, torch.Tensor]]:
+        """Turns with a slot whose next input is complete, each with that input [L, H]."""
+        ready = []
+        for turn in list(self.turns.values()):
+            if turn.slot is None:
+                continue
+            if turn.error is not None:
+                self._finish(turn)
+                continue
+            embeds = self._next_input(turn)
+            if turn.error is not None:
+                self._finish(turn)
+            elif embeds is not None:
+                ready.append((turn, embeds))
+        return ready
+
+    def _next_input(self, turn: _Turn) -> torch.Tensor | None:
+        speech, progress = self.speech, turn.progress
+        pair = None
+        if progress.wants_thinker_pair():
+            if turn.pairs:
+                token, hidden = turn.pairs.popleft()
+                progress.add_text(token)
+                turn.unsent_text.append(token)
+                pair = speech.thinker_pair(token, hidden)
+            elif turn.thinker_ended:
+                progress.thinker_done = True  # the thinker stopped without im_end (token limit)
+                if progress.steps == 0:
+                    turn.error = ValueError(f"turn {turn.turn_id}: the thinker produced no text token")
+                    return None
+            else:
+                return None
+        if progress.steps == 0:
+            self._load_voice_prefix(turn)
+            return pair
+        return turn.next_frame_embedding[None] if pair is None else torch.cat([turn.next_frame_embedding[None], pair])
+
+    def _load_voice_prefix(self, turn: _Turn) -> None:
+        prefix = self.voice_cache.get(turn.voice_key)
+        if prefix is None:
+            prefix = self._prefill_voice(turn.voice)
+            self.voice_cache[turn.voice_key] = prefix
+            self._evict_voices()
+        self.voice_cache.move_to_end(turn.voice_key)
+        slot, length = turn.slot, prefix.length
+        self.cache.keys[slot, :, :, :length] = prefix.keys
+        self.cache.values[slot, :, :, :length] = prefix.values
+        self.cache.visible[slot] = False
+        self.cache.visible[slot, :length] = prefix.visible
+        turn.length = length
+
+    @torch.inference_mode()
+    def _prefill_voice(self, voice: VoicePrompt) -> VoicePrefix:
+        speech = self.speech
+        embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
+        length = embeds.shape[0]
+        scratch = speech.allocate_backbone_cache(rows=1, capacity=length)
+        attend = voice_prompt_attend(voice)
+        step = StepInputs.contiguous([0], [0], [length], speech.device, attend=attend[None])
+        speech.backbone.model(embeds[None].to(speech.dtype), scratch, step)
+        return VoicePrefix(
+            keys=scratch.keys[0, :, :, :length].clone(),
+            values=scratch.values[0, :, :, :length].clone(),
+            visible=scratch.visible[0, :length].clone(),
+        )
+
+    def _evict_voices(self) -> None:
+        budget = self.settings.voice_cache_mb * 2**20
+        while len(self.voice_cache) > 1 and sum(p.nbytes for p in self.voice_cache.values()) > budget:
+            self.voice_cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone forward + one decoder pass for the batch -> (frames [B, 8] on the host, next-step
+        frame embeddings [B, H]). The only host sync is reading the frames back."""
+        speech = self.speech
+        lengths = [embeds.shape[0] for _, embeds in batch]
+        width = max(lengths)
+        inputs = torch.zeros(len(batch), width, speech.config.backbone_config.hidden_size, device=speech.device, dtype=speech.dtype)
+        for row, (_, embeds) in enumerate(batch):
+            inputs[row, : embeds.shape[0]] = embeds
+        step = StepInputs.contiguous([t.slot for t, _ in batch], [t.length for t, _ in batch], lengths, speech.device)
+        last = torch.tensor([n - 1 for n in lengths], device=speech.device)
+        sampling = [t.sampling for t, _ in batch]
+        x, logits = speech.backbone_step(inputs, self.cache, step, last)
+        frames = speech.complete_frames(x, speech.sample(logits, sampling), sampling, self._decoder_stack)
+        return frames.cpu(), speech.frame_embeddings(frames)
+
+    def _apply(self, batch, frames: torch.Tensor, embeddings: torch.Tensor) -> None:
+        now = time.perf_counter()
+        for row, ((turn, embeds), codes) in enumerate(zip(batch, frames.tolist())):
+            if turn.turn_id not in self.turns:  # cancelled while the step ran
+                continue
+            turn.length += embeds.shape[0]
+            if turn.progress.add_frame(codes):
+                turn.first_frame_at = turn.first_frame_at or now
+                turn.output.put_nowait(GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
+                turn.unsent_text = []
+                self.frames_out += 1
+            turn.next_frame_embedding = embeddings[row]
+            if turn.progress.finished:
+                self._finish(turn)
+
+
+def _voice_key(voice: VoicePrompt) -> str:
+    digest = hashlib.sha1()
+    for tensor in (voice.transcript_ids, voice.codes):
+        digest.update(tensor.to(torch.int64).numpy().tobytes())
+    digest.update(str(voice.valid_frames).encode())
+    return digest.hexdigest()

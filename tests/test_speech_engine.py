@@ -1,0 +1,183 @@
+"""SpeechEngine: continuous batching gives every turn exactly its offline frames (tiny RANDOM-WEIGHT model)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from model.generate import ThinkerSession, generate_turn
+from model.processor import Conversation, Turn
+from model.sampling import SamplingParams
+from model.speech_engine import CapacityError, SpeechEngine, SpeechEngineSettings
+from tests.conftest import speech_like
+
+
+@pytest.fixture(scope="module")
+def voices(chroma):
+    return [
+        chroma.voice("This is the first voice.", speech_like(24000, 1.2, seed=10), 24000),
+        chroma.voice("A second, rather different speaker reads this longer sentence.", speech_like(24000, 2.3, seed=11), 24000),
+        chroma.voice("Third.", speech_like(16000, 0.7, seed=12), 16000),
+    ]
+
+
+def conversation(chroma, seed, seconds):
+    conv = Conversation("You are a helpful voice assistant.", [Turn("user", audio=speech_like(16000, seconds, seed=seed), sample_rate=16000)])
+    return chroma.processor.encode_conversation(conv)
+
+
+async def thinker_stream(thinker, inputs, delay=0.0, max_tokens=200, im_end=None):
+    """The thinker as an async source of (token, hidden) pairs, like the Reasoner deployment will be."""
+    session = ThinkerSession(thinker)
+    token, hidden = session.prefill(inputs)
+    for _ in range(max_tokens):
+        if delay:
+            await asyncio.sleep(delay)
+        yield token, hidden
+        if token == im_end:
+            return
+        token, hidden = session.step(token)
+
+
+async def collect(frames):
+    return [f async for f in frames]
+
+
+def reference(chroma, inputs, voice, max_frames, sampling=None):
+    return generate_turn(chroma.thinker, chroma.speech, chroma.codec, inputs, voice, max_frames=max_frames, sampling=sampling)
+
+
+def codes_of(generated):
+    return [f.codes for f in generated if f.codes is not None]
+
+
+async def wait_for_steps(engine, count):
+    while engine.steps < count:
+        await asyncio.sleep(0.005)
+
+
+async def test_batched_greedy_frames_equal_offline_frames(chroma, voices):
+    im_end = chroma.config.im_end_token_id
+    plans = [  # (voice, conversation seed, seconds, max_frames, join after this many engine steps)
+        (0, 1, 1.0, 24, 0),
+        (1, 2, 1.6, 30, 0),
+        (2, 3, 0.6, 18, 3),
+        (0, 4, 2.0, 26, 7),
+        (1, 5, 0.9, 40, 9),  # cancelled midway
+    ]
+    inputs = [conversation(chroma, seed, seconds) for _, seed, seconds, _, _ in plans]
+    expected = [reference(chroma, inputs[i], voices[v], n).frames.tolist() for i, (v, _, _, n, _) in enumerate(plans)]
+
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=8))
+    tasks = []
+    for i, (v, _, _, max_frames, join_at) in enumerate(plans):
+        await wait_for_steps(engine, join_at)
+        stream = thinker_stream(chroma.thinker, inputs[i], delay=0.002 * i, im_end=im_end)
+        frames = await engine.submit(f"turn-{i}", voices[v], stream, max_frames=max_frames)
+        tasks.append(asyncio.create_task(collect(frames)))
+    await wait_for_steps(engine, 14)
+    assert engine.cancel("turn-4")
+    results = await asyncio.gather(*tasks)
+
+    for i in range(4):
+        assert codes_of(results[i]) == expected[i], f"turn {i}"
+    cancelled = codes_of(results[4])
+    assert 0 < len(cancelled) < len(expected[4])
+    assert cancelled == expected[4][: len(cancelled)]
+
+    stats = engine.stats()
+    assert stats["live_slots"] == 0 and stats["queued"] == 0 and stats["free_slots"] == 8
+    assert stats["slot_cache_bytes_in_use"] == 0
+    assert stats["voice_cache_entries"] == 3  # one prefix per voice, shared by the turns in that voice
+    engine.clear_voice_cache()
+    assert engine.stats()["voice_cache_bytes"] == 0
+    await engine.close()
+
+
+async def test_text_tokens_travel_with_the_frames(chroma, voices):
+    inputs = conversation(chroma, 1, 1.0)
+    expected = reference(chroma, inputs, voices[0], 20)
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
+    frames = await collect(await engine.submit("t", voices[0], thinker_stream(chroma.thinker, inputs, im_end=chroma.config.im_end_token_id), max_frames=20))
+    assert [t for f in frames for t in f.text_tokens] == expected.text_tokens
+    await engine.close()
+
+
+async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(chroma, voices):
+    sampling = SamplingParams(temperature=0.8, top_k=30, seed=1234)
+    inputs = conversation(chroma, 6, 1.0)
+    alone = reference(chroma, inputs, voices[0], 16, sampling).frames.tolist()
+
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
+    others = [
+        await engine.submit(f"other-{i}", voices[i + 1], thinker_stream(chroma.thinker, conversation(chroma, 7 + i, 1.2)),
+                            sampling=SamplingParams(temperature=1.0, seed=i), max_frames=20)
+        for i in range(2)
+    ]
+    ours = await engine.submit("ours", voices[0], thinker_stream(chroma.thinker, inputs), sampling=sampling, max_frames=16)
+    results = await asyncio.gather(collect(ours), *(collect(o) for o in others))
+    assert codes_of(results[0]) == alone
+    await engine.close()
+
+
+async def test_a_slow_thinker_does_not_stall_other_turns(chroma, voices):
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
+    slow = await engine.submit("slow", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0), delay=1.0), max_frames=30)
+    fast = await engine.submit("fast", voices[1], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=12)
+    slow_task = asyncio.create_task(collect(slow))
+    fast_frames = await collect(fast)
+    assert len(codes_of(fast_frames)) == 12
+    assert not slow_task.done()  # still waiting for its thinker while the fast turn finished
+    assert engine.cancel("slow")
+    await slow_task
+    assert engine.stats()["live_slots"] == 0
+    await engine.close()
+
+
+async def test_full_engine_refuses_clearly_and_queued_turns_get_slots(chroma, voices):
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=1, max_queue=1))
+    first = await engine.submit("a", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
+    queued = await engine.submit("b", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=6)
+    assert engine.stats()["queued"] == 1
+    with pytest.raises(CapacityError, match="no free slots"):
+        await engine.submit("c", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 3, 1.0)), max_frames=6)
+    with pytest.raises(ValueError, match="already running"):
+        await engine.submit("a", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 3, 1.0)))
+    a, b = await asyncio.gather(collect(first), collect(queued))
+    assert len(codes_of(a)) == 6 and len(codes_of(b)) == 6
+    assert engine.stats()["free_slots"] == 1
+    await engine.close()
+
+
+async def test_closing_the_frame_iterator_cancels_the_turn(chroma, voices):
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
+    frames = await engine.submit("x", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=50)
+    async for _ in frames:
+        break
+    await frames.aclose()
+    assert engine.stats()["live_slots"] == 0 and "x" not in engine.turns
+    await engine.close()
+
+
+async def test_a_failing_thinker_fails_only_its_turn(chroma, voices):
+    async def broken():
+        raise RuntimeError("reasoner went away")
+        yield  # pragma: no cover
+
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
+    bad = await engine.submit("bad", voices[0], broken())
+    good = await engine.submit("good", voices[1], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=5)
+    with pytest.raises(RuntimeError, match="reasoner went away"):
+        await collect(bad)
+    assert len(codes_of(await collect(good))) == 5
+    await engine.close()
+
+
+async def test_compiled_decoder_path_gives_the_same_frames(chroma, voices):
+    # The "eager" backend exercises graph capture without inductor's C++ build (minutes on this CPU).
+    inputs = conversation(chroma, 1, 1.0)
+    expected = reference(chroma, inputs, voices[0], 8).frames.tolist()
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2, compile_mode="default", compile_backend="eager"))
+    frames = await collect(await engine.submit("c", voices[0], thinker_stream(chroma.thinker, inputs), max_frames=8))
+    assert codes_of(frames) == expected
+    await engine.close()
