@@ -69,6 +69,7 @@ class SpeechModel(nn.Module):
         # The thinker's input token embedding (its hidden size equals the backbone's): E_text in the SPEC.
         text_vocab = config.thinker_config["text_config"]["vocab_size"]
         self.text_embedding = nn.Embedding(text_vocab, config.backbone_config.hidden_size)
+        self._decoder_step_cache: dict[tuple[int, torch.device], list[StepInputs]] = {}
 
     def tie_weights(self) -> None:
         # Upstream ties the two audio embeddings; its checkpoints carry only the decoder's copy.
@@ -121,25 +122,32 @@ class SpeechModel(nn.Module):
         decoder's transformer call (e.g. a torch.compile'd one)."""
         decoder = self.decoder
         decoder_stack = decoder.model if decoder_stack is None else decoder_stack
-        batch, device = x.shape[0], x.device
-        num_codebooks = self.config.audio_num_codebooks
-        cache = decoder.model.allocate_cache(batch, capacity=num_codebooks)
-        rows = list(range(batch))
-
+        batch = x.shape[0]
+        cache = decoder.model.allocate_cache(batch, capacity=self.config.audio_num_codebooks)
         inputs = torch.stack([x, decoder.audio_embedding.codebook(codebook0, 0)], dim=1)
         codes = [codebook0]
-        for codebook in range(1, num_codebooks):
-            # Sub-step 1 writes cache columns 0 and 1 (both at rotary position 0); sub-step k column k.
-            start = 0 if codebook == 1 else codebook
-            length = inputs.shape[1]
-            positions = torch.full((batch, length), max(codebook - 1, 0))
-            step = StepInputs.contiguous(rows, [start] * batch, [length] * batch, device, positions=positions)
+        for codebook, step in enumerate(self._decoder_steps(batch, x.device), start=1):
             out = decoder_stack(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
             logits = out @ decoder.codebook_head.weight[codebook - 1]
             code = self.sample(logits, sampling)
             codes.append(code)
             inputs = decoder.audio_embedding.codebook(code, codebook)[:, None]
         return torch.stack(codes, dim=1)
+
+    def _decoder_steps(self, batch: int, device: torch.device) -> list[StepInputs]:
+        """Addressing of the 7 decoder sub-steps for a batch size, built once: creating device tensors in the
+        per-frame loop would cost a host-device copy (and, on CUDA, a stall) per sub-step."""
+        key = (batch, device)
+        if key not in self._decoder_step_cache:
+            rows = list(range(batch))
+            steps = []
+            for codebook in range(1, self.config.audio_num_codebooks):
+                # Sub-step 1 writes cache columns 0 and 1, both at rotary position 0; sub-step k column k at k - 1.
+                start, length = (0, 2) if codebook == 1 else (codebook, 1)
+                positions = torch.full((batch, length), max(codebook - 1, 0))
+                steps.append(StepInputs.contiguous(rows, [start] * batch, [length] * batch, device, positions=positions))
+            self._decoder_step_cache[key] = steps
+        return self._decoder_step_cache[key]
 
     def sample(self, logits: torch.Tensor, sampling: list[SamplingState]) -> torch.Tensor:
         # Codes the codec cannot decode (the pad/eos extension of the vocab) are never produced: upstream

@@ -105,6 +105,8 @@ class SpeechEngine:
         self.steps = 0
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
+        self._in_flight: set[str] = set()
+        self._slots_to_free: list[int] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
@@ -222,11 +224,11 @@ class SpeechEngine:
         if turn in self.waiting:
             self.waiting.remove(turn)
         if turn.slot is not None:
-            self.cache.visible[turn.slot] = False
-            self.free_slots.append(turn.slot)
+            if turn.turn_id in self._in_flight:
+                self._slots_to_free.append(turn.slot)  # the running step still writes this cache row
+            else:
+                self._free_slot(turn.slot)
             turn.slot = None
-            if self.waiting:
-                self._admit_or_queue(self.waiting.popleft())
         if turn.pump is not None and not turn.pump.done():
             turn.pump.cancel()
         if turn.error is not None:
@@ -235,6 +237,12 @@ class SpeechEngine:
             turn.output.put_nowait(GeneratedFrame(codes=None, text_tokens=turn.unsent_text))
         turn.output.put_nowait(_END)
         self._wake.set()
+
+    def _free_slot(self, slot: int) -> None:
+        self.cache.visible[slot] = False
+        self.free_slots.append(slot)
+        if self.waiting:
+            self._admit_or_queue(self.waiting.popleft())
 
     # ---- the step loop ------------------------------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -251,13 +259,20 @@ class SpeechEngine:
                 await self._wake.wait()
                 continue
             started = time.perf_counter()
+            # Addressing is read here, on the loop thread: cancel() may change a turn while the step runs.
+            rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
+            self._in_flight = {t.turn_id for t, _ in batch}
             try:
-                frames, embeddings = await asyncio.to_thread(self._forward, batch)
+                frames, embeddings = await asyncio.to_thread(self._forward, batch, rows, starts)
             except Exception as error:  # a failed step fails the turns in it, not the engine
                 for turn, _ in batch:
                     turn.error = error
                     self._finish(turn)
                 continue
+            finally:
+                self._in_flight = set()
+                while self._slots_to_free:
+                    self._free_slot(self._slots_to_free.pop())
             self.step_times.append(time.perf_counter() - started)
             self.steps += 1
             self._apply(batch, frames, embeddings)
@@ -335,7 +350,7 @@ class SpeechEngine:
             self.voice_cache.popitem(last=False)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]], rows: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone forward + one decoder pass for the batch -> (frames [B, 8] on the host, next-step
         frame embeddings [B, H]). The only host sync is reading the frames back."""
         speech = self.speech
@@ -344,7 +359,7 @@ class SpeechEngine:
         inputs = torch.zeros(len(batch), width, speech.config.backbone_config.hidden_size, device=speech.device, dtype=speech.dtype)
         for row, (_, embeds) in enumerate(batch):
             inputs[row, : embeds.shape[0]] = embeds
-        step = StepInputs.contiguous([t.slot for t, _ in batch], [t.length for t, _ in batch], lengths, speech.device)
+        step = StepInputs.contiguous(rows, starts, lengths, speech.device)
         last = torch.tensor([n - 1 for n in lengths], device=speech.device)
         sampling = [t.sampling for t, _ in batch]
         x, logits = speech.backbone_step(inputs, self.cache, step, last)
