@@ -2,9 +2,11 @@
 
 Turns join at staggered times and are fed synthetic thinker pairs (token, hidden state) as fast as they are
 asked for, so the figures are the speech stack's own. Weights are RANDOM: the tiny checkpoint (CPU default) or
-`--size full`, the real Chroma-4B backbone/decoder dimensions built in memory (meant for a GPU).
+`--size full`, the real Chroma-4B backbone/decoder/Mimi dimensions built in memory (meant for a GPU).
+`--codec` also streams every turn's frames through the CodecEngine (2-frame chunks) and reports the time to
+the first audio chunk.
 
-    python loadtest/bench_engine.py [--size tiny|full] [--concurrency 1,2,4,8,16] [--frames 100] [--json PATH]
+    python loadtest/bench_engine.py [--size tiny|full] [--concurrency 1,2,4,8,16] [--frames 100] [--codec] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from model.codec_engine import CodecEngine  # noqa: E402
 from model.config import ChromaConfig  # noqa: E402
 from model.generate import VoicePrompt, speak_turn  # noqa: E402
 from model.speech import SpeechModel  # noqa: E402
@@ -48,6 +51,18 @@ def build_speech(size: str, device: str, dtype: torch.dtype) -> SpeechModel:
             torch.nn.init.normal_(param, std=param.shape[-1] ** -0.5)
     speech.tie_weights()
     return speech.eval()
+
+
+def build_codec(size: str, device: str, dtype: torch.dtype):
+    from transformers import MimiConfig, MimiModel
+
+    if size == "tiny":
+        from cluster.cli import DEFAULT_TINY_DIR
+        from model.checkpoint import load_component
+
+        return load_component(DEFAULT_TINY_DIR, "codec", dtype=dtype, device=device)
+    with torch.device(device):
+        return MimiModel(MimiConfig()).to(dtype).eval()
 
 
 def random_voice(speech: SpeechModel, seed: int) -> VoicePrompt:
@@ -106,29 +121,56 @@ def baseline_frames_per_s(speech: SpeechModel, frames: int, text_tokens: int, de
     return len(progress.frames) / (time.perf_counter() - started)
 
 
-async def run_level(speech: SpeechModel, concurrency: int, frames: int, text_tokens: int, stagger_s: float, device: str) -> dict:
+async def run_level(speech: SpeechModel, codec, concurrency: int, frames: int, text_tokens: int, stagger_s: float, device: str) -> dict:
     engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=max(concurrency, 1), max_frames=frames))
+    codec_engine = CodecEngine(codec, speech.config, max_streams=concurrency) if codec is not None else None
+    first_audio: dict[str, float] = {}
     voices = [random_voice(speech, seed) for seed in range(4)]
+
+    async def decode_audio(done: asyncio.Event):
+        # The codec engine has one owner: this task, on the event loop thread.
+        while not done.is_set():
+            for turn_id in codec_engine.step():
+                first_audio.setdefault(turn_id, time.perf_counter())
+            await asyncio.sleep(0.002)
 
     async def one(index: int):
         await asyncio.sleep(index * stagger_s)
+        turn_id = f"turn-{index}-{time.perf_counter()}"
         submitted = time.perf_counter()
         first, count = None, 0
-        stream = await engine.submit(f"turn-{index}", voices[index % len(voices)],
+        if codec_engine:
+            codec_engine.open_stream(turn_id)
+        stream = await engine.submit(turn_id, voices[index % len(voices)],
                                      as_stream(synthetic_pairs(speech, index, text_tokens)), max_frames=frames)
         async for frame in stream:
             if frame.codes is not None:
                 count += 1
                 first = first or time.perf_counter()
+                if codec_engine:
+                    codec_engine.push(turn_id, torch.tensor([frame.codes]))
+        if codec_engine:
+            codec_engine.close(turn_id)
         ended = time.perf_counter()
-        return {"first_frame_ms": 1000 * (first - submitted), "rtf": (ended - submitted) / (count * FRAME_SECONDS), "frames": count}
+        record = {"first_frame_ms": 1000 * (first - submitted), "rtf": (ended - submitted) / (count * FRAME_SECONDS), "frames": count}
+        if turn_id in first_audio:
+            record["first_audio_ms"] = 1000 * (first_audio[turn_id] - submitted)
+        return record
 
-    # Warm-up: fills the voice cache and, on a GPU, the allocator.
-    await asyncio.gather(*(one(i) for i in range(min(concurrency, len(voices)))))
+    async def level(count: int):
+        done = asyncio.Event()
+        decoder = asyncio.create_task(decode_audio(done)) if codec_engine else None
+        turns = await asyncio.gather(*(one(i) for i in range(count)))
+        done.set()
+        if decoder:
+            await decoder
+        return turns
+
+    await level(min(concurrency, len(voices)))  # warm-up: fills the voice cache and, on a GPU, the allocator
     engine.step_times.clear()
     reset_peak_memory(device)
     started = time.perf_counter()
-    turns = await asyncio.gather(*(one(i) for i in range(concurrency)))
+    turns = await level(concurrency)
     wall = time.perf_counter() - started
     stats = engine.stats()
     await engine.close()
@@ -142,6 +184,7 @@ async def run_level(speech: SpeechModel, concurrency: int, frames: int, text_tok
         "step_ms_p50": stats["step_ms_p50"],
         "step_ms_p95": stats["step_ms_p95"],
         "peak_mem_mb": peak_memory_mb(device),
+        **({"first_audio_ms_p50": statistics.median(t["first_audio_ms"] for t in turns if "first_audio_ms" in t)} if codec else {}),
     }
 
 
@@ -154,26 +197,30 @@ def main() -> None:
     parser.add_argument("--stagger-ms", type=float, default=40.0, help="delay between turns joining")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--codec", action="store_true", help="also stream-decode every turn with the CodecEngine")
     parser.add_argument("--json", help="also write the figures as JSON records to this path")
     args = parser.parse_args()
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     speech = build_speech(args.size, args.device, dtype)
+    codec = build_codec(args.size, args.device, dtype) if args.codec else None
     print(f"RANDOM WEIGHTS, size {args.size}, {args.device} {dtype}, {args.frames} frames per turn, "
           f"threads {torch.get_num_threads()}")
     baseline = baseline_frames_per_s(speech, args.frames, args.text_tokens, args.device)
     print(f"baseline: offline loop (generate_turn's speech side) at concurrency 1: {baseline:.1f} frames/s")
 
     header = f"{'conc':>4} {'frames/s':>9} {'x1':>6} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} {'step p50':>9} {'step p95':>9} {'peak MB':>8}"
+    header += f" {'1st audio ms':>13}" if codec is not None else ""
     print(header)
     records = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        record = asyncio.run(run_level(speech, concurrency, args.frames, args.text_tokens, args.stagger_ms / 1000, args.device))
+        record = asyncio.run(run_level(speech, codec, concurrency, args.frames, args.text_tokens, args.stagger_ms / 1000, args.device))
         record["baseline_frames_per_s"] = baseline
         records.append(record)
         print(f"{concurrency:>4} {record['frames_per_s']:>9.1f} {record['frames_per_s'] / records[0]['frames_per_s']:>6.2f} "
               f"{record['rtf_p50']:>8.3f} {record['rtf_max']:>8.3f} {record['first_frame_ms_p50']:>13.1f} "
-              f"{record['step_ms_p50']:>9.1f} {record['step_ms_p95']:>9.1f} {record['peak_mem_mb']:>8.0f}")
+              f"{record['step_ms_p50']:>9.1f} {record['step_ms_p95']:>9.1f} {record['peak_mem_mb']:>8.0f}"
+              + (f" {record['first_audio_ms_p50']:>13.1f}" if codec is not None else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
         print(f"wrote {args.json}")

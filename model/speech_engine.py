@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -94,6 +95,10 @@ _END = object()
 
 
 class SpeechEngine:
+    """Turn-level API on the asyncio side; the stepping runs in one engine thread (like vLLM's engine core
+    busy loop), so a step never waits on the event loop and the event loop never waits on a step. Turn state
+    is shared under `self._lock`; results go back to the event loop with call_soon_threadsafe."""
+
     def __init__(self, speech: SpeechModel, settings: SpeechEngineSettings | None = None):
         self.speech = speech
         self.settings = settings or SpeechEngineSettings()
@@ -105,10 +110,12 @@ class SpeechEngine:
         self.steps = 0
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
+        self._lock = threading.Condition()
         self._in_flight: set[str] = set()
         self._slots_to_free: list[int] = []
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
         self._decoder_stack = None
         if self.settings.compile_mode is not None:
@@ -116,7 +123,7 @@ class SpeechEngine:
                 speech.decoder.model, mode=self.settings.compile_mode, backend=self.settings.compile_backend, dynamic=True
             )
 
-    # ---- public API -------------------------------------------------------------------------------------
+    # ---- public API (event loop thread) -----------------------------------------------------------------
     async def submit(
         self,
         turn_id: str,
@@ -126,10 +133,6 @@ class SpeechEngine:
         max_frames: int | None = None,
     ) -> AsyncIterator[GeneratedFrame]:
         """Start a turn; returns its frames as they are produced. Closing the iterator cancels the turn."""
-        if turn_id in self.turns:
-            raise ValueError(f"turn {turn_id!r} is already running")
-        if not self.free_slots and len(self.waiting) >= self.settings.max_queue:
-            raise CapacityError(f"no free slots: {self.settings.max_slots} live turns and {len(self.waiting)} queued")
         frames = turn_frame_budget(self.speech, voice, min(max_frames or self.settings.max_frames, self.settings.max_frames))
         turn = _Turn(
             turn_id=turn_id,
@@ -139,50 +142,67 @@ class SpeechEngine:
             progress=TurnProgress(self.speech.config, frames),
             output=asyncio.Queue(),
         )
-        self.turns[turn_id] = turn
+        self._start()
+        with self._lock:
+            if turn_id in self.turns:
+                raise ValueError(f"turn {turn_id!r} is already running")
+            if not self.free_slots and len(self.waiting) >= self.settings.max_queue:
+                raise CapacityError(f"no free slots: {self.settings.max_slots} live turns and {len(self.waiting)} queued")
+            self.turns[turn_id] = turn
+            self._admit_or_queue(turn)
         turn.pump = asyncio.create_task(self._pump(turn, thinker_stream))
-        self._admit_or_queue(turn)
-        self._ensure_running()
         return self._frames(turn)
 
     def cancel(self, turn_id: str) -> bool:
         """Stop a turn now and free its slot; returns whether it was live."""
-        turn = self.turns.get(turn_id)
-        if turn is None:
-            return False
-        turn.cancelled = True
-        self._finish(turn)
-        return True
+        with self._lock:
+            turn = self.turns.get(turn_id)
+            if turn is None:
+                return False
+            turn.cancelled = True
+            self._finish(turn)
+            return True
 
     def stats(self) -> dict:
-        live = [t for t in self.turns.values() if t.slot is not None]
-        step_times = sorted(self.step_times)
-        return {
-            "live_slots": len(live),
-            "free_slots": len(self.free_slots),
-            "queued": len(self.waiting),
-            "steps": self.steps,
-            "frames": self.frames_out,
-            "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
-            "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
-            "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
-            "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
-            "voice_cache_entries": len(self.voice_cache),
-            "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
-        }
+        with self._lock:
+            live = [t for t in self.turns.values() if t.slot is not None]
+            step_times = sorted(self.step_times)
+            return {
+                "live_slots": len(live),
+                "free_slots": len(self.free_slots),
+                "queued": len(self.waiting),
+                "steps": self.steps,
+                "frames": self.frames_out,
+                "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
+                "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
+                "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
+                "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
+                "voice_cache_entries": len(self.voice_cache),
+                "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
+            }
 
     def clear_voice_cache(self) -> None:
-        self.voice_cache.clear()
+        with self._lock:
+            self.voice_cache.clear()
 
     async def close(self) -> None:
         for turn_id in list(self.turns):
             self.cancel(turn_id)
-        if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
     # ---- turn lifecycle -----------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="speech-engine", daemon=True)
+            self._thread.start()
+
     async def _frames(self, turn: _Turn) -> AsyncIterator[GeneratedFrame]:
         try:
             while True:
@@ -193,25 +213,29 @@ class SpeechEngine:
                     raise item
                 yield item
         finally:
-            if turn.turn_id in self.turns:  # the consumer left early: cancel
-                self.cancel(turn.turn_id)
+            self.cancel(turn.turn_id)  # no-op once the turn ended; frees it if the consumer left early
 
     async def _pump(self, turn: _Turn, stream: AsyncIterator[ThinkerPair]) -> None:
         try:
-            async for token, hidden in stream:
-                turn.pairs.append((token, hidden))
-                self._wake.set()
+            async for pair in stream:
+                with self._lock:
+                    turn.pairs.append(pair)
+                    self._lock.notify()
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a failed thinker fails only its own turn
             turn.error = error
         finally:
-            turn.thinker_ended = True
-            self._wake.set()
+            with self._lock:
+                turn.thinker_ended = True
+                self._lock.notify()
             # Closing the stream frees the Reasoner's request when the turn ends before the text does.
             close = getattr(stream, "aclose", None)
             if close is not None:
                 await close()
+
+    def _emit(self, turn: _Turn, item) -> None:
+        self._loop.call_soon_threadsafe(turn.output.put_nowait, item)
 
     def _admit_or_queue(self, turn: _Turn) -> None:
         if self.free_slots:
@@ -220,6 +244,7 @@ class SpeechEngine:
             self.waiting.append(turn)
 
     def _finish(self, turn: _Turn) -> None:
+        """Under the lock, from either thread."""
         self.turns.pop(turn.turn_id, None)
         if turn in self.waiting:
             self.waiting.remove(turn)
@@ -229,14 +254,14 @@ class SpeechEngine:
             else:
                 self._free_slot(turn.slot)
             turn.slot = None
-        if turn.pump is not None and not turn.pump.done():
-            turn.pump.cancel()
+        if turn.pump is not None:
+            self._loop.call_soon_threadsafe(turn.pump.cancel)
         if turn.error is not None:
-            turn.output.put_nowait(turn.error)
+            self._emit(turn, turn.error)
         elif not turn.cancelled and turn.unsent_text:
-            turn.output.put_nowait(GeneratedFrame(codes=None, text_tokens=turn.unsent_text))
-        turn.output.put_nowait(_END)
-        self._wake.set()
+            self._emit(turn, GeneratedFrame(codes=None, text_tokens=turn.unsent_text))
+        self._emit(turn, _END)
+        self._lock.notify()
 
     def _free_slot(self, slot: int) -> None:
         self.cache.visible[slot] = False
@@ -244,38 +269,49 @@ class SpeechEngine:
         if self.waiting:
             self._admit_or_queue(self.waiting.popleft())
 
-    # ---- the step loop ------------------------------------------------------------------------------------
-    def _ensure_running(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            batch = self._collect_ready()
-            if not batch:
-                if not self.turns:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            started = time.perf_counter()
-            # Addressing is read here, on the loop thread: cancel() may change a turn while the step runs.
-            rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
-            self._in_flight = {t.turn_id for t, _ in batch}
-            try:
-                frames, embeddings = await asyncio.to_thread(self._forward, batch, rows, starts)
-            except Exception as error:  # a failed step fails the turns in it, not the engine
-                for turn, _ in batch:
-                    turn.error = error
+    # ---- the engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._step_until_stopped()
+        except BaseException as failure:  # an engine bug must fail the live turns, not leave them hanging
+            with self._lock:
+                for turn in list(self.turns.values()):
+                    turn.error = RuntimeError(f"speech engine stopped: {failure!r}")
                     self._finish(turn)
-                continue
-            finally:
+                self._thread = None
+            raise
+
+    def _step_until_stopped(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._collect_ready()
+                while not batch:
+                    if self._stopping:
+                        return
+                    self._lock.wait()
+                    batch = self._collect_ready()
+                # Cancel() may change a turn while the step runs: read its addressing now, free its slot after.
+                rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
+                self._in_flight = {t.turn_id for t, _ in batch}
+            started = time.perf_counter()
+            try:
+                frames, embeddings = self._forward(batch, rows, starts)
+                error = None
+            except Exception as failure:  # a failed step fails the turns in it, not the engine
+                error = failure
+            with self._lock:
                 self._in_flight = set()
                 while self._slots_to_free:
                     self._free_slot(self._slots_to_free.pop())
-            self.step_times.append(time.perf_counter() - started)
-            self.steps += 1
-            self._apply(batch, frames, embeddings)
+                if error is not None:
+                    for turn, _ in batch:
+                        if turn.turn_id in self.turns:
+                            turn.error = error
+                            self._finish(turn)
+                    continue
+                self.step_times.append(time.perf_counter() - started)
+                self.steps += 1
+                self._apply(batch, frames, embeddings)
 
     @torch.inference_mode()
     def _collect_ready(self) -> list[tuple[_Turn, torch.Tensor]]:
@@ -374,7 +410,7 @@ class SpeechEngine:
             turn.length += embeds.shape[0]
             if turn.progress.add_frame(codes):
                 turn.first_frame_at = turn.first_frame_at or now
-                turn.output.put_nowait(GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
+                self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
                 turn.unsent_text = []
                 self.frames_out += 1
             turn.next_frame_embedding = embeddings[row]
