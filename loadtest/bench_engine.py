@@ -110,7 +110,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def baseline_frames_per_s(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> float:
+def generate_turn_frames_per_s(frames: int) -> float:
+    """The offline `generate_turn` end to end (thinker, speech loop, one-shot codec) on the tiny checkpoint."""
+    from cluster.cli import DEFAULT_TINY_DIR
+    from model.offline import OfflineChroma
+    from model.processor import Conversation, Turn
+    from model.audio import synthetic_speech
+
+    chroma = OfflineChroma(DEFAULT_TINY_DIR)
+    voice = chroma.voice("This is the voice you will hear.", synthetic_speech(24000, 3.2), 24000)
+    conversation = Conversation("You are a helpful voice assistant.", [Turn("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
+    chroma.reply(conversation, voice, max_frames=4)  # warm-up
+    result = chroma.reply(conversation, voice, max_frames=frames)
+    return result.frames.shape[0] / result.timings["total_s"]
+
+
+def offline_speech_frames_per_s(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> float:
+    """generate_turn's speech loop alone, fed the same synthetic thinker pairs as the engine."""
     voice, pairs = random_voice(speech, 0), iter(synthetic_pairs(speech, 0, text_tokens))
     speak_turn(speech, voice, lambda _: next(pairs), 4)  # warm-up
     pairs = iter(synthetic_pairs(speech, 0, text_tokens))
@@ -206,8 +222,12 @@ def main() -> None:
     codec = build_codec(args.size, args.device, dtype) if args.codec else None
     print(f"RANDOM WEIGHTS, size {args.size}, {args.device} {dtype}, {args.frames} frames per turn, "
           f"threads {torch.get_num_threads()}")
-    baseline = baseline_frames_per_s(speech, args.frames, args.text_tokens, args.device)
-    print(f"baseline: offline loop (generate_turn's speech side) at concurrency 1: {baseline:.1f} frames/s")
+    offline = offline_speech_frames_per_s(speech, args.frames, args.text_tokens, args.device)
+    print(f"offline speech loop (speak_turn, synthetic thinker pairs) at concurrency 1: {offline:.1f} frames/s")
+    # generate_turn needs a thinker: the full-size bench has none, so its baseline is the speech loop.
+    baseline = generate_turn_frames_per_s(args.frames) if args.size == "tiny" else offline
+    if args.size == "tiny":
+        print(f"baseline: generate_turn end to end (thinker + speech + codec) at concurrency 1: {baseline:.1f} frames/s")
 
     header = f"{'conc':>4} {'frames/s':>9} {'x1':>6} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} {'step p50':>9} {'step p95':>9} {'peak MB':>8}"
     header += f" {'1st audio ms':>13}" if codec is not None else ""
@@ -216,6 +236,7 @@ def main() -> None:
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         record = asyncio.run(run_level(speech, codec, concurrency, args.frames, args.text_tokens, args.stagger_ms / 1000, args.device))
         record["baseline_frames_per_s"] = baseline
+        record["offline_speech_frames_per_s"] = offline
         records.append(record)
         print(f"{concurrency:>4} {record['frames_per_s']:>9.1f} {record['frames_per_s'] / records[0]['frames_per_s']:>6.2f} "
               f"{record['rtf_p50']:>8.3f} {record['rtf_max']:>8.3f} {record['first_frame_ms_p50']:>13.1f} "

@@ -69,11 +69,11 @@ def main() -> None:
 
     from model.offline import OfflineChroma
     from model.processor import Conversation, Turn
-    from tests.conftest import speech_like
+    from model.audio import synthetic_speech
 
     chroma = OfflineChroma(checkpoint, dtype=args.dtype)
-    voice = chroma.voice("This is the voice you will hear.", speech_like(24000, 2.0), 24000)
-    conversation = Conversation("You are a helpful voice assistant.", [Turn("user", audio=speech_like(16000, 2.0, 1), sample_rate=16000)])
+    voice = chroma.voice("This is the voice you will hear.", synthetic_speech(24000, 2.0), 24000)
+    conversation = Conversation("You are a helpful voice assistant.", [Turn("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
     chroma.reply(conversation, voice, max_frames=4)  # warm-up
     runs = [chroma.reply(conversation, voice, max_frames=args.frames) for _ in range(3)]
     best = min(runs, key=lambda r: r.timings["total_s"])

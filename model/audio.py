@@ -195,3 +195,14 @@ def encode_mulaw(wave: np.ndarray) -> bytes:
     exponent = np.searchsorted(_MULAW_SEGMENT_ENDS, biased, side="right")
     mantissa = (biased >> (exponent + 3)) & 0x0F
     return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+def synthetic_speech(rate: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-shaped signal (harmonics under a 4 Hz envelope) for tests and benchmarks that need
+    speech-like audio where espeak-ng is absent."""
+    t = np.arange(int(rate * seconds)) / rate
+    rng = np.random.default_rng(seed)
+    f0 = 120 + 20 * np.sin(2 * np.pi * 0.5 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / rate) / k for k in range(1, 6))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
+    return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)

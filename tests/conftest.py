@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from model.audio import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_FIXTURE = REPO.parent / "shared" / "fixtures" / "chroma-tiny-upstream"
@@ -30,16 +31,6 @@ def chroma(tiny_checkpoint):
     from model.offline import OfflineChroma
 
     return OfflineChroma(tiny_checkpoint)
-
-
-def speech_like(rate: int, seconds: float, seed: int = 0) -> np.ndarray:
-    """A voiced, syllable-shaped test signal (harmonics under a 4 Hz envelope) for when espeak-ng is absent."""
-    t = np.arange(int(rate * seconds)) / rate
-    rng = np.random.default_rng(seed)
-    f0 = 120 + 20 * np.sin(2 * np.pi * 0.5 * t)
-    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / rate) / k for k in range(1, 6))
-    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None)
-    return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture(scope="session")
