@@ -87,8 +87,6 @@ class _Turn:
     pump: asyncio.Task | None = None
     cancelled: bool = False
     error: BaseException | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_frame_at: float | None = None
 
 
 _END = object()
@@ -403,13 +401,11 @@ class SpeechEngine:
         return frames.cpu(), speech.frame_embeddings(frames)
 
     def _apply(self, batch, frames: torch.Tensor, embeddings: torch.Tensor) -> None:
-        now = time.perf_counter()
         for row, ((turn, embeds), codes) in enumerate(zip(batch, frames.tolist())):
             if turn.turn_id not in self.turns:  # cancelled while the step ran
                 continue
             turn.length += embeds.shape[0]
             if turn.progress.add_frame(codes):
-                turn.first_frame_at = turn.first_frame_at or now
                 self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
                 turn.unsent_text = []
                 self.frames_out += 1
