@@ -213,10 +213,13 @@ def main() -> None:
     parser.add_argument("--stagger-ms", type=float, default=40.0, help="delay between turns joining")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--codec", action="store_true", help="also stream-decode every turn with the CodecEngine")
     parser.add_argument("--json", help="also write the figures as JSON records to this path")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     speech = build_speech(args.size, args.device, dtype)
     codec = build_codec(args.size, args.device, dtype) if args.codec else None
