@@ -10,9 +10,10 @@ How a request runs:
   the Whisper features go in as the `input_audio_features` / `audio_feature_lengths` items of vLLM's Qwen2.5-Omni
   audio path (`enable_mm_embeds`), so vLLM's audio tower encodes exactly the features transformers sees.
 - The engine loads the thinker directory through this project's vLLM plugin (model/vllm_plugin.py, entry point
-  `vllm.general_plugins`): architecture `ChromaReasonerForConditionalGeneration`, a subclass of vLLM's
-  Qwen2.5-Omni thinker that keeps the final-normed rows it samples from, plus the `HiddenStateTap` logits
-  processor that attributes them to requests and positions (model/vllm_model.py).
+  `vllm.general_plugins`): architecture `ChromaReasonerForConditionalGeneration`, the audio + text thinker built
+  from the parts vLLM's Qwen2.5-Omni class uses (that class needs torchvision, see model/vllm_model.py), which
+  keeps the final-normed rows it samples from, plus the `HiddenStateTap` logits processor that attributes them
+  to requests and positions.
 - Token ids come back on vLLM's own stream; hidden rows come back on a second ZeroMQ pipe from the process that
   runs the model (vLLM's worker, under its engine-core process; model/hidden_channel.py): this object binds a PULL socket on a private ipc:// path, passes the address
   in `additional_config`, and a reader task files incoming rows per request and position. The row for output
