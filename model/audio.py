@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from enum import Enum
 
 import numpy as np
 import soundfile as sf
@@ -195,6 +196,70 @@ def encode_mulaw(wave: np.ndarray) -> bytes:
     exponent = np.searchsorted(_MULAW_SEGMENT_ENDS, biased, side="right")
     mantissa = (biased >> (exponent + 3)) & 0x0F
     return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+class ReplyFormat(str, Enum):
+    """Streamed reply audio formats, by the name clients use."""
+
+    PCM16_24K = "pcm16_24k"
+    PCM16_16K = "pcm16_16k"
+    MULAW_8K = "mulaw_8k"
+    WAV = "wav"
+
+    @property
+    def sample_rate(self) -> int:
+        return {"pcm16_24k": 24000, "pcm16_16k": 16000, "mulaw_8k": 8000, "wav": 24000}[self.value]
+
+    @property
+    def media_type(self) -> str:
+        return {
+            "pcm16_24k": "audio/pcm;rate=24000",
+            "pcm16_16k": "audio/pcm;rate=16000",
+            "mulaw_8k": "audio/basic",
+            "wav": "audio/wav",
+        }[self.value]
+
+
+class StreamingAudioEncoder:
+    """Turns a reply's float chunks (at the codec's rate) into bytes of one `ReplyFormat`, chunk by chunk.
+
+    Resampling keeps its filter state between chunks (soxr's stream API), so the bytes of a chunked reply equal
+    those of the whole reply; a WAV stream starts with a header whose sizes say "unknown length" (0xFFFFFFFF),
+    as streaming writers do."""
+
+    def __init__(self, reply_format: ReplyFormat, source_rate: int):
+        self.format = ReplyFormat(reply_format)
+        self._resampler = None
+        if source_rate != self.format.sample_rate:
+            self._resampler = soxr.ResampleStream(source_rate, self.format.sample_rate, 1, dtype="float32", quality="HQ")
+        self._header_sent = self.format is not ReplyFormat.WAV
+
+    def encode(self, chunk: np.ndarray) -> bytes:
+        return self._pack(self._resample(chunk, last=False))
+
+    def flush(self) -> bytes:
+        """The resampler's tail (and the header, for a reply with no audio at all)."""
+        return self._pack(self._resample(np.zeros(0, dtype=np.float32), last=True))
+
+    def _resample(self, chunk: np.ndarray, last: bool) -> np.ndarray:
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        return chunk if self._resampler is None else self._resampler.resample_chunk(chunk, last=last)
+
+    def _pack(self, wave: np.ndarray) -> bytes:
+        body = encode_mulaw(wave) if self.format is ReplyFormat.MULAW_8K else _to_int16(wave).tobytes()
+        if self._header_sent:
+            return body
+        self._header_sent = True
+        return _streaming_wav_header(self.format.sample_rate) + body
+
+
+def _streaming_wav_header(rate: int) -> bytes:
+    unknown = 0xFFFFFFFF
+    return (
+        b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", unknown)
+    )
 
 
 def synthetic_speech(rate: int, seconds: float, seed: int = 0) -> np.ndarray:

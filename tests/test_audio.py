@@ -8,11 +8,14 @@ import soundfile as sf
 
 from model.audio import (
     AudioError,
+    ReplyFormat,
+    StreamingAudioEncoder,
     decode_audio,
     encode_mulaw,
     encode_wav,
     load_audio_file,
     resample,
+    synthetic_speech,
     write_wav,
 )
 
@@ -167,3 +170,41 @@ def test_real_speech(tmp_path) -> None:
     assert wave.ndim == 1 and len(wave) > rate // 2
     assert np.abs(wave).max() > 0.05
     assert len(resample(wave, rate, 16000)) == pytest.approx(len(wave) * 16000 / rate, abs=2)
+
+
+# ---- streamed reply formats ------------------------------------------------------------------------------
+
+def stream_encode(reply_format, wave, chunk):
+    encoder = StreamingAudioEncoder(reply_format, 24000)
+    parts = [encoder.encode(wave[i:i + chunk]) for i in range(0, len(wave), chunk)]
+    return b"".join(parts) + encoder.flush()
+
+
+@pytest.mark.parametrize("reply_format", list(ReplyFormat))
+def test_streamed_reply_bytes_equal_the_whole_reply(reply_format):
+    wave = 0.5 * synthetic_speech(24000, 1.0, seed=3)
+    whole = stream_encode(reply_format, wave, len(wave))
+    chunked = stream_encode(reply_format, wave, 3840)  # 160 ms chunks, as the codec streams them
+    assert chunked == whole
+
+
+def test_reply_formats_decode_back_at_their_rates():
+    wave = 0.5 * synthetic_speech(24000, 1.0, seed=4)
+    pcm = stream_encode(ReplyFormat.PCM16_16K, wave, 1920)
+    back, rate = decode_audio(pcm, encoding="pcm16", sample_rate=16000)
+    assert rate == 16000 and abs(len(back) - 16000) <= 2
+    mulaw = stream_encode(ReplyFormat.MULAW_8K, wave, 1920)
+    back, rate = decode_audio(mulaw, encoding="mulaw")
+    assert rate == 8000 and abs(len(back) - 8000) <= 2
+    reference = resample(wave, 24000, 8000)[: len(back)]
+    assert np.corrcoef(back, reference)[0, 1] > 0.99
+    wav = stream_encode(ReplyFormat.WAV, wave, 1920)
+    back, rate = decode_audio(wav)
+    assert rate == 24000 and len(back) == len(wave)
+    assert ReplyFormat.MULAW_8K.media_type == "audio/basic"
+
+
+def test_an_empty_wav_reply_is_still_a_valid_header():
+    encoder = StreamingAudioEncoder(ReplyFormat.WAV, 24000)
+    data = encoder.flush()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE" and len(data) == 44
