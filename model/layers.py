@@ -104,6 +104,8 @@ class StepInputs:
     positions:    [B, L] rotary position of each new position
     attend:       [B, L] whether later positions may attend to this one (upstream's attention_mask)
     kv_len:       1 + the largest write index, known on the host so the forward needs no device sync
+    row_range:    (first, last + 1) when `rows` are consecutive, so attention can read the cache as a view
+                  instead of gathering a copy of every row's keys per layer
     """
 
     rows: torch.Tensor
@@ -111,6 +113,13 @@ class StepInputs:
     positions: torch.Tensor
     attend: torch.Tensor
     kv_len: int
+    row_range: tuple[int, int] | None = None
+
+    def cached(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rows' cached keys or values of one layer, up to kv_len: [B, kv_heads, kv_len, head_dim]."""
+        if self.row_range is not None:
+            return tensor[self.row_range[0]:self.row_range[1], layer, :, : self.kv_len]
+        return tensor[self.rows, layer, :, : self.kv_len]
 
     @classmethod
     def contiguous(cls, rows: list[int], starts: list[int], lengths: list[int], device, attend=None, positions=None) -> "StepInputs":
@@ -127,13 +136,14 @@ class StepInputs:
             positions=(write_index.clamp(min=0) if positions is None else positions).to(device),
             attend=(real if attend is None else attend & real).to(device),
             kv_len=max(s + n for s, n in zip(starts, lengths)),
+            row_range=(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else None,
         )
 
-    def attention_mask(self, cache: KVCache, kv_len: int) -> torch.Tensor:
+    def attention_mask(self, cache: KVCache) -> torch.Tensor:
         """[B, 1, L, kv_len] bool: a query sees every visible column up to its own (causal)."""
-        columns = torch.arange(kv_len, device=self.write_index.device)
+        columns = torch.arange(self.kv_len, device=self.write_index.device)
         causal = columns[None, None, :] <= self.write_index[:, :, None]
-        return (causal & cache.visible[self.rows, None, :kv_len])[:, None]
+        return (causal & cache.visible[self.rows, None, : self.kv_len])[:, None]
 
 
 class Attention(nn.Module):
@@ -147,7 +157,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, kv_len: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -161,8 +171,7 @@ class Attention(nn.Module):
         rows = step.rows[:, None]
         cache.keys[rows, layer, :, columns] = k.transpose(1, 2).to(cache.keys.dtype)
         cache.values[rows, layer, :, columns] = v.transpose(1, 2).to(cache.values.dtype)
-        keys = cache.keys[step.rows, layer, :, :kv_len]
-        values = cache.values[step.rows, layer, :, :kv_len]
+        keys, values = step.cached(cache.keys, layer), step.cached(cache.values, layer)
 
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:
@@ -192,8 +201,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, kv_len: int, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, step, kv_len, mask)
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, step, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,9 +229,8 @@ class TransformerStack(nn.Module):
         rows = step.rows[:, None]
         columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
         cache.visible[rows, columns] = step.attend & (step.write_index >= 0)
-        kv_len = step.kv_len
-        mask = step.attention_mask(cache, kv_len)
+        mask = step.attention_mask(cache)
         cos, sin = self.rotary(step.positions, x.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, index, cache, step, kv_len, mask)
+            x = layer(x, cos, sin, index, cache, step, mask)
         return self.norm(x)
