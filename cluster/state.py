@@ -1,0 +1,371 @@
+"""Cluster state in Redis: voices and sessions, per tenant (plain Python; the HTTP layer maps `NotFound` to 404).
+
+Layout, for key prefix `chroma` and tenant `acme` (every key names its tenant, so another tenant's ids are simply
+not there; the braces are Redis Cluster hash tags that keep each transaction's keys in one slot):
+  chroma:{acme}:voices                     set of the tenant's voice ids
+  chroma:{acme}:voice:voice_<hex>          hash: `meta` (Voice JSON without codes), `codes` (int16 LE bytes [F, K])
+  chroma:acme:session:{sess_<hex>}         string: Session JSON (settings + turn history without audio)
+  chroma:acme:session:{sess_<hex>}:audio   hash: history index -> caller's 16 kHz PCM16 audio of that user turn
+Voices never expire; both session keys share the session TTL, refreshed whenever the session is read or written.
+
+Durability comes from Redis itself: `start_local_redis` runs redis-server with the append-only file on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import redis
+import redis.asyncio
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.exceptions import WatchError
+
+from model.audio import ReplyFormat
+from model.sampling import SamplingParams
+
+
+class StateSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHROMA_")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    session_ttl_s: int = Field(3600, ge=1)
+    key_prefix: str = "chroma"
+
+
+class TenantSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHROMA_")
+
+    api_keys: str = ""  # JSON {"api-key": "tenant"}, or the path of a file holding that JSON
+
+
+class NotFound(KeyError):
+    """An unknown id, or one that belongs to another tenant (callers must not learn which)."""
+
+    def __init__(self, kind: str, id: str):
+        super().__init__(f"{kind} {id!r} not found")
+        self.kind = kind
+        self.id = id
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class VersionConflict(Exception):
+    """The session changed after the caller read it (another turn committed first); nothing was written."""
+
+    def __init__(self, session_id: str, expected: int, found: int | None = None):
+        found_text = "changed meanwhile" if found is None else f"is at version {found}"
+        super().__init__(f"session {session_id!r} {found_text}, the turn expected version {expected}")
+        self.session_id = session_id
+
+
+class Voice(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    transcript: str
+    transcript_ids: list[int]
+    num_frames: int
+    num_codebooks: int
+    valid_frames: int  # reference frames past this are padding (see model.generate.VoicePrompt)
+    created_at: datetime
+    # Mimi codes [num_frames, num_codebooks] as little-endian int16; left out of dumps (API bodies, the meta JSON).
+    codes: bytes = Field(exclude=True, repr=False)
+
+    def codes_array(self) -> np.ndarray:
+        """[num_frames, num_codebooks] int64, as the speech stack takes them."""
+        return np.frombuffer(self.codes, dtype="<i2").reshape(self.num_frames, self.num_codebooks).astype(np.int64)
+
+
+class SessionSampling(SamplingParams):
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+class HistoryTurn(BaseModel):
+    role: Literal["user", "assistant"]
+    text: str | None = None  # assistant turns
+    audio_bytes: int = 0  # user turns: size of the 16 kHz PCM16 audio kept beside the document
+
+
+class Session(BaseModel):
+    id: str
+    tenant: str
+    voice_id: str
+    system_prompt: str = ""
+    output_format: ReplyFormat = ReplyFormat.PCM16_24K
+    sampling: SessionSampling = Field(default_factory=SessionSampling)
+    history: list[HistoryTurn] = Field(default_factory=list)
+    version: int = 0  # committed turns; `append_turn` takes it back to refuse a turn built on a stale history
+    created_at: datetime
+    updated_at: datetime
+
+
+_VOICE_ID = re.compile(r"voice_[0-9a-f]{32}")
+_SESSION_ID = re.compile(r"sess_[0-9a-f]{32}")
+_INT16 = np.iinfo(np.int16)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def redis_client(settings: StateSettings) -> redis.asyncio.Redis:
+    """Binary-safe client (no response decoding: codes and audio are raw bytes)."""
+    return redis.asyncio.Redis.from_url(settings.redis_url)
+
+
+class StateStore:
+    """Voices and sessions of every tenant. `client` must not decode responses (see `redis_client`)."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: StateSettings | None = None):
+        self.redis = client
+        self.settings = settings or StateSettings()
+
+    # keys
+    def _voices_key(self, tenant: str) -> str:
+        return f"{self.settings.key_prefix}:{{{tenant}}}:voices"
+
+    def _voice_key(self, tenant: str, voice_id: str) -> str:
+        return f"{self.settings.key_prefix}:{{{tenant}}}:voice:{voice_id}"
+
+    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str]:
+        key = f"{self.settings.key_prefix}:{tenant}:session:{{{session_id}}}"
+        return key, key + ":audio"
+
+    # voices
+    async def create_voice(
+        self, tenant: str, name: str, transcript: str, transcript_ids: list[int], codes, valid_frames: int
+    ) -> Voice:
+        """`codes`: the reference audio's Mimi codes, a CPU torch tensor or numpy array [F, K] of integers."""
+        array = np.asarray(codes)
+        if array.ndim != 2 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"voice codes must be a non-empty integer array [frames, codebooks], got {array.shape}")
+        if array.min() < 0 or array.max() > _INT16.max:
+            raise ValueError(f"voice codes must lie in 0..{_INT16.max}")
+        if not 0 < valid_frames <= array.shape[0]:
+            raise ValueError(f"valid_frames must be in 1..{array.shape[0]}, got {valid_frames}")
+        voice = Voice(
+            id=f"voice_{uuid.uuid4().hex}", tenant=tenant, name=name, transcript=transcript,
+            transcript_ids=[int(t) for t in transcript_ids], num_frames=array.shape[0], num_codebooks=array.shape[1],
+            valid_frames=valid_frames, created_at=_now(), codes=array.astype("<i2").tobytes(),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            fields = {"meta": voice.model_dump_json(), "codes": voice.codes}
+            pipe.hset(self._voice_key(tenant, voice.id), mapping=fields)
+            pipe.sadd(self._voices_key(tenant), voice.id)
+            await pipe.execute()
+        return voice
+
+    async def get_voice(self, tenant: str, voice_id: str) -> Voice:
+        if _VOICE_ID.fullmatch(voice_id):
+            meta, codes = await self.redis.hmget(self._voice_key(tenant, voice_id), ["meta", "codes"])
+            if meta is not None:
+                return Voice.model_validate({**json.loads(meta), "codes": codes})
+        raise NotFound("voice", voice_id)
+
+    async def list_voices(self, tenant: str) -> list[Voice]:
+        ids = [v.decode() for v in await self.redis.smembers(self._voices_key(tenant))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for voice_id in ids:
+                pipe.hmget(self._voice_key(tenant, voice_id), ["meta", "codes"])
+            rows = await pipe.execute()
+        voices = [Voice.model_validate({**json.loads(m), "codes": c}) for m, c in rows if m is not None]
+        return sorted(voices, key=lambda v: (v.created_at, v.id))
+
+    async def delete_voice(self, tenant: str, voice_id: str) -> None:
+        """Sessions that still name the voice stay; their next turn fails on `get_voice` with NotFound("voice")."""
+        if _VOICE_ID.fullmatch(voice_id):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._voice_key(tenant, voice_id))
+                pipe.srem(self._voices_key(tenant), voice_id)
+                deleted, _ = await pipe.execute()
+            if deleted:
+                return
+        raise NotFound("voice", voice_id)
+
+    # sessions
+    async def create_session(
+        self, tenant: str, voice_id: str, system_prompt: str = "",
+        output_format: ReplyFormat = ReplyFormat.PCM16_24K, sampling: SessionSampling | None = None,
+    ) -> Session:
+        await self.get_voice(tenant, voice_id)  # NotFound for a missing voice or another tenant's
+        now = _now()
+        session = Session(
+            id=f"sess_{uuid.uuid4().hex}", tenant=tenant, voice_id=voice_id, system_prompt=system_prompt,
+            output_format=output_format, sampling=sampling or SessionSampling(), created_at=now, updated_at=now,
+        )
+        key, _ = self._session_keys(tenant, session.id)
+        await self.redis.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
+        return session
+
+    async def get_session(self, tenant: str, session_id: str) -> Session:
+        """Reading a session counts as using it: the TTL starts again."""
+        if _SESSION_ID.fullmatch(session_id):
+            key, audio_key = self._session_keys(tenant, session_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.getex(key, ex=self.settings.session_ttl_s)
+                pipe.expire(audio_key, self.settings.session_ttl_s)
+                raw, _ = await pipe.execute()
+            if raw is not None:
+                return Session.model_validate_json(raw)
+        raise NotFound("session", session_id)
+
+    async def delete_session(self, tenant: str, session_id: str) -> None:
+        if _SESSION_ID.fullmatch(session_id):
+            key, audio_key = self._session_keys(tenant, session_id)
+            deleted = await self.redis.delete(key, audio_key)
+            if deleted:
+                return
+        raise NotFound("session", session_id)
+
+    async def append_turn(
+        self, tenant: str, session_id: str, user_audio_16k: bytes, assistant_text: str, expected_version: int
+    ) -> Session:
+        """Commit one finished turn (the caller's 16 kHz PCM16 audio and the reply text) all at once, or nothing.
+
+        A failed or cancelled turn simply never calls this. `expected_version` is the version the turn was built
+        on; if another turn committed since, this raises VersionConflict instead of interleaving histories.
+        """
+        if not user_audio_16k or len(user_audio_16k) % 2:
+            raise ValueError(f"user audio must be non-empty 16-bit PCM, got {len(user_audio_16k)} bytes")
+        if not _SESSION_ID.fullmatch(session_id):
+            raise NotFound("session", session_id)
+        key, audio_key = self._session_keys(tenant, session_id)
+        ttl = self.settings.session_ttl_s
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # WATCH makes EXEC fail if another writer changes the document between our read and our commit.
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if raw is None:
+                raise NotFound("session", session_id)
+            session = Session.model_validate_json(raw)
+            if session.version != expected_version:
+                raise VersionConflict(session_id, expected_version, session.version)
+            index = len(session.history)
+            session.history += [
+                HistoryTurn(role="user", audio_bytes=len(user_audio_16k)),
+                HistoryTurn(role="assistant", text=assistant_text),
+            ]
+            session.version += 1
+            session.updated_at = _now()
+            pipe.multi()
+            pipe.set(key, session.model_dump_json(), ex=ttl)
+            pipe.hset(audio_key, str(index), user_audio_16k)
+            pipe.expire(audio_key, ttl)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise VersionConflict(session_id, expected_version) from None
+        return session
+
+    async def load_history_audio(self, session: Session) -> list[bytes | None]:
+        """The caller audio of each turn in `session.history` (None for assistant turns), to rebuild the context."""
+        _, audio_key = self._session_keys(session.tenant, session.id)
+        user_turns = [i for i, turn in enumerate(session.history) if turn.role == "user"]
+        audio: list[bytes | None] = [None] * len(session.history)
+        if not user_turns:
+            return audio
+        values = await self.redis.hmget(audio_key, [str(i) for i in user_turns])
+        if any(v is None for v in values):  # the session expired or was deleted since it was read
+            raise NotFound("session", session.id)
+        for i, value in zip(user_turns, values):
+            audio[i] = value
+        return audio
+
+
+class TenantDirectory:
+    """API key -> tenant. Keys are compared as SHA-256 digests, in constant time, against every entry."""
+
+    def __init__(self, keys: Mapping[str, str]):
+        for key, tenant in keys.items():
+            if not key or not tenant:
+                raise ValueError("API keys and tenant names must be non-empty")
+        self._entries = [(_digest(key), tenant) for key, tenant in keys.items()]
+
+    @classmethod
+    def from_settings(cls, settings: TenantSettings | None = None) -> TenantDirectory:
+        text = (settings or TenantSettings()).api_keys.strip()
+        if text and text[0] not in "{[":
+            text = Path(text).read_text()
+        keys = json.loads(text) if text else {}
+        if not isinstance(keys, dict):
+            raise ValueError('CHROMA_API_KEYS must be a JSON object {"api-key": "tenant"} or a file holding one')
+        return cls(keys)
+
+    def tenant_for(self, api_key: str | None) -> str | None:
+        if not api_key:
+            return None
+        digest = _digest(api_key)
+        found = None
+        for key_digest, tenant in self._entries:  # no early exit: the time taken does not depend on the match
+            if hmac.compare_digest(digest, key_digest):
+                found = tenant
+        return found
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def start_local_redis(
+    data_dir: str | Path, port: int, appendfsync: Literal["always", "everysec"] = "everysec", timeout_s: float = 10.0
+) -> subprocess.Popen:
+    """Run redis-server on 127.0.0.1:`port` with its append-only file in `data_dir`; return once it answers.
+
+    A data dir that already holds an AOF is loaded back. "everysec" may lose the last second of writes on a
+    crash (not on a clean stop); "always" loses none.
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+            "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
+            "--logfile", str(data_dir / "redis.log"), "--daemonize", "no",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                log_file = data_dir / "redis.log"
+                log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+                raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log}")
+            try:
+                # Ask for the pid: on a taken port PING would be answered by the other server.
+                if client.info("server")["process_id"] == proc.pid:
+                    return proc
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                stop_local_redis(proc)
+                raise TimeoutError(f"redis-server on port {port} did not answer within {timeout_s} s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def stop_local_redis(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM makes redis-server flush and fsync the AOF before it exits."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,312 @@
+"""The Redis state store against a real redis-server (one per module, plus fresh ones for the restart test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+
+import numpy as np
+import pydantic
+import pytest
+import pytest_asyncio
+import redis.asyncio
+import torch
+
+from cluster.state import (
+    NotFound,
+    SessionSampling,
+    StateSettings,
+    StateStore,
+    TenantDirectory,
+    TenantSettings,
+    VersionConflict,
+    start_local_redis,
+    stop_local_redis,
+)
+from model.audio import ReplyFormat
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+TTL_S = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp_path_factory):
+    port = free_port()
+    proc = start_local_redis(tmp_path_factory.mktemp("redis"), port)
+    yield port
+    stop_local_redis(proc)
+
+
+@pytest_asyncio.fixture
+async def client(redis_port):
+    client = redis.asyncio.Redis(port=redis_port)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(client) -> StateStore:
+    # A fresh key prefix per test keeps the tests apart on the shared server.
+    return StateStore(client, StateSettings(session_ttl_s=TTL_S, key_prefix=f"t{uuid.uuid4().hex[:8]}"))
+
+
+def make_codes(frames: int = 13, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2048, size=(frames, 8))
+
+
+def pcm(seconds: float, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(-3000, 3000, int(16000 * seconds), dtype=np.int16).tobytes()
+
+
+async def new_voice(store: StateStore, tenant: str = "acme", seed: int = 0):
+    return await store.create_voice(tenant, "Ada", "Hello there.", [9, 8, 7], make_codes(seed=seed), valid_frames=12)
+
+
+async def test_voice_round_trip(store, client):
+    codes = make_codes()
+    first = await store.create_voice("acme", "Ada", "Hello there.", [9, 8, 7], torch.from_numpy(codes), 12)
+    second = await new_voice(store, seed=1)
+    assert first.id.startswith("voice_") and first.id != second.id
+
+    got = await store.get_voice("acme", first.id)
+    assert got.codes_array().shape == (13, 8)
+    np.testing.assert_array_equal(got.codes_array(), codes)
+    assert (got.name, got.transcript, got.transcript_ids, got.valid_frames) == ("Ada", "Hello there.", [9, 8, 7], 12)
+    assert got.created_at == first.created_at
+    assert "codes" not in got.model_dump()  # API bodies stay small
+    assert await client.ttl(store._voice_key("acme", first.id)) == -1  # voices never expire
+
+    assert [v.id for v in await store.list_voices("acme")] == [first.id, second.id]
+    assert await store.list_voices("other") == []
+
+    await store.delete_voice("acme", first.id)
+    with pytest.raises(NotFound):
+        await store.get_voice("acme", first.id)
+    with pytest.raises(NotFound):
+        await store.delete_voice("acme", first.id)
+    assert [v.id for v in await store.list_voices("acme")] == [second.id]
+
+
+async def test_voice_codes_are_checked(store):
+    bad = [(np.arange(8), 1), (-make_codes() - 1, 12), (make_codes().astype(float), 12), (make_codes(), 0)]
+    for codes, valid in bad:
+        with pytest.raises(ValueError):
+            await store.create_voice("acme", "Ada", "Hi.", [1], codes, valid)
+
+
+async def test_session_create_get_delete(store, client):
+    voice = await new_voice(store)
+    sampling = SessionSampling(temperature=0.7, top_k=20, seed=3)
+    session = await store.create_session("acme", voice.id, "Be brief.", ReplyFormat.MULAW_8K, sampling)
+    assert session.id.startswith("sess_") and session.version == 0 and session.history == []
+
+    got = await store.get_session("acme", session.id)
+    assert got == session
+    assert got.output_format is ReplyFormat.MULAW_8K and got.sampling == sampling
+
+    await store.delete_session("acme", session.id)
+    with pytest.raises(NotFound):
+        await store.get_session("acme", session.id)
+    with pytest.raises(NotFound):
+        await store.delete_session("acme", session.id)
+    with pytest.raises(pydantic.ValidationError):
+        SessionSampling(temperature=2.5)
+
+
+async def test_other_tenants_and_unknown_ids_are_not_found(store):
+    voice = await new_voice(store)
+    session = await store.create_session("acme", voice.id)
+    unknown_voice, unknown_session = f"voice_{uuid.uuid4().hex}", f"sess_{uuid.uuid4().hex}"
+    attempts = {
+        "voice": [
+            store.get_voice("evil", voice.id), store.delete_voice("evil", voice.id),
+            store.create_session("evil", voice.id), store.get_voice("acme", unknown_voice),
+            store.create_session("acme", unknown_voice), store.get_voice("acme", "../voice:x"),
+        ],
+        "session": [
+            store.get_session("evil", session.id), store.delete_session("evil", session.id),
+            store.append_turn("evil", session.id, pcm(0.1), "hi", 0), store.get_session("acme", unknown_session),
+            store.append_turn("acme", unknown_session, pcm(0.1), "hi", 0), store.get_session("acme", "*"),
+        ],
+    }
+    for kind, calls in attempts.items():
+        for call in calls:
+            with pytest.raises(NotFound) as caught:
+                await call
+            assert isinstance(caught.value, KeyError) and caught.value.kind == kind
+            assert str(caught.value).startswith(f"{kind} '")
+    # acme's own state is untouched
+    assert (await store.get_session("acme", session.id)).history == []
+    assert (await store.get_voice("acme", voice.id)).id == voice.id
+
+
+async def test_deleted_voice_fails_the_next_turn(store):
+    voice = await new_voice(store)
+    session = await store.create_session("acme", voice.id)
+    await store.delete_voice("acme", voice.id)
+    session = await store.get_session("acme", session.id)  # the session itself stays
+    with pytest.raises(NotFound, match="voice"):
+        await store.get_voice("acme", session.voice_id)
+
+
+async def test_append_turn_keeps_history_and_audio(store):
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    first, second = pcm(0.5, seed=1), pcm(0.3, seed=2)
+    session = await store.append_turn("acme", session.id, first, "One.", expected_version=0)
+    session = await store.append_turn("acme", session.id, second, "Two.", expected_version=1)
+
+    got = await store.get_session("acme", session.id)
+    assert got == session and got.version == 2
+    assert [(t.role, t.text) for t in got.history] == [("user", None), ("assistant", "One."), ("user", None),
+                                                       ("assistant", "Two.")]
+    assert await store.load_history_audio(got) == [first, None, second, None]
+    with pytest.raises(ValueError):
+        await store.append_turn("acme", session.id, b"\x00\x01\x02", "odd", expected_version=2)
+
+
+async def test_concurrent_appends_exactly_one_wins(store, client):
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    results = await asyncio.gather(
+        *(store.append_turn("acme", session.id, pcm(0.2, seed=i), f"reply {i}", expected_version=0) for i in range(4)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, VersionConflict) for r in results if r is not winners[0])
+
+    got = await store.get_session("acme", session.id)
+    assert got == winners[0] and got.version == 1 and len(got.history) == 2  # one turn: user + assistant
+    winner = results.index(winners[0])
+    assert got.history[1].text == f"reply {winner}"
+    assert await store.load_history_audio(got) == [pcm(0.2, seed=winner), None]
+    assert await client.hlen(store._session_keys("acme", session.id)[1]) == 1  # losers wrote no audio either
+
+    with pytest.raises(VersionConflict):  # a turn built on the old history
+        await store.append_turn("acme", session.id, pcm(0.1), "stale", expected_version=0)
+    assert await store.get_session("acme", session.id) == got
+
+
+async def test_cancelled_append_is_all_or_nothing(store, client):
+    """Cancel a commit after 0, 1, 2, ... loop iterations, until one finishes first: each time the session is
+    either untouched or holds the whole turn (document and audio), never half of it. (On Python 3.11 a cancel
+    can also be swallowed by asyncio.wait_for inside redis-py, and the turn then commits whole.)"""
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    _, audio_key = store._session_keys("acme", session.id)
+    cancelled_midway = 0
+    for delay in range(1000):
+        audio = pcm(0.1, seed=delay)
+        task = asyncio.create_task(store.append_turn("acme", session.id, audio, f"r{delay}", session.version))
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        finished_first = task.done()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        before, session = session, await store.get_session("acme", session.id)
+        if session.version == before.version:
+            assert session == before and await client.hlen(audio_key) == len(before.history) // 2
+            cancelled_midway += delay > 0
+        else:
+            assert session.version == before.version + 1 and session.history[:-2] == before.history
+            assert session.history[-1].text == f"r{delay}"
+            assert (await store.load_history_audio(session))[-2] == audio
+        if finished_first:
+            break
+    else:
+        pytest.fail("the append never finished before its cancel")
+    assert cancelled_midway > 0
+
+
+async def test_session_ttl_is_set_and_refreshed(store, client):
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    key, audio_key = store._session_keys("acme", session.id)
+    assert 0 < await client.ttl(key) <= TTL_S
+
+    await store.append_turn("acme", session.id, pcm(0.1), "hi", expected_version=0)
+    assert 0 < await client.ttl(audio_key) <= TTL_S
+
+    # Pretend most of the TTL has passed; using the session starts it again for both keys.
+    for use in (store.get_session("acme", session.id),
+                store.append_turn("acme", session.id, pcm(0.1), "again", expected_version=1)):
+        await client.pexpire(key, 1000)
+        await client.pexpire(audio_key, 1000)
+        await use
+        assert await client.pttl(key) > 3000 and await client.pttl(audio_key) > 3000
+
+    await client.pexpire(key, 20)
+    await client.pexpire(audio_key, 20)
+    await asyncio.sleep(0.1)
+    with pytest.raises(NotFound):
+        await store.get_session("acme", session.id)
+
+
+@pytest.mark.parametrize("fsync,crash", [("everysec", False), ("always", True)], ids=["clean-stop", "kill-9"])
+async def test_state_survives_a_redis_restart(tmp_path, fsync, crash):
+    settings = StateSettings(session_ttl_s=TTL_S)
+    port = free_port()
+    proc = start_local_redis(tmp_path, port, appendfsync=fsync)
+    client = redis.asyncio.Redis(port=port)
+    store = StateStore(client, settings)
+    try:
+        voice = await new_voice(store)
+        session = await store.create_session("acme", voice.id, "Be brief.", ReplyFormat.WAV)
+        session = await store.append_turn("acme", session.id, pcm(0.4), "Hello.", expected_version=0)
+    finally:
+        await client.aclose()
+        if crash:  # with appendfsync always every acknowledged write is already on disk
+            proc.kill()
+            proc.wait()
+        else:
+            stop_local_redis(proc)
+
+    port = free_port()
+    proc = start_local_redis(tmp_path, port, appendfsync=fsync)
+    client = redis.asyncio.Redis(port=port)
+    store = StateStore(client, settings)
+    try:
+        got_voice = await store.get_voice("acme", voice.id)
+        assert got_voice == voice
+        np.testing.assert_array_equal(got_voice.codes_array(), make_codes())
+        got = await store.get_session("acme", session.id)
+        assert got == session
+        assert await store.load_history_audio(got) == [pcm(0.4), None]
+    finally:
+        await client.aclose()
+        stop_local_redis(proc)
+
+
+async def test_local_redis_fails_clearly_on_a_taken_port(tmp_path, redis_port):
+    with pytest.raises(RuntimeError, match="redis-server exited"):
+        start_local_redis(tmp_path, redis_port)
+
+
+async def test_tenant_directory(tmp_path, monkeypatch):
+    keys = {"key-acme": "acme", "key-globex": "globex"}
+    monkeypatch.setenv("CHROMA_API_KEYS", json.dumps(keys))
+    from_env = TenantDirectory.from_settings()
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    from_file = TenantDirectory.from_settings(TenantSettings(api_keys=str(path)))
+    for directory in (from_env, from_file):
+        assert directory.tenant_for("key-acme") == "acme"
+        assert directory.tenant_for("key-globex") == "globex"
+        for wrong in ("key-acm", "key-acme ", "", None):
+            assert directory.tenant_for(wrong) is None
+
+    monkeypatch.delenv("CHROMA_API_KEYS")
+    assert TenantDirectory.from_settings().tenant_for("key-acme") is None
+    with pytest.raises(ValueError):
+        TenantDirectory.from_settings(TenantSettings(api_keys='["key-acme"]'))
+    with pytest.raises(ValueError):
+        TenantDirectory({"": "acme"})
