@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,20 @@ def chroma(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def voice(chroma):
     return chroma.voice("This is the voice you will hear.", speech_like(24000, 1.5), 24000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp_path_factory):
+    """A real redis-server (append-only file on) on a free loopback port, one per test module."""
+    from cluster.state import start_local_redis, stop_local_redis
+
+    port = free_port()
+    proc = start_local_redis(tmp_path_factory.mktemp("redis"), port)
+    yield port
+    stop_local_redis(proc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 
 import numpy as np
@@ -26,24 +25,11 @@ from cluster.state import (
     stop_local_redis,
 )
 from model.audio import ReplyFormat
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 TTL_S = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_port(tmp_path_factory):
-    port = free_port()
-    proc = start_local_redis(tmp_path_factory.mktemp("redis"), port)
-    yield port
-    stop_local_redis(proc)
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,93 @@
+"""Serve deployment of the codec: voice encoding, and streaming Mimi decode of every live turn per replica.
+
+A reply pulls its frames from the SpeechStack as they are generated; one stepping task per replica decodes
+the ready chunks of all turns in one batched forward (CodecEngine) and hands each turn its own PCM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from model.checkpoint import Checkpoint, load_codec, resolve_dtype
+from model.codec_engine import CodecEngine
+from model.generate import VoicePrompt, encode_voice
+from model.processor import Conversation
+from model.sampling import SamplingParams
+
+
+@dataclass
+class ReplyChunk:
+    """One event of a streamed reply: text tokens, and/or PCM (float32 at the codec rate), and a frame count."""
+
+    text_tokens: list[int]
+    audio: np.ndarray | None
+    frames: int
+
+
+@serve.deployment(name="Codec")
+class CodecDeployment:
+    def __init__(self, checkpoint: str, speech: DeploymentHandle, max_streams: int = 64, chunk_frames: int = 2,
+                 dtype: str = "float32", device: str = "cpu"):
+        loaded = Checkpoint(checkpoint)
+        self.config = loaded.config
+        self.codec = load_codec(loaded, resolve_dtype(dtype), device)
+        self.engine = CodecEngine(self.codec, self.config, max_streams=max_streams, chunk_frames=chunk_frames)
+        self.speech = speech
+        self.outputs: dict[str, asyncio.Queue] = {}
+        self._stepper: asyncio.Task | None = None
+
+    async def encode_voice(self, transcript_ids: list[int], audio_24k: np.ndarray) -> VoicePrompt:
+        return encode_voice(self.codec, self.config, torch.tensor(transcript_ids), torch.from_numpy(audio_24k))
+
+    async def reply(self, turn_id: str, voice: VoicePrompt, conversation: Conversation,
+                    sampling: SamplingParams | None, max_frames: int, max_tokens: int):
+        frames = self.speech.options(stream=True).generate.remote(turn_id, voice, conversation, sampling, max_frames, max_tokens)
+        self.engine.open_stream(turn_id)
+        queue = self.outputs[turn_id] = asyncio.Queue()
+        feeder = asyncio.create_task(self._feed(turn_id, frames, queue))
+        self._ensure_stepping()
+        try:
+            while (chunk := await queue.get()) is not None:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                yield chunk
+        finally:
+            feeder.cancel()
+            frames.cancel()  # a caller who left stops the speech stack and, through it, the Reasoner
+            self.outputs.pop(turn_id, None)
+            with contextlib.suppress(KeyError):  # already closed when the reply ran to its end
+                self.engine.cancel(turn_id)
+
+    async def _feed(self, turn_id: str, frames, queue: asyncio.Queue) -> None:
+        try:
+            async for frame in frames:
+                if frame.codes is not None:
+                    self.engine.push(turn_id, torch.tensor([frame.codes]))
+                if frame.text_tokens:
+                    queue.put_nowait(ReplyChunk(frame.text_tokens, None, 0))
+            tail = self.engine.close(turn_id)
+            if tail is not None and tail.numel():
+                queue.put_nowait(ReplyChunk([], tail.numpy(), tail.numel() // self.config.audio_frame_freq))
+            queue.put_nowait(None)
+        except Exception as error:
+            queue.put_nowait(error)
+
+    def _ensure_stepping(self) -> None:
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.create_task(self._step_forever())
+
+    async def _step_forever(self) -> None:
+        while self.outputs:
+            decoded = self.engine.step()
+            for turn_id, pcm in decoded.items():
+                if turn_id in self.outputs:
+                    self.outputs[turn_id].put_nowait(ReplyChunk([], pcm.numpy(), pcm.numel() // self.config.audio_frame_freq))
+            # Yield to the feeders; sleep briefly only when nothing was ready.
+            await asyncio.sleep(0 if decoded else 0.005)

@@ -1,0 +1,385 @@
+"""The HTTP API end to end: real redis-server, the tiny RANDOM-WEIGHT checkpoint, LocalTurnBackend in process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import pytest_asyncio
+import redis.asyncio
+import torch
+
+from cluster.api import ApiSettings, build_api
+from cluster.local_backend import LocalBackendSettings, LocalTurnBackend
+from cluster.state import StateSettings, StateStore, TenantDirectory
+from model.audio import encode_mulaw, encode_wav, resample, synthetic_speech
+from model.speech_engine import CapacityError
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+MAX_FRAMES = 12
+FRAME = 1920  # samples per frame at 24 kHz
+ACME = {"Authorization": "Bearer key-acme"}
+GLOBEX = {"X-API-Key": "key-globex"}
+KEYS = {"key-acme": "acme", "key-globex": "globex"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def store(redis_port):
+    client = redis.asyncio.Redis(port=redis_port)
+    yield StateStore(client, StateSettings(key_prefix=f"t{uuid.uuid4().hex[:8]}"))
+    await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def backend(tiny_checkpoint):
+    backend = LocalTurnBackend.from_checkpoint(
+        tiny_checkpoint, LocalBackendSettings(max_slots=2, max_queue=2, max_frames=MAX_FRAMES, max_tokens=32)
+    )
+    yield backend
+    await backend.close()
+
+
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(store, backend):
+    async with client_for(build_api(store, TenantDirectory(KEYS), backend, ApiSettings())) as client:
+        yield client
+
+
+def voice_wav(seed: int = 0) -> bytes:
+    return encode_wav(synthetic_speech(24000, 1.2, seed=seed), 24000)
+
+
+def caller_wave(seed: int = 1, seconds: float = 0.8) -> np.ndarray:
+    return synthetic_speech(16000, seconds, seed=seed)
+
+
+async def make_voice(client, headers=ACME) -> dict:
+    files = {"audio": ("ref.wav", voice_wav(), "audio/wav")}
+    response = await client.post("/v1/voices", headers=headers, files=files, data={"transcript": "Hello there, this is me.", "name": "Ada"})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def make_session(client, voice_id: str, headers=ACME, **extra) -> dict:
+    response = await client.post("/v1/sessions", headers=headers, json={"voice_id": voice_id, **extra})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+async def test_voice_session_and_two_turns(client, backend, monkeypatch):
+    voice = await make_voice(client)
+    assert voice["id"].startswith("voice_") and voice["name"] == "Ada" and "codes" not in voice
+    assert voice["num_codebooks"] == 8 and 0 < voice["valid_frames"] <= voice["num_frames"]
+    listed = (await client.get("/v1/voices", headers=ACME)).json()["voices"]
+    assert voice["id"] in [v["id"] for v in listed]
+    assert (await client.get(f"/v1/voices/{voice['id']}", headers=ACME)).json() == voice
+
+    session = await make_session(client, voice["id"], system_prompt="You are a phone agent.")
+    assert session["output_format"] == "pcm16_24k" and session["history"] == [] and session["version"] == 0
+
+    conversations = []
+    build = backend.conversation
+    monkeypatch.setattr(backend, "conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
+
+    first_audio = caller_wave(seed=1)
+    response = await client.post(
+        f"/v1/sessions/{session['id']}/turns", headers={**ACME, "Accept": "text/event-stream"},
+        content=encode_wav(first_audio, 16000), timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and "error" not in kinds
+    assert kinds.count("audio") >= 2
+    done = events[-1][1]
+    assert 0 < done["frames"] <= MAX_FRAMES and done["ttfa_ms"] > 0 and done["rtf"] > 0
+    audio = b"".join(base64.b64decode(data["data"]) for kind, data in events if kind == "audio")
+    assert len(audio) == done["frames"] * FRAME * 2  # PCM16 at 24 kHz: no resampling, no tail
+    assert "".join(data["delta"] for kind, data in events if kind == "text") == done["text"]
+    assert done["session_version"] == 1
+
+    history = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"]
+    assert [h["role"] for h in history] == ["user", "assistant"] and history[1]["text"] == done["text"]
+
+    # Second turn, raw PCM16 24 kHz reply, caller audio as raw PCM16 16 kHz
+    second_audio = caller_wave(seed=2, seconds=0.6)
+    pcm = np.round(second_audio * 32767).astype("<i2").tobytes()
+    response = await client.post(
+        f"/v1/sessions/{session['id']}/turns", content=pcm, timeout=120,
+        headers={**ACME, "Content-Type": "audio/pcm;rate=16000", "Accept": "audio/pcm;rate=24000"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/pcm;rate=24000"
+    assert len(response.content) > 0 and len(response.content) % (FRAME * 2) == 0
+    assert len(response.content) <= MAX_FRAMES * FRAME * 2
+
+    # The second turn's conversation carried the first turn: its caller audio and (if any) its reply text.
+    assert len(conversations) == 2
+    turns = conversations[1].turns
+    assert conversations[1].system_prompt == "You are a phone agent."
+    expected = 3 if done["text"] else 2
+    assert len(turns) == expected and [t.role for t in turns][-1] == "user"
+    assert turns[0].role == "user" and turns[0].sample_rate == 16000
+    np.testing.assert_allclose(turns[0].audio, first_audio, atol=2e-4)
+    if done["text"]:
+        assert turns[1].role == "assistant" and turns[1].text == done["text"]
+    np.testing.assert_allclose(turns[-1].audio, second_audio, atol=2e-4)
+
+    session = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()
+    assert len(session["history"]) == 4 and session["version"] == 2
+    assert session["history"][2]["audio_bytes"] == len(pcm)
+
+    metrics = (await client.get("/metrics")).text
+    assert "chroma_turn_ttfa_seconds_bucket" in metrics and "chroma_turn_rtf_bucket" in metrics
+    assert "chroma_live_turns 0.0" in metrics
+    assert 'chroma_turns_total{outcome="completed"} 2.0' in metrics
+    frames_line = next(line for line in metrics.splitlines() if line.startswith("chroma_frames_total"))
+    assert float(frames_line.split()[1]) >= done["frames"] + 1
+
+    assert (await client.delete(f"/v1/sessions/{session['id']}", headers=ACME)).status_code == 204
+    assert_error(await client.get(f"/v1/sessions/{session['id']}", headers=ACME), 404, "not_found")
+    assert (await client.delete(f"/v1/voices/{voice['id']}", headers=ACME)).status_code == 204
+    assert_error(await client.get(f"/v1/voices/{voice['id']}", headers=ACME), 404, "not_found")
+
+
+async def test_mulaw_in_and_wav_or_mulaw_out(client):
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"], output_format="mulaw_8k")
+    mulaw = encode_mulaw(resample(caller_wave(seed=3, seconds=0.5), 16000, 8000))
+    response = await client.post(
+        f"/v1/sessions/{session['id']}/turns", content=mulaw, timeout=120,
+        headers={**ACME, "Content-Type": "audio/basic", "Accept": "audio/wav"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    assert response.content[:4] == b"RIFF" and response.content[8:12] == b"WAVE"
+    assert (len(response.content) - 44) % (FRAME * 2) == 0 and len(response.content) > 44
+
+    # SSE carries the session's format: mu-law at 8 kHz, one byte per sample, about frames * 640 in all
+    response = await client.post(
+        f"/v1/sessions/{session['id']}/turns", content=mulaw, timeout=120,
+        headers={**ACME, "Content-Type": "audio/basic", "Accept": "text/event-stream"},
+    )
+    events = parse_sse(response.text)
+    done = events[-1][1]
+    audio = b"".join(base64.b64decode(d["data"]) for k, d in events if k == "audio")
+    assert {d["format"] for k, d in events if k == "audio"} == {"mulaw_8k"}
+    assert abs(len(audio) - done["frames"] * FRAME // 3) <= 2
+
+
+async def test_auth_and_tenants(client):
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"])
+    assert_error(await client.get("/v1/voices"), 401, "unauthorized")
+    assert_error(await client.get("/v1/voices", headers={"Authorization": "Bearer nope"}), 401)
+    assert_error(await client.post(f"/v1/sessions/{session['id']}/turns", content=b"x"), 401)
+    assert (await client.get("/v1/voices", headers={"X-API-Key": "key-acme"})).status_code == 200
+
+    # Another tenant sees nothing of acme's: 404, never 403
+    assert_error(await client.get(f"/v1/voices/{voice['id']}", headers=GLOBEX), 404, "not_found")
+    assert_error(await client.delete(f"/v1/voices/{voice['id']}", headers=GLOBEX), 404)
+    assert_error(await client.get(f"/v1/sessions/{session['id']}", headers=GLOBEX), 404)
+    assert_error(await client.post("/v1/sessions", headers=GLOBEX, json={"voice_id": voice["id"]}), 404)
+    response = await client.post(
+        f"/v1/sessions/{session['id']}/turns", headers={**GLOBEX, "Content-Type": "audio/wav"},
+        content=encode_wav(caller_wave(), 16000),
+    )
+    assert_error(response, 404, "not_found")
+    assert voice["id"] not in [v["id"] for v in (await client.get("/v1/voices", headers=GLOBEX)).json()["voices"]]
+
+    # Unknown ids
+    assert_error(await client.get("/v1/voices/voice_" + "0" * 32, headers=ACME), 404)
+    assert_error(await client.get("/v1/voices/whatever", headers=ACME), 404)
+    assert_error(await client.get("/v1/sessions/sess_" + "0" * 32, headers=ACME), 404)
+    assert_error(await client.post("/v1/sessions/sess_nope/turns", headers={**ACME, "Content-Type": "audio/wav"},
+                                   content=encode_wav(caller_wave(), 16000)), 404)
+    assert_error(await client.get("/v1/nothing", headers=ACME), 404)
+
+
+async def test_bad_requests(client):
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"])
+    turns = f"/v1/sessions/{session['id']}/turns"
+    wav = encode_wav(caller_wave(), 16000)
+
+    error = assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"}, content=b"RIFF\x00\x00\x00\x00WAVEjunk"), 422, "invalid_audio")
+    assert "WAV" in error["message"]
+    assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"}, content=b"not audio at all"), 422, "invalid_audio")
+    error = assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"}, content=b""), 422)
+    assert "empty" in error["message"]
+    assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/pcm;rate=16000"}, content=b"\x01\x02\x03"), 422)
+    error = assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/pcm"}, content=b"\x00\x00"), 422)
+    assert "rate" in error["message"]
+    assert_error(await client.post(turns, headers={**ACME, "Content-Type": "text/plain"}, content=wav), 415, "unsupported_media_type")
+    assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav", "Accept": "application/json"}, content=wav), 406)
+
+    assert_error(await client.post("/v1/sessions", headers=ACME, json={"voice_id": voice["id"], "output_format": "mp3"}), 422)
+    assert_error(await client.post("/v1/sessions", headers=ACME, content=b"{not json"), 422)
+    assert_error(await client.post("/v1/voices", headers=ACME, json={"name": "x"}), 415)
+    response = await client.post("/v1/voices", headers=ACME, data={"transcript": "hi"}, files={"other": ("a", b"x")})
+    assert_error(response, 422)
+    response = await client.post("/v1/voices", headers=ACME, data={"transcript": "hi", "name": "n"},
+                                 files={"audio": ("ref.wav", b"garbage", "audio/wav")})
+    assert_error(response, 422, "invalid_audio")
+
+    # The history was never touched by the failed turns
+    assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+
+
+async def test_limits(store, backend):
+    settings = ApiSettings(max_body_bytes=40_000, max_audio_seconds=0.5, max_voice_audio_seconds=1.0)
+    async with client_for(build_api(store, TenantDirectory(KEYS), backend, settings)) as client:
+        files = {"audio": ("ref.wav", encode_wav(synthetic_speech(16000, 1.1), 16000), "audio/wav")}
+        error = assert_error(await client.post("/v1/voices", headers=ACME, files=files, data={"transcript": "hi", "name": "n"}), 413)
+        assert "1.1 s" in error["message"]
+        files = {"audio": ("ref.wav", encode_wav(synthetic_speech(16000, 0.9), 16000), "audio/wav")}
+        response = await client.post("/v1/voices", headers=ACME, files=files, data={"transcript": "hello", "name": "n"})
+        assert response.status_code == 201, response.text
+        session = await make_session(client, response.json()["id"])
+        turns = f"/v1/sessions/{session['id']}/turns"
+
+        error = assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"}, content=b"\0" * 50_000), 413, "body_too_large")
+        assert "50000" in error["message"]
+
+        async def chunked():  # no Content-Length: counted while reading
+            for _ in range(10):
+                yield b"\0" * 8000
+
+        assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"}, content=chunked()), 413, "body_too_large")
+        error = assert_error(await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"},
+                                               content=encode_wav(caller_wave(seconds=0.8), 16000)), 413, "audio_too_long")
+        assert "0.8 s" in error["message"]
+
+
+async def test_concurrent_turns_on_one_session_conflict(client):
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"])
+    turns = f"/v1/sessions/{session['id']}/turns"
+
+    async def turn(seed):
+        response = await client.post(turns, headers={**ACME, "Content-Type": "audio/wav"},
+                                     content=encode_wav(caller_wave(seed=seed, seconds=0.5), 16000), timeout=120)
+        return parse_sse(response.text)[-1]
+
+    outcomes = await asyncio.gather(turn(4), turn(5))
+    assert sorted(kind for kind, _ in outcomes) == ["done", "error"]
+    assert next(data for kind, data in outcomes if kind == "error")["error"]["code"] == "version_conflict"
+    session = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()
+    assert session["version"] == 1 and len(session["history"]) == 2
+
+
+async def test_client_disconnect_stops_the_turn(store, backend, client):
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"])
+    app = build_api(store, TenantDirectory(KEYS), backend, ApiSettings())
+    body = encode_wav(caller_wave(seed=6), 16000)
+    gone = asyncio.Event()
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    chunks = []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            gone.set()  # hang up after the first chunk of reply audio
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": f"/v1/sessions/{session['id']}/turns", "raw_path": b"", "query_string": b"", "root_path": "",
+        "headers": [(b"authorization", b"Bearer key-acme"), (b"content-type", b"audio/wav"),
+                    (b"accept", b"audio/pcm;rate=24000"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1234), "server": ("test", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), 60)
+    assert chunks and len(chunks[0]) % (FRAME * 2) == 0
+    assert sum(len(c) for c in chunks) < MAX_FRAMES * FRAME * 2  # stopped before the whole reply
+    for _ in range(200):  # slots are freed at once; the thinker stream closes on the engine's next turn
+        if not backend.speech.turns and backend.codec.stats()["open_streams"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert backend.speech.turns == {} and backend.codec.stats()["open_streams"] == 0
+    assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"] == []
+    assert "chroma_live_turns 0.0" in (await client.get("/metrics")).text
+
+
+class StubBackend:
+    def __init__(self, ready=True, busy=False):
+        self._ready, self.busy = ready, busy
+
+    async def ready(self):
+        return self._ready
+
+    async def encode_voice(self, transcript, audio, sample_rate):
+        return [1, 2, 3], np.ones((4, 8), dtype=np.int64), 4
+
+    async def run_turn(self, turn_id, voice, session, history_audio, user_audio_16k, **kwargs):
+        if self.busy:
+            raise CapacityError("no free slots")
+        yield  # pragma: no cover
+
+
+async def test_health_ready_capacity(store, client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    metrics = await client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE chroma_turn_ttfa_seconds histogram" in metrics.text
+
+    async with client_for(build_api(store, TenantDirectory(KEYS), StubBackend(ready=False))) as stub:
+        assert_error(await stub.get("/readyz"), 503, "not_ready")
+    down = StateStore(redis.asyncio.Redis(port=free_port()), StateSettings())
+    async with client_for(build_api(down, TenantDirectory(KEYS), StubBackend())) as stub:
+        assert "redis" in assert_error(await stub.get("/readyz"), 503)["message"]
+    await down.redis.aclose()
+
+    async with client_for(build_api(store, TenantDirectory(KEYS), StubBackend(busy=True))) as stub:
+        voice = await make_voice(stub)
+        session = await make_session(stub, voice["id"])
+        response = await stub.post(f"/v1/sessions/{session['id']}/turns", headers={**ACME, "Content-Type": "audio/wav"},
+                                   content=encode_wav(caller_wave(), 16000))
+        assert_error(response, 503, "over_capacity")
+        assert response.headers["retry-after"] == "1"
+        assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0

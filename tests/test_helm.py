@@ -1,0 +1,296 @@
+"""The Helm chart (helm/chroma-serve): lint and offline render with the real Helm v4 library (helm-python-sdk).
+
+No cluster and no helm binary are involved: `helm_python` binds to Helm's Go SDK through a shared library.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')")
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "chroma-serve"
+CPU_DEV = yaml.safe_load((CHART / "values-cpu-dev.yaml").read_text())
+RELEASE, NAMESPACE = "chroma", "voice"
+REDIS_HOST_PORT = f"{RELEASE}-chroma-serve-redis.{NAMESPACE}.svc:6379"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+class Rendered:
+    def __init__(self, manifests: dict[str, str]):
+        self.text = {path: text for path, text in manifests.items() if not path.endswith("NOTES.txt")}
+        self.notes = next((text for path, text in manifests.items() if path.endswith("NOTES.txt")), "")
+        self.objects = [doc for text in self.text.values() for doc in yaml.safe_load_all(text) if doc]
+
+    def all(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name_suffix: str = "") -> dict:
+        found = [o for o in self.all(kind) if o["metadata"]["name"].endswith(name_suffix)]
+        assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[o['metadata']['name'] for o in found]}"
+        return found[0]
+
+    @property
+    def rayservice(self) -> dict:
+        return self.one("RayService")
+
+    @property
+    def serve_config(self) -> dict:
+        return yaml.safe_load(self.rayservice["spec"]["serveConfigV2"])
+
+    @property
+    def app(self) -> dict:
+        apps = self.serve_config["applications"]
+        assert [a["name"] for a in apps] == ["chroma"]
+        return apps[0]
+
+    @property
+    def deployments(self) -> dict[str, dict]:
+        return {d["name"]: d for d in self.app["deployments"]}
+
+    def ray_containers(self) -> list[dict]:
+        cluster = self.rayservice["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+        return [c for pod in pods for c in pod["spec"]["containers"]]
+
+    def ray_pod_specs(self) -> list[dict]:
+        cluster = self.rayservice["spec"]["rayClusterConfig"]
+        return [cluster["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+
+
+def render(chart, values: dict | None = None) -> Rendered:
+    return Rendered(chart.render(values, name=RELEASE, namespace=NAMESPACE))
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+# --- lint --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [None, CPU_DEV], ids=["default", "cpu-dev"])
+def test_lint_passes(values):
+    report = helm.lint(CHART, values, namespace=NAMESPACE, strict=True)
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors; info is fine
+    assert problems == [], problems
+
+
+# --- default (GPU) values ----------------------------------------------------------------------------------------
+
+def test_default_render_rayservice_and_serve_config(chart):
+    r = render(chart)
+    rs = r.rayservice
+    assert rs["apiVersion"] == "ray.io/v1"
+    labels = rs["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE and labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert labels["helm.sh/chart"] == "chroma-serve-0.1.0"
+
+    app = r.app
+    assert app["import_path"] == "deployments.app:build_app"
+    assert app["args"]["checkpoint"] == "/models/Chroma-4B"
+    assert app["args"]["redis_url"] == f"redis://{REDIS_HOST_PORT}/0"  # no password in the CR
+    assert app["args"]["api_keys_path"] == "/etc/chroma-serve/api-keys/api-keys.json"
+    assert r.serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+    deps = r.deployments
+    assert set(deps) == {"Reasoner", "SpeechStack", "Codec", "Ingress"}
+    reasoner = deps["Reasoner"]
+    assert reasoner["num_replicas"] == 1 and "autoscaling_config" not in reasoner
+    assert reasoner["ray_actor_options"]["num_gpus"] == 1
+    for name in ("SpeechStack", "Codec", "Ingress"):
+        ac = deps[name]["autoscaling_config"]
+        assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(ac), name
+        assert 0 <= ac["min_replicas"] <= ac["max_replicas"], name
+        assert "num_replicas" not in deps[name]
+    # fractional GPUs: SpeechStack and Codec fit on one GPU together; Ingress is CPU only
+    speech_gpus = deps["SpeechStack"]["ray_actor_options"]["num_gpus"]
+    codec_gpus = deps["Codec"]["ray_actor_options"]["num_gpus"]
+    assert 0 < speech_gpus < 1 and 0 < codec_gpus < 1 and speech_gpus + codec_gpus <= 1
+    assert deps["Ingress"]["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_default_render_ray_cluster(chart):
+    r = render(chart)
+    cluster = r.rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["rayVersion"] == "2.60.0"
+    assert "gcsFaultToleranceOptions" not in cluster
+
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "serve": 8000}
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+    groups = cluster["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["gpu"]
+    gpu = groups[0]
+    assert gpu["minReplicas"] == 1 and gpu["maxReplicas"] == 4
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t.get("key") == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
+
+    for container in r.ray_containers():
+        env = env_of(container)
+        assert env["CHROMA_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "api-keys.json"
+        assert env["REDIS_URL"]["value"] == f"redis://:$(CHROMA_REDIS_PASSWORD)@{REDIS_HOST_PORT}/0"
+        assert env["CHROMA_REDIS_URL"]["value"] == "$(REDIS_URL)"
+        assert "REDIS_PASSWORD" not in env  # KubeRay reserves it on the head when GCS FT is on
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["checkpoint"]["mountPath"] == "/models" and mounts["checkpoint"]["readOnly"] is True
+    for spec in r.ray_pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoint"]["persistentVolumeClaim"] == {"claimName": "chroma-checkpoint", "readOnly": True}
+
+
+def test_default_render_redis_and_services(chart):
+    r = render(chart)
+    sts = r.one("StatefulSet", "-redis")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    i = args.index("--appendonly")
+    assert args[i + 1] == "yes"
+    assert "--requirepass" in args
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert r.one("Service", "-redis")["spec"]["ports"][0]["port"] == 6379
+
+    password_secret = r.one("Secret", "-redis")
+    assert password_secret["data"]["redis-password"]  # generated when none is given
+    api_keys = r.one("Secret", "-api-keys")
+    assert yaml.safe_load(api_keys["stringData"]["api-keys.json"]) == {}
+
+    serve_svc = r.one("Service", "-serve")
+    assert serve_svc["spec"]["ports"][0]["port"] == 8000
+    assert serve_svc["spec"]["selector"]["ray.io/serve"] == "true"
+    assert r.all("Ingress") == []  # disabled by default
+    assert "port-forward" in r.notes
+
+
+def test_redis_without_persistence_uses_emptydir(chart):
+    sts = render(chart, {"redis": {"persistence": {"enabled": False}}}).one("StatefulSet", "-redis")
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+
+
+def test_ingress_resource_when_enabled(chart):
+    r = render(chart, {"ingress": {"enabled": True, "className": "nginx",
+                                   "hosts": [{"host": "voice.example.org", "paths": [{"path": "/"}]}]}})
+    ingress = r.one("Ingress")
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "voice.example.org"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-chroma-serve-serve"
+    assert "voice.example.org" in r.notes
+
+
+# --- CPU-dev profile ---------------------------------------------------------------------------------------------
+
+def test_cpu_dev_has_no_gpus(chart):
+    r = render(chart, CPU_DEV)
+    assert all("nvidia.com/gpu" not in text for text in r.text.values())
+    assert all(d["ray_actor_options"]["num_gpus"] == 0 for d in r.deployments.values())
+    assert r.app["args"]["checkpoint"] == "/models/tiny-seed0"
+    cluster = r.rayservice["spec"]["rayClusterConfig"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu"]
+    assert "num-cpus" not in cluster["headGroupSpec"]["rayStartParams"]  # the head hosts replicas here
+    for spec in r.ray_pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoint"]["hostPath"]["path"] == "/var/lib/chroma-serve"
+    assert yaml.safe_load(r.one("Secret", "-api-keys")["stringData"]["api-keys.json"]) == {"dev-key": "dev"}
+
+
+# --- Redis options -----------------------------------------------------------------------------------------------
+
+def test_fault_tolerance_uses_chart_redis(chart):
+    r = render(chart, {"faultTolerance": {"enabled": True}})
+    ft = r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == REDIS_HOST_PORT
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": f"{RELEASE}-chroma-serve-redis", "key": "redis-password"}
+
+
+def test_external_redis(chart):
+    url = "redis://:s3cret@redis.prod.internal:6380/2"
+    r = render(chart, {"redis": {"enabled": False, "externalUrl": url,
+                                 "externalPasswordSecret": {"name": "ext-redis", "key": "pw"}},
+                       "faultTolerance": {"enabled": True}})
+    assert r.all("StatefulSet") == []
+    assert not [o for o in r.objects if o["metadata"]["name"].endswith("-redis")]
+    assert r.app["args"]["redis_url"] == "redis://redis.prod.internal:6380/2"  # credentials stay out of the CR
+    for container in r.ray_containers():
+        env = env_of(container)
+        assert env["REDIS_URL"]["value"] == url
+        assert "CHROMA_REDIS_PASSWORD" not in env
+    ft = r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "redis.prod.internal:6380"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "ext-redis", "key": "pw"}
+
+
+def test_external_redis_tls_address(chart):
+    r = render(chart, {"redis": {"enabled": False, "externalUrl": "rediss://user:pw@cache.example:6380"},
+                       "faultTolerance": {"enabled": True}})
+    ft = r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "rediss://cache.example:6380"
+    assert "redisPassword" not in ft  # no externalPasswordSecret given
+    assert r.app["args"]["redis_url"] == "rediss://cache.example:6380"
+
+
+def test_existing_secrets_are_used_not_created(chart):
+    r = render(chart, {"apiKeys": {"existingSecret": "my-keys", "secretKey": "keys.json"},
+                       "redis": {"auth": {"existingSecret": "my-redis", "passwordKey": "pw"}}})
+    assert r.all("Secret") == []
+    env = env_of(r.ray_containers()[0])
+    assert env["CHROMA_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "my-keys", "key": "keys.json"}
+    assert env["CHROMA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
+    assert r.app["args"]["api_keys_path"] == "/etc/chroma-serve/api-keys/keys.json"
+
+
+# --- bad values fail clearly -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"serve": {"deployments": {"codec": {"autoscaling": {"maxReplicas": -1}}}}},
+     "/serve/deployments/codec/autoscaling/maxReplicas"),
+    ({"checkpoint": {"path": ""}}, "/checkpoint/path"),
+    ({"redis": {"enabled": False}}, "/redis/externalUrl"),
+    ({"serve": {"deployments": {"speechStack": {"numGpus": -0.5}}}}, "/serve/deployments/speechStack/numGpus"),
+    ({"serve": {"deployments": {"codec": {"autoscaling": {"minReplicas": 9}}}}},
+     "minReplicas (9) must not exceed maxReplicas (4)"),
+    ({"gpuWorkers": {"minReplicas": 5, "maxReplicas": 2}}, "gpuWorkers: minReplicas (5) must not exceed maxReplicas (2)"),
+    ({"gpuWorkers": {"enabled": False}}, "nothing could host the Serve replicas"),
+    ({"redis": {"auth": {"password": "p@ss/word"}}}, "/redis/auth/password"),
+], ids=["negative-maxReplicas", "no-checkpoint", "redis-off-no-url", "negative-gpus", "codec-min-gt-max",
+        "workers-min-gt-max", "no-capacity", "url-unsafe-password"])
+def test_bad_values_fail_clearly(chart, values, message):
+    with pytest.raises(helm.HelmError) as excinfo:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(excinfo.value)
+
+
+def test_bad_values_fail_lint():
+    report = helm.lint(CHART, {"checkpoint": {"path": ""}}, namespace=NAMESPACE)
+    assert any(m["severity"] == 3 and "/checkpoint/path" in m["error"] for m in report["messages"])
+
+
+def test_cpu_dev_overrides_compose(chart):
+    r = render(chart, deep_merge(CPU_DEV, {"faultTolerance": {"enabled": True}}))
+    assert r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == REDIS_HOST_PORT
+    assert all("nvidia.com/gpu" not in text for text in r.text.values())
