@@ -31,6 +31,7 @@ from model.speech_engine import CapacityError, SpeechEngine, SpeechEngineSetting
 CALLER_RATE = 16000
 
 
+
 class LocalBackendSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHROMA_LOCAL_")
 
@@ -52,7 +53,6 @@ class LocalTurnBackend:
         self.speech = speech
         self.codec = codec
         self.settings = settings or LocalBackendSettings()
-        self.im_end = self.processor.special_ids.im_end
         self._codec_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec-engine")
         self._decoded: dict[str, list[torch.Tensor]] = {}  # touched only on the codec worker
         self._closed = False
@@ -86,29 +86,13 @@ class LocalTurnBackend:
         )
         return voice.transcript_ids.tolist(), voice.codes.numpy(), voice.valid_frames
 
-    def conversation(self, session: Session, history_audio: list[bytes | None], user_audio_16k: np.ndarray) -> Conversation:
-        """The session's system prompt, its history (caller audio at 16 kHz, reply text) and the new caller audio."""
-        turns = []
-        for entry, audio in zip(session.history, history_audio):
-            if entry.role == "user":
-                wave = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
-                turns.append(Turn("user", audio=wave, sample_rate=CALLER_RATE))
-            elif entry.text:  # a reply with no words leaves nothing for the thinker to read
-                turns.append(Turn("assistant", text=entry.text))
-        turns.append(Turn("user", audio=np.asarray(user_audio_16k, dtype=np.float32), sample_rate=CALLER_RATE))
-        return Conversation(session.system_prompt, turns)
-
     async def run_turn(
         self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None],
         user_audio_16k: np.ndarray, *, max_tokens: int | None = None, max_frames: int | None = None,
     ) -> AsyncIterator[TextDelta | AudioChunk | TurnDone]:
         started = time.perf_counter()
-        conversation = self.conversation(session, history_audio, user_audio_16k)
-        prompt = VoicePrompt(
-            transcript_ids=torch.tensor(voice.transcript_ids, dtype=torch.long),
-            codes=torch.from_numpy(voice.codes_array()),
-            valid_frames=voice.valid_frames,
-        )
+        conversation = build_conversation(session, history_audio, user_audio_16k)
+        prompt = voice_prompt(voice)
         thinker = self.reasoner.stream(conversation, max_tokens or self.settings.max_tokens)
         try:
             frames = await self.speech.submit(turn_id, prompt, thinker, sampling=session.sampling, max_frames=max_frames)
@@ -123,19 +107,12 @@ class LocalTurnBackend:
             except CodecCapacityError as exc:
                 raise CapacityError(str(exc)) from exc
             codec_open = True
-            spoken: list[int] = []
-            text = ""
+            text = IncrementalText(self.processor)
             count = 0
             first_audio = None
             async for frame in frames:
-                new = [t for t in frame.text_tokens if t != self.im_end]
-                if new:
-                    spoken += new
-                    decoded = self.processor.decode_text(spoken)
-                    # Hold back a partial UTF-8 sequence (shown as U+FFFD) until its next byte arrives.
-                    if decoded.startswith(text) and not decoded.endswith("\ufffd") and len(decoded) > len(text):
-                        yield TextDelta(decoded[len(text):])
-                        text = decoded
+                if delta := text.add(frame.text_tokens):
+                    yield TextDelta(delta)
                 if frame.codes is None:
                     continue
                 count += 1
@@ -147,13 +124,8 @@ class LocalTurnBackend:
             for pcm in await self._on_codec(self._close_stream, turn_id):
                 first_audio = first_audio or time.perf_counter()
                 yield AudioChunk(pcm.numpy())
-            final = self.processor.decode_text(spoken)
-            if final.startswith(text) and len(final) > len(text):
-                yield TextDelta(final[len(text):])
-            timings = {"total_s": time.perf_counter() - started}
-            if first_audio is not None:
-                timings["first_audio_s"] = first_audio - started
-            yield TurnDone(frames=count, text=final, timings=timings)
+            for event in closing_events(text, count, started, first_audio):
+                yield event
             finished = True
         finally:
             # No awaits here: this also runs when the consumer's task is being cancelled.
@@ -209,3 +181,58 @@ async def _close_quietly(iterator) -> None:
         await iterator.aclose()
     except Exception:
         pass
+
+
+def build_conversation(session: Session, history_audio: list[bytes | None], user_audio_16k: np.ndarray) -> Conversation:
+    """The session's system prompt, its history (caller audio at 16 kHz, reply text) and the new caller audio."""
+    turns = []
+    for entry, audio in zip(session.history, history_audio):
+        if entry.role == "user":
+            wave = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
+            turns.append(Turn("user", audio=wave, sample_rate=CALLER_RATE))
+        elif entry.text:  # a reply with no words leaves nothing for the thinker to read
+            turns.append(Turn("assistant", text=entry.text))
+    turns.append(Turn("user", audio=np.asarray(user_audio_16k, dtype=np.float32), sample_rate=CALLER_RATE))
+    return Conversation(session.system_prompt, turns)
+
+
+def voice_prompt(voice: Voice) -> VoicePrompt:
+    return VoicePrompt(
+        transcript_ids=torch.tensor(voice.transcript_ids, dtype=torch.long),
+        codes=torch.from_numpy(voice.codes_array()),
+        valid_frames=voice.valid_frames,
+    )
+
+
+class IncrementalText:
+    """A reply's thinker tokens -> text deltas as they arrive (im_end and other special tokens dropped)."""
+
+    def __init__(self, processor: ChromaProcessor):
+        self.processor = processor
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        decoded = self.processor.decode_text(self.tokens)
+        # Hold back a partial UTF-8 sequence (shown as U+FFFD) until its next byte arrives.
+        if decoded.endswith("\ufffd") or not decoded.startswith(self.text):
+            return ""
+        return self._advance(decoded)
+
+    def finish(self) -> str:
+        decoded = self.processor.decode_text(self.tokens)
+        return self._advance(decoded) if decoded.startswith(self.text) else ""
+
+    def _advance(self, decoded: str) -> str:
+        delta, self.text = decoded[len(self.text):], decoded
+        return delta
+
+
+def closing_events(text: IncrementalText, frames: int, started: float, first_audio: float | None) -> list[TextDelta | TurnDone]:
+    """The end of a reply: its last text delta, if any, then TurnDone with the turn's timings."""
+    events: list[TextDelta | TurnDone] = [TextDelta(delta)] if (delta := text.finish()) else []
+    timings = {"total_s": time.perf_counter() - started}
+    if first_audio is not None:
+        timings["first_audio_s"] = first_audio - started
+    return events + [TurnDone(frames=frames, text=text.text, timings=timings)]

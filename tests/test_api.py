@@ -15,6 +15,7 @@ import redis.asyncio
 import torch
 
 from cluster.api import ApiSettings, build_api
+from cluster import local_backend
 from cluster.local_backend import LocalBackendSettings, LocalTurnBackend
 from cluster.state import StateSettings, StateStore, TenantDirectory
 from model.audio import encode_mulaw, encode_wav, resample, synthetic_speech
@@ -114,8 +115,8 @@ async def test_voice_session_and_two_turns(client, backend, monkeypatch):
     assert session["output_format"] == "pcm16_24k" and session["history"] == [] and session["version"] == 0
 
     conversations = []
-    build = backend.conversation
-    monkeypatch.setattr(backend, "conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
+    build = local_backend.build_conversation
+    monkeypatch.setattr(local_backend, "build_conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
 
     first_audio = caller_wave(seed=1)
     response = await client.post(

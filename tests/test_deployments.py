@@ -1,9 +1,12 @@
-"""The Serve deployment chain Reasoner -> SpeechStack -> Codec on a real local Ray cluster (tiny RANDOM-WEIGHT
-checkpoint, transformers Reasoner): a streamed reply equals the offline one, and a caller who leaves frees
-every slot."""
+"""The Serve application Ingress -> Codec -> SpeechStack -> Reasoner on a real local Ray cluster and a real Redis
+(tiny RANDOM-WEIGHT checkpoint, transformers Reasoner): a streamed reply equals the offline one, the HTTP API
+answers spoken turns with history, and a caller who leaves frees every slot."""
 
 import asyncio
+import base64
+import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -11,27 +14,35 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deployments.codec import CodecDeployment  # noqa: E402
-from deployments.reasoner import ReasonerDeployment  # noqa: E402
-from deployments.speech import SpeechStackDeployment  # noqa: E402
-from model.audio import synthetic_speech  # noqa: E402
+from model.audio import encode_wav, synthetic_speech  # noqa: E402
 from model.checkpoint import split_thinker  # noqa: E402
 from model.processor import Conversation, Turn  # noqa: E402
 
-SMALL = {"ray_actor_options": {"num_cpus": 0.25}}  # three replicas must fit on a 2-core machine
+KEYS = {"key-acme": "acme"}
+AUTH = {"Authorization": "Bearer key-acme"}
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_checkpoint, tmp_path_factory):
+def chain(tiny_checkpoint, tmp_path_factory, redis_port):
+    from deployments.app import build_app
+    from tests.conftest import free_port
+
     thinker_dir = split_thinker(tiny_checkpoint, tmp_path_factory.mktemp("thinker") / "thinker")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    reasoner = ReasonerDeployment.options(**SMALL).bind(str(thinker_dir), engine="hf")
-    speech = SpeechStackDeployment.options(name="SpeechStack", **SMALL).bind(str(tiny_checkpoint), reasoner, {"max_slots": 4})
-    handles = {
-        "codec": serve.run(CodecDeployment.options(**SMALL).bind(str(tiny_checkpoint), speech, 8), name="chain"),
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({
+        "checkpoint": str(tiny_checkpoint), "thinker": str(thinker_dir), "reasoner_engine": "hf",
+        "speech_engine": {"max_slots": 4}, "codec_max_streams": 8, "max_frames": 12, "max_tokens": 64,
+        "redis_url": f"redis://127.0.0.1:{redis_port}/0", "api_keys_path": json.dumps(KEYS),
+        "replica_cpus": 0.25,  # four replicas must fit on a 2-core machine
+    })
+    serve.run(app, name="chain", route_prefix="/")
+    yield {
+        "codec": serve.get_deployment_handle("Codec", app_name="chain"),
+        "speech": serve.get_deployment_handle("SpeechStack", app_name="chain"),
+        "url": f"http://127.0.0.1:{port}",
     }
-    handles["speech"] = serve.get_deployment_handle("SpeechStack", app_name="chain")
-    yield handles
     serve.shutdown()
     ray.shutdown()
 
@@ -80,7 +91,37 @@ async def test_a_caller_who_leaves_frees_every_slot(chain, chroma):
     stream.cancel()
     for _ in range(100):  # cancellation travels down the chain asynchronously
         stats = await chain["speech"].stats.remote()
-        if stats["live_slots"] == 0:
+        if stats["live_slots"] == 0 and stats["free_slots"] == 4:  # a slot frees once its last step ends
             break
         await asyncio.sleep(0.1)
     assert stats["live_slots"] == 0 and stats["free_slots"] == 4
+
+
+def sse_events(body: str):
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        yield lines.get("event"), json.loads(lines.get("data", "null"))
+
+
+async def test_http_turns_through_the_cluster(chain):
+    async with httpx.AsyncClient(base_url=chain["url"], timeout=120) as client:
+        wav = encode_wav(synthetic_speech(24000, 1.5, seed=2), 24000)
+        created = await client.post("/v1/voices", headers=AUTH, files={"audio": ("v.wav", wav, "audio/wav")},
+                                    data={"transcript": "A voice over HTTP.", "name": "agent"})
+        assert created.status_code == 201, created.text
+        session = await client.post("/v1/sessions", headers=AUTH, json={"voice_id": created.json()["id"], "system_prompt": "Be brief."})
+        assert session.status_code == 201, session.text
+        session_id = session.json()["id"]
+        caller = encode_wav(synthetic_speech(16000, 1.0, seed=3), 16000)
+        for turn in range(2):
+            reply = await client.post(f"/v1/sessions/{session_id}/turns", headers={**AUTH, "Content-Type": "audio/wav", "Accept": "text/event-stream"}, content=caller)
+            assert reply.status_code == 200, reply.text
+            events = list(sse_events(reply.text))
+            audio = [base64.b64decode(data["data"]) for event, data in events if event == "audio"]
+            done = [data for event, data in events if event == "done"]
+            assert len(audio) >= 2 and len(done) == 1, events[-1]
+            assert sum(len(a) for a in audio) == done[0]["frames"] * 1920 * 2  # PCM16 at 24 kHz
+        history = (await client.get(f"/v1/sessions/{session_id}", headers=AUTH)).json()["history"]
+        assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
+        assert (await client.get("/v1/sessions/sess_" + "0" * 32, headers=AUTH)).status_code == 404
+        assert (await client.get("/v1/voices")).status_code == 401
