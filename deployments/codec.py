@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from model.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.codec_engine import CodecEngine
-from model.generate import VoicePrompt, encode_voice
+from model.generate import VoicePrompt
 from model.processor import Conversation
 from model.sampling import SamplingParams
 
@@ -37,14 +37,14 @@ class CodecDeployment:
                  dtype: str = "float32", device: str = "cpu"):
         loaded = Checkpoint(checkpoint)
         self.config = loaded.config
-        self.codec = load_codec(loaded, resolve_dtype(dtype), device)
-        self.engine = CodecEngine(self.codec, self.config, max_streams=max_streams, chunk_frames=chunk_frames)
+        codec = load_codec(loaded, resolve_dtype(dtype), device)
+        self.engine = CodecEngine(codec, self.config, max_streams=max_streams, chunk_frames=chunk_frames)
         self.speech = speech
         self.outputs: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
 
     async def encode_voice(self, transcript_ids: list[int], audio_24k: np.ndarray) -> VoicePrompt:
-        return encode_voice(self.codec, self.config, torch.tensor(transcript_ids), torch.from_numpy(audio_24k))
+        return self.engine.encode_voice(torch.tensor(transcript_ids), torch.from_numpy(audio_24k))
 
     async def reply(self, turn_id: str, voice: VoicePrompt, conversation: Conversation,
                     sampling: SamplingParams | None, max_frames: int, max_tokens: int):
@@ -74,10 +74,13 @@ class CodecDeployment:
                     queue.put_nowait(ReplyChunk(frame.text_tokens, None, 0))
             tail = self.engine.close(turn_id)
             if tail is not None and tail.numel():
-                queue.put_nowait(ReplyChunk([], tail.numpy(), tail.numel() // self.config.audio_frame_freq))
+                queue.put_nowait(self._audio_chunk(tail))
             queue.put_nowait(None)
         except Exception as error:
             queue.put_nowait(error)
+
+    def _audio_chunk(self, pcm: torch.Tensor) -> ReplyChunk:
+        return ReplyChunk([], pcm.numpy(), pcm.numel() // self.config.audio_frame_freq)
 
     def _ensure_stepping(self) -> None:
         if self._stepper is None or self._stepper.done():
@@ -88,6 +91,6 @@ class CodecDeployment:
             decoded = self.engine.step()
             for turn_id, pcm in decoded.items():
                 if turn_id in self.outputs:
-                    self.outputs[turn_id].put_nowait(ReplyChunk([], pcm.numpy(), pcm.numel() // self.config.audio_frame_freq))
+                    self.outputs[turn_id].put_nowait(self._audio_chunk(pcm))
             # Yield to the feeders; sleep briefly only when nothing was ready.
             await asyncio.sleep(0 if decoded else 0.005)
