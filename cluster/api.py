@@ -34,6 +34,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -523,6 +524,7 @@ def build_api(state: StateStore, tenants: TenantDirectory, backend: TurnBackend,
         VersionConflict: handler(409, "version_conflict", "version_conflict"),
         CapacityError: handler(503, "over_capacity", "capacity", retry),
         CodecCapacityError: handler(503, "over_capacity", "capacity", retry),
+        RedisError: handler(503, "state_unavailable", "redis", retry),  # Redis down or restarting: retry shortly
         AudioError: handler(422, "invalid_audio", "invalid_audio"),
         ValueError: handler(422, "invalid_request", "invalid_request"),
         Exception: internal_error,

@@ -1,4 +1,4 @@
-"""`chroma-serve` command line: offline generation and checkpoint tools."""
+"""`chroma-serve` command line: a local cluster (up, down, demo), offline generation, checkpoint tools."""
 
 from __future__ import annotations
 
@@ -105,6 +105,82 @@ def cmd_check_parity(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_up(args) -> int:
+    from cluster.local import LocalClusterSettings, up
+    from model.offline import RANDOM_WEIGHTS_NOTICE, uses_random_weights
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _tiny_checkpoint(DEFAULT_TINY_DIR)
+    if uses_random_weights(checkpoint):
+        _banner(f"{RANDOM_WEIGHTS_NOTICE} ({checkpoint}): replies are noise, not speech")
+    settings = LocalClusterSettings(**{k: v for k, v in (("port", args.port), ("home", args.home)) if v is not None})
+    info = up(checkpoint, profile=args.profile, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
+              api_keys_path=args.api_keys, settings=settings)
+    print(f"chroma-serve is up at {info.url}")
+    print(f"  serve config: {info.serve_config}")
+    print(f"  API keys:     {info.api_keys_path}" + (f" (tenant 'local': {info.api_key})" if info.api_key else ""))
+    print("  try:         chroma-serve demo;  stop with: chroma-serve down")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster.local import LocalClusterSettings, down
+
+    down(LocalClusterSettings(**({"home": args.home} if args.home else {})))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cluster.local import LocalClusterSettings, application_status, engine_stats, ray_running
+
+    settings = LocalClusterSettings(**({"home": args.home} if args.home else {}))
+    if not ray_running(settings):
+        print("chroma-serve: no local cluster is running (start one with `chroma-serve up`)", file=sys.stderr)
+        return 1
+    status, message = application_status(settings)
+    report = {"application": status, "message": message, "engines": engine_stats(settings) if status == "RUNNING" else {}}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"application: {status.lower()}" + (f"\n{message}" if message else ""))
+    for engine, stats in report["engines"].items():
+        print(f"{engine}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import asyncio
+
+    from cluster.client import ChromaClient
+    from cluster.local import LocalClusterSettings, local_api_key
+    from model.audio import load_audio_file, write_wav
+    from model.offline import speak
+
+    settings = LocalClusterSettings(**{k: v for k, v in (("port", args.port), ("home", args.home)) if v is not None})
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or local_api_key(settings)
+    voice_audio, voice_rate = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
+    caller_audio, caller_rate = load_audio_file(args.audio) if args.audio else speak(args.say)
+
+    async def run():
+        async with ChromaClient(url, api_key) as client:
+            voice = await client.create_voice("demo", args.voice_text, voice_audio, voice_rate)
+            print(f"voice:   {voice['id']} ({voice['valid_frames']} frames of reference audio)")
+            session = await client.create_session(voice["id"], system_prompt=args.system)
+            print(f"session: {session['id']}")
+            return await client.turn(session["id"], caller_audio, caller_rate)
+
+    reply = asyncio.run(run())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_wav(args.out, reply.samples, 24000)
+    print(f"text:    {reply.text!r}")
+    print(f"audio:   {reply.done.get('frames', 0)} frames, {reply.audio_seconds:.2f} s in {len(reply.audio)} chunks")
+    if reply.ttfa_s is not None:
+        print(f"time to first audio: {reply.ttfa_s * 1000:.0f} ms at the client ({reply.done.get('ttfa_ms')} ms in the server)")
+        print(f"real-time factor:    {reply.rtf:.3f} at the client ({reply.done.get('rtf')} in the server)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chroma-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
+
+    up = commands.add_parser("up", help="start a local cluster: Ray, Redis, the Serve app; print its URL")
+    up.add_argument("--checkpoint", help="checkpoint directory (default: a tiny RANDOM-WEIGHT one, made on first use)")
+    up.add_argument("--profile", default="cpu-dev", help="cluster/profiles/<name>.yaml or a Serve config file")
+    up.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else a local redis-server with AOF)")
+    up.add_argument("--api-keys", help='JSON {"key": "tenant"} or a file with it (default: a generated key)')
+    up.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    up.add_argument("--home", help="data dir (default ~/.cache/chroma-serve/local)")
+    up.set_defaults(func=cmd_up)
+    down = commands.add_parser("down", help="stop the local cluster and the redis-server `up` started")
+    down.add_argument("--home")
+    down.set_defaults(func=cmd_down)
+    status = commands.add_parser("status", help="the local cluster's app status and each engine's live work")
+    status.add_argument("--home")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    demo = commands.add_parser("demo", help="clone a voice, send a spoken turn to the cluster, write the reply WAV")
+    demo.add_argument("--url", help="the cluster (default: the local one)")
+    demo.add_argument("--api-key", help="default: $CHROMA_API_KEY, else the local cluster's generated key")
+    demo.add_argument("--voice-audio", help="reference clip; default: --voice-text spoken by espeak-ng")
+    demo.add_argument("--voice-text", default="This is the voice you will hear in every reply.")
+    demo.add_argument("--audio", help="caller audio file; default: --say spoken by espeak-ng")
+    demo.add_argument("--say", default="Hello, can you tell me what the weather is like today?")
+    demo.add_argument("--system", default="You are a helpful voice assistant. Answer briefly.")
+    demo.add_argument("--out", default="runs/cluster-reply.wav")
+    demo.add_argument("--port", type=int)
+    demo.add_argument("--home")
+    demo.set_defaults(func=cmd_demo)
 
     ckpt = commands.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="tool", required=True)
     tiny = ckpt.add_parser("tiny", help="write a tiny RANDOM-WEIGHT checkpoint in the official layout")
@@ -155,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # transformers warns about the custom `chroma` model type on every load
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as error:
         print(f"chroma-serve: error: {error}", file=sys.stderr)
         return 2
 

@@ -79,6 +79,9 @@ class CodecDeployment:
         except Exception as error:
             queue.put_nowait(error)
 
+    def stats(self) -> dict:
+        return self.engine.stats()
+
     def _audio_chunk(self, pcm: torch.Tensor) -> ReplyChunk:
         return ReplyChunk([], pcm.numpy(), pcm.numel() // self.config.audio_frame_freq)
 

@@ -28,3 +28,6 @@ class ReasonerDeployment:
     async def stream(self, conversation: Conversation, max_tokens: int):
         async for token, hidden in self.reasoner.stream(conversation, max_tokens):
             yield token, hidden.numpy()
+
+    def stats(self) -> dict:
+        return {"unfinished_requests": self.reasoner.num_unfinished_requests()}

@@ -46,6 +46,10 @@ class Reasoner(Protocol):
         """(token id, hidden state [hidden] float32 CPU) per generated token; see the module docstring."""
         ...
 
+    def num_unfinished_requests(self) -> int:
+        """Streams the engine still holds (a cancelled one must leave at once)."""
+        ...
+
     async def close(self) -> None:
         """Release the engine."""
         ...
@@ -161,6 +165,7 @@ class HFReasoner:
         self.context = text_config.max_position_embeddings
         self._lock = threading.Lock()  # one forward at a time through the shared module
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-reasoner")
+        self._live = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HFReasoner:
@@ -179,6 +184,7 @@ class HFReasoner:
         budget = token_budget(max_tokens, inputs.input_ids.shape[1], self.context)
         session = ThinkerSession(self.thinker)
         im_end = self.processor.special_ids.im_end
+        self._live += 1
         try:
             token, hidden = await loop.run_in_executor(self._executor, self._locked, session.prefill, inputs)
             for produced in range(1, budget + 1):
@@ -188,7 +194,11 @@ class HFReasoner:
                     return
                 token, hidden = await loop.run_in_executor(self._executor, self._locked, session.step, token)
         finally:
+            self._live -= 1
             session.cache = None  # the KV cache goes with the request, even if a step is still finishing
+
+    def num_unfinished_requests(self) -> int:
+        return self._live
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,301 @@
+"""A local single-node cluster: `chroma-serve up` / `down`.
+
+`up` starts what the app needs and deploys it the way production does, through a Serve config file:
+  1. a Ray head (`ray start --head`, with its dashboard: `serve deploy` talks to it);
+  2. redis-server with its append-only file in the cluster's data dir, unless a Redis URL is given;
+  3. an API key file (one generated key for tenant "local") unless one is given;
+  4. the Serve config of a profile (cluster/profiles/*.yaml) with the checkpoint, Redis URL and key file filled
+     in, written to the data dir and deployed with `serve deploy`; then it waits for /readyz.
+`down` stops Ray (and with it every replica) and the redis-server that `up` started. Everything `up` writes
+lives in `LocalClusterSettings.home`, so a second `up` after `down` finds its voices and sessions again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+CHROMA_SERVE_HOME = Path(os.environ.get("CHROMA_SERVE_HOME", Path.home() / ".cache" / "chroma-serve"))
+APP_NAME = "chroma"
+
+
+class LocalClusterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHROMA_LOCAL_")
+
+    home: Path = CHROMA_SERVE_HOME / "local"  # data dir: Redis AOF, API keys, rendered Serve config, logs
+    host: str = "127.0.0.1"
+    port: int = 8000  # Serve HTTP
+    redis_port: int = 6380  # 6379 is the Ray head's own GCS port
+    ray_port: int = 6390
+    dashboard_port: int = 8265
+    num_cpus: int | None = None  # None: all of the machine's
+    ready_timeout_s: float = 900.0  # vLLM on CPU alone takes about a minute to start
+
+
+class ClusterInfo(BaseModel):
+    url: str
+    api_keys_path: str
+    api_key: str | None  # the generated key; None when the caller brought their own key file
+    redis_url: str
+    checkpoint: str
+    serve_config: str
+
+
+def _tool(name: str) -> str:
+    """Ray's CLIs from this interpreter's environment, so the cluster runs the same Python as the caller."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"`{name}` not found: install ray[serve] into this environment")
+    return found
+
+
+def _run(args: list[str], what: str, timeout_s: float = 300.0, env: dict | None = None) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{(done.stderr or done.stdout)[-3000:]}")
+    return done.stdout
+
+
+def render_serve_config(profile: str | Path, settings: LocalClusterSettings, **args) -> dict:
+    """The profile's Serve config with the HTTP address and the given application args filled in."""
+    path = Path(profile)
+    if not path.is_file():
+        path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(PROFILES_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown profile {profile!r}: give a Serve config file or one of {known}")
+    config = yaml.safe_load(path.read_text())
+    config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
+    (app,) = [a for a in config["applications"] if a["name"] == APP_NAME]
+    app.setdefault("args", {}).update({k: v for k, v in args.items() if v is not None})
+    return config
+
+
+# --- Redis ------------------------------------------------------------------------------------------------------
+
+def _redis_pidfile(settings: LocalClusterSettings) -> Path:
+    return settings.home / "redis" / "redis.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_redis(settings: LocalClusterSettings) -> str:
+    """A daemonised redis-server (append-only file, fsync every second) that outlives this process."""
+    import redis
+
+    data_dir = settings.home / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = f"redis://127.0.0.1:{settings.redis_port}/0"
+    pidfile = _redis_pidfile(settings)
+    if pidfile.exists() and _alive(int(pidfile.read_text())):
+        return url
+    _run([
+        "redis-server", "--bind", "127.0.0.1", "--port", str(settings.redis_port), "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "yes",
+        "--pidfile", str(pidfile), "--logfile", str(data_dir / "redis.log"),
+    ], "redis-server")
+    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_timeout=1.0)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if pidfile.exists() and client.info("server")["process_id"] == int(pidfile.read_text()):
+                return url
+        except (redis.ConnectionError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            log = (data_dir / "redis.log").read_text(errors="replace")[-2000:] if (data_dir / "redis.log").exists() else ""
+            raise RuntimeError(f"redis-server on port {settings.redis_port} did not come up:\n{log}")
+        time.sleep(0.05)
+
+
+def stop_redis(settings: LocalClusterSettings) -> bool:
+    pidfile = _redis_pidfile(settings)
+    if not pidfile.exists():
+        return False
+    pid = int(pidfile.read_text())
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)  # redis-server flushes and fsyncs the AOF before it exits
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+# --- API keys ---------------------------------------------------------------------------------------------------
+
+def api_keys_file(settings: LocalClusterSettings) -> Path:
+    return settings.home / "api-keys.json"
+
+
+def local_api_key(settings: LocalClusterSettings) -> str:
+    """The key of tenant "local", generated on the first `up`."""
+    path = api_keys_file(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({f"cs-local-{secrets.token_hex(16)}": "local"}))
+    keys = json.loads(path.read_text())
+    return next(key for key, tenant in keys.items() if tenant == "local")
+
+
+# --- Ray and Serve ----------------------------------------------------------------------------------------------
+
+def _dashboard(settings: LocalClusterSettings) -> str:
+    return f"http://127.0.0.1:{settings.dashboard_port}"
+
+
+def _ray_token(settings: LocalClusterSettings) -> str:
+    """The cluster's own Ray auth token (Ray's dashboard and Serve REST API demand one), kept in the data dir."""
+    path = settings.home / "ray-auth-token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _ray_env(settings: LocalClusterSettings) -> dict:
+    _ray_token(settings)
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.home / "ray-auth-token")}
+
+
+def _dashboard_get(settings: LocalClusterSettings, path: str, timeout_s: float) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {_ray_token(settings)}"}
+    return httpx.get(f"{_dashboard(settings)}{path}", headers=headers, timeout=timeout_s)
+
+
+def ray_running(settings: LocalClusterSettings) -> bool:
+    try:
+        return _dashboard_get(settings, "/api/version", 2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_ray(settings: LocalClusterSettings) -> None:
+    if ray_running(settings):
+        return
+    args = [
+        _tool("ray"), "start", "--head", "--port", str(settings.ray_port), "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(settings.dashboard_port), "--disable-usage-stats",
+    ]
+    if settings.num_cpus is not None:
+        args += ["--num-cpus", str(settings.num_cpus)]
+    _run(args, "ray start", env=_ray_env(settings))
+    deadline = time.monotonic() + 120
+    while not ray_running(settings):  # `serve deploy` needs the dashboard, which comes up after `ray start` returns
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray dashboard at {_dashboard(settings)} did not come up within 120 s")
+        time.sleep(0.5)
+
+
+def application_status(settings: LocalClusterSettings) -> tuple[str, str]:
+    """(status, message) of the app as Serve reports it, e.g. ("DEPLOYING", "")."""
+    reply = _dashboard_get(settings, "/api/serve/applications/", 10)
+    reply.raise_for_status()
+    app = reply.json().get("applications", {}).get(APP_NAME)
+    if app is None:
+        return "NOT_STARTED", ""
+    messages = [app.get("message", "")] + [
+        f"{name}: {d.get('message', '')}" for name, d in app.get("deployments", {}).items()
+        if d.get("status") not in ("HEALTHY", "UPSCALING", "DOWNSCALING") and d.get("message")
+    ]
+    return app["status"], "\n".join(m for m in messages if m)
+
+
+def engine_stats(settings: LocalClusterSettings) -> dict:
+    """Live work per engine, as one replica of each deployment reports it (joins the cluster as a driver)."""
+    os.environ.update(_ray_env(settings))  # before Ray reads its auth settings, i.e. before ray.init
+    import ray
+    from ray import serve
+
+    ray.init(address=f"127.0.0.1:{settings.ray_port}", log_to_driver=False, logging_level="ERROR")
+    try:
+        return {
+            name: serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
+            for name in ("Reasoner", "SpeechStack", "Codec")
+        }
+    finally:
+        ray.shutdown()
+
+
+def wait_until_ready(settings: LocalClusterSettings, progress=print) -> None:
+    url = f"http://{settings.host}:{settings.port}/readyz"
+    deadline = time.monotonic() + settings.ready_timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        status, message = application_status(settings)
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Serve application failed to deploy:\n{message}")
+        if status != last:
+            progress(f"serve: {status.lower()}")
+            last = status
+        if status == "RUNNING":
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the app was not ready within {settings.ready_timeout_s:.0f} s (last status {last})")
+
+
+def up(
+    checkpoint: str | Path, *, profile: str = "cpu-dev", redis_url: str | None = None,
+    api_keys_path: str | None = None, app_args: dict | None = None, settings: LocalClusterSettings | None = None,
+    progress=print,
+) -> ClusterInfo:
+    """`app_args` override the profile's application args (e.g. {"max_frames": 40})."""
+    settings = settings or LocalClusterSettings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if redis_url is None:
+        redis_url = start_redis(settings)
+        progress(f"redis: {redis_url} (append-only file in {settings.home / 'redis'})")
+    api_key = None
+    if api_keys_path is None:
+        api_key = local_api_key(settings)
+        api_keys_path = str(api_keys_file(settings))
+    config = render_serve_config(
+        profile, settings, **(app_args or {}), checkpoint=str(Path(checkpoint).resolve()), redis_url=redis_url,
+        api_keys_path=api_keys_path,
+    )
+    config_path = settings.home / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    start_ray(settings)
+    progress(f"ray: head at 127.0.0.1:{settings.ray_port}, dashboard {_dashboard(settings)}")
+    _run([_tool("serve"), "deploy", str(config_path), "--address", _dashboard(settings)], "serve deploy", env=_ray_env(settings))
+    progress(f"serve: deploying {config_path}")
+    wait_until_ready(settings, progress)
+    return ClusterInfo(
+        url=f"http://{settings.host}:{settings.port}", api_keys_path=api_keys_path, api_key=api_key,
+        redis_url=redis_url, checkpoint=str(checkpoint), serve_config=str(config_path),
+    )
+
+
+def down(settings: LocalClusterSettings | None = None, progress=print) -> None:
+    settings = settings or LocalClusterSettings()
+    _run([_tool("ray"), "stop"], "ray stop", env=_ray_env(settings))
+    progress("ray: stopped")
+    if stop_redis(settings):
+        progress("redis: stopped (its append-only file stays in the data dir)")

