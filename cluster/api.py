@@ -136,6 +136,10 @@ class ApiMetrics:
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0),
         )
         self.live = Gauge("chroma_live_turns", "Turns streaming now", registry=self.registry)
+        self.waiting = Gauge(
+            "chroma_turns_waiting", "Queue depth: turns accepted that have not sent their first audio yet",
+            registry=self.registry,
+        )
         self.frames = Counter("chroma_frames", "Reply audio frames generated (12.5 per second)", registry=self.registry)
         self.turns = Counter("chroma_turns", "Turns by outcome", ["outcome"], registry=self.registry)
         self.errors = Counter("chroma_errors", "Error responses and failed streams by kind", ["kind"], registry=self.registry)
@@ -377,9 +381,18 @@ def build_api(state: StateStore, tenants: TenantDirectory, backend: TurnBackend,
             max_tokens=settings.max_reply_tokens, max_frames=settings.max_reply_frames,
         )
         metrics.live.inc()
+        metrics.waiting.inc()
         outcome = "cancelled"
+        waiting = True
+
+        def stop_waiting() -> None:
+            nonlocal waiting
+            if waiting:
+                metrics.waiting.dec()
+                waiting = False
 
         async def close() -> None:
+            stop_waiting()
             metrics.live.dec()
             metrics.turns.labels(outcome).inc()
             await events.aclose()
@@ -434,6 +447,7 @@ def build_api(state: StateStore, tenants: TenantDirectory, backend: TurnBackend,
                         if first_audio_at is None:
                             first_audio_at = time.perf_counter()
                             metrics.ttfa.observe(first_audio_at - received)
+                            stop_waiting()
                         yield _sse("audio", {"format": reply_format.value, "data": base64.b64encode(data).decode()}) if sse else data
                     continue
                 break  # TurnDone

@@ -105,16 +105,32 @@ def cmd_check_parity(args) -> int:
     return 0 if ok else 1
 
 
+def _local_settings(args):
+    """The local cluster's settings ($CHROMA_LOCAL_*), with --home / --port where the command has them."""
+    from cluster.local import LocalClusterSettings
+
+    given = {"home": getattr(args, "home", None), "port": getattr(args, "port", None)}
+    return LocalClusterSettings(**{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_up(args) -> int:
-    from cluster.local import LocalClusterSettings, up
+    import yaml
+
+    from cluster.local import up
     from model.offline import RANDOM_WEIGHTS_NOTICE, uses_random_weights
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else _tiny_checkpoint(DEFAULT_TINY_DIR)
     if uses_random_weights(checkpoint):
         _banner(f"{RANDOM_WEIGHTS_NOTICE} ({checkpoint}): replies are noise, not speech")
-    settings = LocalClusterSettings(**{k: v for k, v in (("port", args.port), ("home", args.home)) if v is not None})
+    settings = _local_settings(args)
+    app_args = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        app_args[key] = yaml.safe_load(value)  # numbers, booleans and {json: objects} keep their types
     info = up(checkpoint, profile=args.profile, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
-              api_keys_path=args.api_keys, settings=settings)
+              api_keys_path=args.api_keys, app_args=app_args, settings=settings)
     print(f"chroma-serve is up at {info.url}")
     print(f"  serve config: {info.serve_config}")
     print(f"  API keys:     {info.api_keys_path}" + (f" (tenant 'local': {info.api_key})" if info.api_key else ""))
@@ -123,16 +139,16 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from cluster.local import LocalClusterSettings, down
+    from cluster.local import down
 
-    down(LocalClusterSettings(**({"home": args.home} if args.home else {})))
+    down(_local_settings(args))
     return 0
 
 
 def cmd_status(args) -> int:
-    from cluster.local import LocalClusterSettings, application_status, engine_stats, ray_running
+    from cluster.local import application_status, engine_stats, ray_running
 
-    settings = LocalClusterSettings(**({"home": args.home} if args.home else {}))
+    settings = _local_settings(args)
     if not ray_running(settings):
         print("chroma-serve: no local cluster is running (start one with `chroma-serve up`)", file=sys.stderr)
         return 1
@@ -151,11 +167,11 @@ def cmd_demo(args) -> int:
     import asyncio
 
     from cluster.client import ChromaClient
-    from cluster.local import LocalClusterSettings, local_api_key
+    from cluster.local import local_api_key
     from model.audio import load_audio_file, write_wav
     from model.offline import speak
 
-    settings = LocalClusterSettings(**{k: v for k, v in (("port", args.port), ("home", args.home)) if v is not None})
+    settings = _local_settings(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
     api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or local_api_key(settings)
     voice_audio, voice_rate = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
@@ -207,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--profile", default="cpu-dev", help="cluster/profiles/<name>.yaml or a Serve config file")
     up.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else a local redis-server with AOF)")
     up.add_argument("--api-keys", help='JSON {"key": "tenant"} or a file with it (default: a generated key)')
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an app arg of the profile, e.g. --set max_frames=50 (repeatable)")
     up.add_argument("--port", type=int, help="HTTP port (default 8000)")
     up.add_argument("--home", help="data dir (default ~/.cache/chroma-serve/local)")
     up.set_defaults(func=cmd_up)

@@ -23,9 +23,9 @@ from cluster.api import AudioChunk, TextDelta, TurnDone
 from cluster.state import Session, Voice
 from model.checkpoint import Checkpoint, load_codec, load_speech, load_thinker, resolve_dtype
 from model.codec_engine import CodecCapacityError, CodecEngine
-from model.generate import VoicePrompt
+from model.generate import VoicePrompt, thinker_tokens_for
 from model.processor import ChromaProcessor, Conversation, Turn
-from model.reasoner import HFReasoner
+from model.reasoner import HFReasoner, Reasoner
 from model.speech_engine import CapacityError, SpeechEngine, SpeechEngineSettings
 
 CALLER_RATE = 16000
@@ -46,7 +46,7 @@ class LocalBackendSettings(BaseSettings):
 
 class LocalTurnBackend:
     def __init__(
-        self, reasoner: HFReasoner, speech: SpeechEngine, codec: CodecEngine, settings: LocalBackendSettings | None = None
+        self, reasoner: Reasoner, speech: SpeechEngine, codec: CodecEngine, settings: LocalBackendSettings | None = None
     ):
         self.reasoner = reasoner
         self.processor: ChromaProcessor = reasoner.processor
@@ -58,12 +58,15 @@ class LocalTurnBackend:
         self._closed = False
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, settings: LocalBackendSettings | None = None) -> LocalTurnBackend:
+    def from_checkpoint(
+        cls, path: str | Path, settings: LocalBackendSettings | None = None, reasoner: Reasoner | None = None
+    ) -> LocalTurnBackend:
+        """`reasoner`: e.g. a VLLMReasoner on the checkpoint's thinker; default a transformers one."""
         settings = settings or LocalBackendSettings()
         checkpoint = Checkpoint(path)
         dtype = resolve_dtype(settings.dtype)
-        processor = ChromaProcessor.from_pretrained(path)
-        reasoner = HFReasoner(load_thinker(checkpoint, dtype, settings.device), processor)
+        if reasoner is None:
+            reasoner = HFReasoner(load_thinker(checkpoint, dtype, settings.device), ChromaProcessor.from_pretrained(path))
         speech = SpeechEngine(
             load_speech(checkpoint, dtype, settings.device),
             SpeechEngineSettings(max_slots=settings.max_slots, max_queue=settings.max_queue, max_frames=settings.max_frames),
@@ -93,7 +96,8 @@ class LocalTurnBackend:
         started = time.perf_counter()
         conversation = build_conversation(session, history_audio, user_audio_16k)
         prompt = voice_prompt(voice)
-        thinker = self.reasoner.stream(conversation, max_tokens or self.settings.max_tokens)
+        max_tokens = min(max_tokens or self.settings.max_tokens, thinker_tokens_for(max_frames or self.settings.max_frames))
+        thinker = self.reasoner.stream(conversation, max_tokens)
         try:
             frames = await self.speech.submit(turn_id, prompt, thinker, sampling=session.sampling, max_frames=max_frames)
         except BaseException:

@@ -48,7 +48,9 @@ class CodecDeployment:
 
     async def reply(self, turn_id: str, voice: VoicePrompt, conversation: Conversation,
                     sampling: SamplingParams | None, max_frames: int, max_tokens: int):
-        frames = self.speech.options(stream=True).generate.remote(turn_id, voice, conversation, sampling, max_frames, max_tokens)
+        frames = self.speech.options(stream=True).generate.remote(
+            turn_id, voice, conversation, sampling, max_frames, max_tokens, self.engine.chunk_frames
+        )
         self.engine.open_stream(turn_id)
         queue = self.outputs[turn_id] = asyncio.Queue()
         feeder = asyncio.create_task(self._feed(turn_id, frames, queue))
@@ -67,11 +69,12 @@ class CodecDeployment:
 
     async def _feed(self, turn_id: str, frames, queue: asyncio.Queue) -> None:
         try:
-            async for frame in frames:
-                if frame.codes is not None:
-                    self.engine.push(turn_id, torch.tensor([frame.codes]))
-                if frame.text_tokens:
-                    queue.put_nowait(ReplyChunk(frame.text_tokens, None, 0))
+            async for group in frames:
+                codes = [frame.codes for frame in group if frame.codes is not None]
+                if codes:
+                    self.engine.push(turn_id, torch.tensor(codes))
+                if text_tokens := [t for frame in group for t in frame.text_tokens]:
+                    queue.put_nowait(ReplyChunk(text_tokens, None, 0))
             tail = self.engine.close(turn_id)
             if tail is not None and tail.numel():
                 queue.put_nowait(self._audio_chunk(tail))

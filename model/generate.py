@@ -189,6 +189,12 @@ class SingleTurnBackbone:
         return self.speech.backbone_step(embeds[None], self.cache, step, torch.tensor([count - 1], device=device))
 
 
+def thinker_tokens_for(max_frames: int) -> int:
+    """The most thinker tokens a reply of `max_frames` frames can take in: one before the first frame, then one
+    per two frames. Asking the Reasoner for more only makes it generate text nobody will speak."""
+    return 1 + (max_frames + 1) // 2
+
+
 def turn_frame_budget(speech: SpeechModel, voice: VoicePrompt, max_frames: int) -> int:
     """Frames that fit in the backbone context after the prompt (each frame costs at most 1.5 positions
     on average: one per frame plus a thinker pair every two frames)."""

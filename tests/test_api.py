@@ -169,7 +169,7 @@ async def test_voice_session_and_two_turns(client, backend, monkeypatch):
 
     metrics = (await client.get("/metrics")).text
     assert "chroma_turn_ttfa_seconds_bucket" in metrics and "chroma_turn_rtf_bucket" in metrics
-    assert "chroma_live_turns 0.0" in metrics
+    assert "chroma_live_turns 0.0" in metrics and "chroma_turns_waiting 0.0" in metrics
     assert 'chroma_turns_total{outcome="completed"} 2.0' in metrics
     frames_line = next(line for line in metrics.splitlines() if line.startswith("chroma_frames_total"))
     assert float(frames_line.split()[1]) >= done["frames"] + 1
@@ -343,7 +343,7 @@ async def test_client_disconnect_stops_the_turn(store, backend, client):
         await asyncio.sleep(0.01)
     assert backend.speech.turns == {} and backend.codec.stats()["open_streams"] == 0
     assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"] == []
-    assert "chroma_live_turns 0.0" in (await client.get("/metrics")).text
+    assert "chroma_live_turns 0.0" in (metrics := (await client.get("/metrics")).text) and "chroma_turns_waiting 0.0" in metrics
 
 
 class StubBackend:

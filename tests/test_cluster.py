@@ -23,7 +23,7 @@ from model.audio import decode_audio, encode_wav, synthetic_speech
 from model.processor import Conversation, Turn
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.vllm
 
 KEYS = {"key-acme": "acme", "key-other": "other"}
 MAX_SLOTS = 4
@@ -200,3 +200,39 @@ async def test_restarting_redis_between_turns_loses_nothing(cluster):
         assert reply.done["session_version"] == 2
         state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
     assert [h["role"] for h in state["history"]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_demo_answers_a_spoken_turn(cluster, tmp_path):
+    out = tmp_path / "reply.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "demo", "--url", cluster["url"], "--api-key", "key-acme", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "time to first audio" in done.stdout and "real-time factor" in done.stdout
+    audio, rate = decode_audio(out.read_bytes())
+    frames = int(done.stdout.split("audio:")[1].split("frames")[0])
+    assert rate == 24000 and 0 < frames <= MAX_FRAMES and audio.size == frames * 1920
+
+
+def test_locust_phone_calls_run_against_the_cluster(cluster, tmp_path):
+    """The load-test users (mu-law 8 kHz in and out, barge-in, hang-up) work end to end; timings not asserted."""
+    import csv
+    import importlib.util
+
+    if importlib.util.find_spec("locust") is None:  # not imported here: locust monkey-patches the process with gevent
+        pytest.fail("locust is not installed (`make setup` installs the dev extras)")
+
+    env = {**os.environ, "CHROMA_API_KEY": "key-acme"}
+    subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--host", cluster["url"], "--headless",
+         "--users", "2", "--spawn-rate", "2", "--run-time", "20s", "--csv", str(tmp_path / "run"), "--only-summary"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,  # exits 1 when a reply ran dry
+    )
+    rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    turns = rows[("POST", "/v1/sessions/[id]/turns")]
+    assert int(turns["Request Count"]) >= 2 and int(turns["Failure Count"]) == 0
+    assert int(rows[("TTFA", "first audio")]["Request Count"]) >= 2
+    for (kind, name), row in rows.items():
+        if kind not in ("UNDERRUN", "") and name != "Aggregated":
+            assert int(row["Failure Count"]) == 0, (kind, name)

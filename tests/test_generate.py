@@ -156,3 +156,20 @@ def test_bad_inputs_give_clear_errors(chroma):
         chroma.voice("hello", np.zeros(0, dtype=np.float32), 24000)
     with pytest.raises(ValueError, match="no turns"):
         Conversation(system_prompt="x", turns=[])
+
+
+@pytest.mark.parametrize("max_frames", [1, 2, 3, 8, 13])
+def test_thinker_tokens_for_bounds_what_the_speech_loop_takes(chroma, voice, max_frames):
+    from model.generate import speak_turn, thinker_tokens_for
+
+    asked = []
+    hidden_size = chroma.speech.text_embedding.weight.shape[1]
+
+    def next_pair(previous):
+        asked.append(previous)
+        return 100 + len(asked), torch.randn(hidden_size)  # never im_end: the frame limit ends the turn
+
+    progress = speak_turn(chroma.speech, voice, next_pair, max_frames)
+    assert len(progress.frames) // 8 == max_frames or progress.finished
+    assert len(asked) <= thinker_tokens_for(max_frames)
+    assert len(asked) >= thinker_tokens_for(max_frames) - 1  # and it is tight

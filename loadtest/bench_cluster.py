@@ -1,0 +1,179 @@
+"""Cluster benchmark: end-to-end TTFA and RTF over HTTP, next to the same engines in one process.
+
+Needs a running local cluster (`chroma-serve up`); reads its rendered Serve config for the checkpoint and
+settings. For each concurrency it runs rounds of simultaneous turns (fresh sessions, the same voice and caller
+audio, greedy) twice:
+  - engines: VLLMReasoner -> SpeechEngine -> CodecEngine in this process (LocalTurnBackend), no Ray, no HTTP,
+    no Redis; TTFA from the call to the first PCM chunk;
+  - cluster: POST /v1/sessions/{id}/turns through the Serve proxy, Ingress, Codec, SpeechStack, Reasoner and
+    Redis; TTFA from the end of the upload to the first audio chunk at the client.
+Overhead per frame = cluster time per frame / engine time per frame - 1 (targets: <= 15 %, and <= 50 ms of
+extra TTFA). Weights are RANDOM (tiny checkpoint): timings only, the audio is noise.
+
+    chroma-serve up --set max_frames=50
+    python loadtest/bench_cluster.py [--concurrency 1,2,4,8] [--rounds 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster.api import AudioChunk, TurnDone  # noqa: E402
+from cluster.client import ChromaClient, TurnReply  # noqa: E402
+from cluster.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
+from cluster.local_backend import LocalBackendSettings, LocalTurnBackend  # noqa: E402
+from cluster.state import Session, Voice  # noqa: E402
+from model.audio import synthetic_speech  # noqa: E402
+
+FRAME_SECONDS = 0.08
+VOICE_TEXT = "This is the voice you will hear in every reply."
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class TurnTiming:
+    def __init__(self, ttfa_s: float | None, total_s: float, frames: int):
+        self.ttfa_s, self.total_s, self.frames = ttfa_s, total_s, frames
+
+    @property
+    def per_frame_s(self) -> float:
+        return self.total_s / max(self.frames, 1)
+
+    @property
+    def rtf(self) -> float:
+        return self.total_s / max(self.frames * FRAME_SECONDS, 1e-9)
+
+
+async def engine_turn(backend: LocalTurnBackend, voice: Voice, caller: np.ndarray) -> TurnTiming:
+    now = datetime.now(timezone.utc)
+    session = Session(id=f"sess_{uuid.uuid4().hex}", tenant="bench", voice_id=voice.id, created_at=now, updated_at=now)
+    started, first, frames = time.perf_counter(), None, 0
+    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, [], caller):
+        if isinstance(event, AudioChunk) and first is None:
+            first = time.perf_counter() - started
+        elif isinstance(event, TurnDone):
+            frames = event.frames
+    return TurnTiming(first, time.perf_counter() - started, frames)
+
+
+async def cluster_turn(client: ChromaClient, voice_id: str, caller: np.ndarray) -> TurnTiming:
+    session = await client.create_session(voice_id)
+    reply: TurnReply = await client.turn(session["id"], caller, 16000)
+    await client.delete_session(session["id"])
+    return TurnTiming(reply.ttfa_s, reply.total_s, reply.done["frames"])
+
+
+async def measure(run_one, concurrency: int, rounds: int) -> list[TurnTiming]:
+    timings = []
+    for _ in range(rounds):
+        timings += await asyncio.gather(*(run_one() for _ in range(concurrency)))
+    return timings
+
+
+def summary(timings: list[TurnTiming]) -> dict:
+    ttfa = [t.ttfa_s for t in timings if t.ttfa_s is not None]
+    return {
+        "turns": len(timings),
+        "frames_p50": statistics.median(t.frames for t in timings),
+        "ttfa_ms_p50": 1000 * percentile(ttfa, 50),
+        "ttfa_ms_p95": 1000 * percentile(ttfa, 95),
+        "ms_per_frame_p50": 1000 * percentile([t.per_frame_s for t in timings], 50),
+        "rtf_p50": percentile([t.rtf for t in timings], 50),
+        "rtf_max": max(t.rtf for t in timings),
+    }
+
+
+async def run_engines(args, serve_args: dict, caller: np.ndarray, voice_audio: np.ndarray) -> dict:
+    from model.vllm_reasoner import VLLMReasoner
+
+    checkpoint = serve_args["checkpoint"]
+    speech = serve_args.get("speech_engine", {})
+    settings = LocalBackendSettings(
+        max_slots=speech.get("max_slots", 16), max_queue=speech.get("max_queue", 64),
+        max_frames=serve_args.get("max_frames", 750), max_tokens=serve_args.get("max_tokens", 256),
+    )
+    reasoner = VLLMReasoner(serve_args.get("thinker") or f"{checkpoint}/thinker", **serve_args.get("reasoner_kwargs", {}))
+    backend = LocalTurnBackend.from_checkpoint(checkpoint, settings, reasoner=reasoner)
+    try:
+        ids, codes, valid = await backend.encode_voice(VOICE_TEXT, voice_audio, 24000)
+        voice = Voice(
+            id="voice_bench", tenant="bench", name="bench", transcript=VOICE_TEXT, transcript_ids=ids,
+            num_frames=codes.shape[0], num_codebooks=codes.shape[1], valid_frames=valid,
+            created_at=datetime.now(timezone.utc), codes=codes.astype("<i2").tobytes(),
+        )
+        await engine_turn(backend, voice, caller)  # warm-up
+        return {c: summary(await measure(lambda: engine_turn(backend, voice, caller), c, args.rounds)) for c in args.concurrency}
+    finally:
+        await backend.close()  # stops the vLLM engine too
+
+
+async def run_cluster(args, url: str, api_key: str, caller: np.ndarray, voice_audio: np.ndarray) -> dict:
+    async with ChromaClient(url, api_key) as client:
+        voice = await client.create_voice("bench", VOICE_TEXT, voice_audio, 24000)
+        await cluster_turn(client, voice["id"], caller)  # warm-up
+        results = {}
+        for c in args.concurrency:
+            results[c] = summary(await measure(lambda: cluster_turn(client, voice["id"], caller), c, args.rounds))
+        await client.http.delete(f"/v1/voices/{voice['id']}")
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of simultaneous turns per concurrency")
+    parser.add_argument("--caller-seconds", type=float, default=2.0)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    local = LocalClusterSettings()
+    config_path = local.home / "serve.yaml"
+    if not config_path.is_file():
+        sys.exit(f"no local cluster config at {config_path}: run `chroma-serve up` first")
+    (app,) = [a for a in yaml.safe_load(config_path.read_text())["applications"] if a["name"] == APP_NAME]
+    url = f"http://{local.host}:{local.port}"
+    caller = synthetic_speech(16000, args.caller_seconds, seed=1)
+    voice_audio = synthetic_speech(24000, 2.0, seed=2)
+    print(f"RANDOM WEIGHTS ({app['args']['checkpoint']}): timings only. cluster {url}; concurrency {args.concurrency}, "
+          f"{args.rounds} rounds, max_frames {app['args'].get('max_frames')}", flush=True)
+
+    cluster = asyncio.run(run_cluster(args, url, local_api_key(local), caller, voice_audio))
+    engines = asyncio.run(run_engines(args, app["args"], caller, voice_audio))
+
+    header = ("conc", "TTFA eng p50", "TTFA clu p50", "p95", "+TTFA ms", "ms/frame eng", "ms/frame clu",
+              "overhead", "RTF clu p50", "RTF clu max")
+    print(" | ".join(header))
+    rows = []
+    for c in args.concurrency:
+        e, k = engines[c], cluster[c]
+        row = {
+            "concurrency": c, "engine": e, "cluster": k,
+            "ttfa_overhead_ms": k["ttfa_ms_p50"] - e["ttfa_ms_p50"],
+            "frame_overhead": k["ms_per_frame_p50"] / e["ms_per_frame_p50"] - 1,
+        }
+        rows.append(row)
+        print(f"{c:>4} | {e['ttfa_ms_p50']:>12.0f} | {k['ttfa_ms_p50']:>12.0f} | {k['ttfa_ms_p95']:>3.0f} | "
+              f"{row['ttfa_overhead_ms']:>8.0f} | {e['ms_per_frame_p50']:>12.1f} | {k['ms_per_frame_p50']:>12.1f} | "
+              f"{100 * row['frame_overhead']:>7.1f}% | {k['rtf_p50']:>11.3f} | {k['rtf_max']:>11.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

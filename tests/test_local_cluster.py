@@ -1,0 +1,52 @@
+"""The local cluster's Serve config profiles (cluster/profiles) and their rendering by `chroma-serve up`; the
+cluster itself is exercised in test_cluster.py."""
+
+import pytest
+import yaml
+
+from cluster.local import PROFILES_DIR, LocalClusterSettings, render_serve_config
+from deployments.app import AppArgs
+
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+DEPLOYMENTS = {"Reasoner", "SpeechStack", "Codec", "Ingress"}
+
+
+def test_both_profiles_exist():
+    assert {"cpu-dev", "gpu"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_rendered_profile_is_a_valid_serve_config(profile, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    settings = LocalClusterSettings(home=tmp_path, port=8123)
+    config = render_serve_config(profile, settings, checkpoint="/models/chroma", redis_url="redis://r:6379/0",
+                                 api_keys_path="/keys.json", max_frames=50)
+    schema = ServeDeploySchema.model_validate(config)  # Ray's own validation, as `serve deploy` does it
+    (app,) = schema.applications
+    assert schema.http_options.port == 8123 and app.import_path == "deployments.app:build_app"
+    args = AppArgs.model_validate(app.args)  # every arg is one build_app takes
+    assert (args.checkpoint, args.redis_url, args.api_keys_path, args.max_frames) == ("/models/chroma", "redis://r:6379/0", "/keys.json", 50)
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == DEPLOYMENTS
+    assert deployments["Reasoner"].num_replicas == 1  # one vLLM engine per replica, never autoscaled
+    for name in ("SpeechStack", "Codec", "Ingress"):
+        scaling = deployments[name].autoscaling_config
+        assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] > scaling["min_replicas"], name
+    for d in deployments.values():
+        assert d.ray_actor_options.num_cpus is not None, d.name  # Ray's default of 1 CPU each does not fit a small node
+
+
+def test_profiles_differ_where_they_must():
+    cpu = yaml.safe_load((PROFILES_DIR / "cpu-dev.yaml").read_text())["applications"][0]
+    gpu = yaml.safe_load((PROFILES_DIR / "gpu.yaml").read_text())["applications"][0]
+    assert cpu["args"]["device"] == "cpu" and gpu["args"]["device"] == "cuda"
+    assert all("num_gpus" not in d["ray_actor_options"] for d in cpu["deployments"])
+    shares = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in gpu["deployments"]}
+    assert shares["Reasoner"] + shares["SpeechStack"] + shares["Codec"] <= 1  # one replica of each fits on a GPU
+    assert shares["Ingress"] == 0
+
+
+def test_an_unknown_profile_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile 'tpu'.*cpu-dev"):
+        render_serve_config("tpu", LocalClusterSettings(home=tmp_path), checkpoint="/x")
