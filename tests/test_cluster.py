@@ -61,8 +61,18 @@ def caller(seed: int, seconds: float = 1.0) -> np.ndarray:
     return audio
 
 
+def reference_clip(seed: int, seconds: float = 1.2) -> np.ndarray:
+    return synthetic_speech(24000, seconds, seed)
+
+
+def offline_voice(chroma, transcript: str, seed: int, seconds: float = 1.2):
+    """The voice the server makes from `reference_clip(seed)`, made offline from the same PCM16 upload."""
+    audio, _ = decode_audio(encode_wav(reference_clip(seed, seconds), 24000))
+    return chroma.voice(transcript, audio, 24000)
+
+
 async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
-    voice = await api.create_voice("agent", "A voice for the cluster.", synthetic_speech(24000, 1.2, seed), 24000)
+    voice = await api.create_voice("agent", "A voice for the cluster.", reference_clip(seed), 24000)
     return voice, await api.create_session(voice["id"], system_prompt="Be brief.")
 
 
@@ -89,9 +99,10 @@ async def test_cluster_is_up_and_ready(cluster):
     assert "chroma_turn_ttfa_seconds" in metrics and "chroma_live_turns" in metrics
 
 
-async def test_two_turns_stream_and_keep_history(cluster):
+async def test_two_turns_stream_and_keep_history(cluster, chroma):
     async with client(cluster) as api:
         _, session = await new_session(api)
+        replies = []
         for turn in range(2):
             events = [(event, data) async for event, data, _ in api.turn_events(session["id"], caller(3 + turn), 16000)]
             kinds = [event for event, _ in events]
@@ -101,9 +112,17 @@ async def test_two_turns_stream_and_keep_history(cluster):
             pcm_bytes = sum(len(base64.b64decode(d["data"])) for e, d in events if e == "audio")
             assert done["frames"] > 0 and pcm_bytes == done["frames"] * 1920 * 2  # PCM16 at 24 kHz
             assert done["session_version"] == turn + 1
+            replies.append(done)
         history = (await api.http.get(f"/v1/sessions/{session['id']}")).json()["history"]
     assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
-    assert history[3]["text"] == done["text"]
+    assert [history[1]["text"], history[3]["text"]] == [r["text"] for r in replies]
+    # The second turn was answered in the context of the first: it equals the offline reply to the whole dialogue.
+    dialogue = [Turn("user", audio=caller(3), sample_rate=16000)]
+    if replies[0]["text"]:
+        dialogue.append(Turn("assistant", text=replies[0]["text"]))
+    dialogue.append(Turn("user", audio=caller(4), sample_rate=16000))
+    expected = chroma.reply(Conversation("Be brief.", dialogue), offline_voice(chroma, "A voice for the cluster.", 1), max_frames=MAX_FRAMES)
+    assert (replies[1]["text"], replies[1]["frames"]) == (expected.text, expected.frames.shape[0])
 
 
 async def test_concurrent_turns_equal_their_single_turn_replies(cluster):
@@ -121,15 +140,14 @@ async def test_concurrent_turns_equal_their_single_turn_replies(cluster):
 
 async def test_the_cluster_reply_equals_the_offline_reply(cluster, chroma):
     """vLLM's hidden states differ from transformers' by ~1e-6, not enough to change a greedy frame."""
-    transcript, reference = "The offline voice.", synthetic_speech(24000, 1.0, seed=21)
+    transcript = "The offline voice."
     async with client(cluster) as api:
-        voice = await api.create_voice("offline", transcript, reference, 24000)
+        voice = await api.create_voice("offline", transcript, reference_clip(21, 1.0), 24000)
         session = await api.create_session(voice["id"], system_prompt="Be brief.")
         reply = await api.turn(session["id"], caller(22), 16000)
-    ref_audio, _ = decode_audio(encode_wav(reference, 24000))
     expected = chroma.reply(
         Conversation("Be brief.", [Turn("user", audio=caller(22), sample_rate=16000)]),
-        chroma.voice(transcript, ref_audio, 24000), max_frames=MAX_FRAMES,
+        offline_voice(chroma, transcript, 21, 1.0), max_frames=MAX_FRAMES,
     )
     assert reply.done["frames"] == expected.frames.shape[0]
     assert reply.text == expected.text
