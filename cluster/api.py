@@ -371,9 +371,10 @@ def build_api(state: StateStore, tenants: TenantDirectory, backend: TurnBackend,
         _check_duration(wave, rate, settings.max_audio_seconds, "caller audio")
         session = await state.get_session(tenant, session_id)
         sse, reply_format = negotiate_reply(request.headers.get("accept"), session)
-        voice = await state.get_voice(tenant, session.voice_id)
-        history_audio = await state.load_history_audio(session)
-        user_16k = await asyncio.to_thread(resample, wave, rate, CALLER_RATE)
+        voice, history_audio, user_16k = await asyncio.gather(  # independent: overlap them, TTFA counts from here
+            state.get_voice(tenant, session.voice_id), state.load_history_audio(session),
+            asyncio.to_thread(resample, wave, rate, CALLER_RATE),
+        )
 
         turn_id = f"turn_{uuid.uuid4().hex}"
         events = backend.run_turn(

@@ -42,6 +42,7 @@ class StateSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     session_ttl_s: int = Field(3600, ge=1)
     key_prefix: str = "chroma"
+    connection_retries: int = Field(3, ge=0, description="per command, on a dropped connection (Redis restarted)")
 
 
 class TenantSettings(BaseSettings):
@@ -122,8 +123,18 @@ def _now() -> datetime:
 
 
 def redis_client(settings: StateSettings) -> redis.asyncio.Redis:
-    """Binary-safe client (no response decoding: codes and audio are raw bytes)."""
-    return redis.asyncio.Redis.from_url(settings.redis_url)
+    """Binary-safe client (no response decoding: codes and audio are raw bytes).
+
+    Retries on connection errors: after Redis restarts (or fails over) every pooled connection is stale, and
+    redis-py's asyncio client does not retry by default, so the first requests would fail for nothing."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), settings.connection_retries),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
 
 
 class StateStore:

@@ -42,6 +42,7 @@ class CodecDeployment:
         self.speech = speech
         self.outputs: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
+        self._wake_stepper = asyncio.Event()  # set when frames arrive or a reply ends
 
     async def encode_voice(self, transcript_ids: list[int], audio_24k: np.ndarray) -> VoicePrompt:
         return self.engine.encode_voice(torch.tensor(transcript_ids), torch.from_numpy(audio_24k))
@@ -64,6 +65,7 @@ class CodecDeployment:
             feeder.cancel()
             frames.cancel()  # a caller who left stops the speech stack and, through it, the Reasoner
             self.outputs.pop(turn_id, None)
+            self._wake_stepper.set()  # the stepper stops once no reply is left
             with contextlib.suppress(KeyError):  # already closed when the reply ran to its end
                 self.engine.cancel(turn_id)
 
@@ -73,6 +75,7 @@ class CodecDeployment:
                 codes = [frame.codes for frame in group if frame.codes is not None]
                 if codes:
                     self.engine.push(turn_id, torch.tensor(codes))
+                    self._wake_stepper.set()
                 if text_tokens := [t for frame in group for t in frame.text_tokens]:
                     queue.put_nowait(ReplyChunk(text_tokens, None, 0))
             tail = self.engine.close(turn_id)
@@ -98,5 +101,11 @@ class CodecDeployment:
             for turn_id, pcm in decoded.items():
                 if turn_id in self.outputs:
                     self.outputs[turn_id].put_nowait(self._audio_chunk(pcm))
-            # Yield to the feeders; sleep briefly only when nothing was ready.
-            await asyncio.sleep(0 if decoded else 0.005)
+            if decoded:
+                await asyncio.sleep(0)  # let the feeders and replies run between batches
+            else:
+                await self._wake_stepper.wait()
+                self._wake_stepper.clear()
+                # The speech stack steps its turns together: give their frames a moment to land, and decode
+                # them in one batch rather than one turn at a time (3 ms against 160 ms of audio per chunk).
+                await asyncio.sleep(0.003)

@@ -21,6 +21,7 @@ from cluster.state import (
     TenantDirectory,
     TenantSettings,
     VersionConflict,
+    redis_client,
     start_local_redis,
     stop_local_redis,
 )
@@ -267,6 +268,28 @@ async def test_state_survives_a_redis_restart(tmp_path, fsync, crash):
         got = await store.get_session("acme", session.id)
         assert got == session
         assert await store.load_history_audio(got) == [pcm(0.4), None]
+    finally:
+        await client.aclose()
+        stop_local_redis(proc)
+
+
+async def test_the_store_client_rides_out_a_redis_restart(tmp_path):
+    """Every pooled connection is stale after a restart; `redis_client` retries instead of failing requests."""
+    port = free_port()
+    settings = StateSettings(redis_url=f"redis://127.0.0.1:{port}/0", session_ttl_s=TTL_S)
+    proc = start_local_redis(tmp_path, port)
+    client = redis_client(settings)
+    store = StateStore(client, settings)
+    try:
+        voice = await new_voice(store)
+        session = await store.create_session("acme", voice.id, "Be brief.", ReplyFormat.WAV)
+        await asyncio.gather(*(store.get_voice("acme", voice.id) for _ in range(4)))  # several pooled connections
+        stop_local_redis(proc)
+        proc = start_local_redis(tmp_path, port)
+        got = await asyncio.gather(store.get_voice("acme", voice.id), store.get_session("acme", session.id))
+        assert got == [voice, session]
+        saved = await store.append_turn("acme", session.id, pcm(0.4), "Hello.", expected_version=0)  # WATCH/MULTI
+        assert saved.version == 1
     finally:
         await client.aclose()
         stop_local_redis(proc)
