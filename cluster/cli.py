@@ -166,7 +166,7 @@ def cmd_status(args) -> int:
 def cmd_demo(args) -> int:
     import asyncio
 
-    from cluster.client import ChromaClient
+    from cluster.client import REPLY_RATE, ChromaClient
     from cluster.local import local_api_key
     from model.audio import load_audio_file, write_wav
     from model.offline import speak
@@ -187,7 +187,7 @@ def cmd_demo(args) -> int:
 
     reply = asyncio.run(run())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_wav(args.out, reply.samples, 24000)
+    write_wav(args.out, reply.samples, REPLY_RATE)
     print(f"text:    {reply.text!r}")
     print(f"audio:   {reply.done.get('frames', 0)} frames, {reply.audio_seconds:.2f} s in {len(reply.audio)} chunks")
     if reply.ttfa_s is not None:

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from cluster.api import REPLY_RATE
 from model.audio import encode_wav
-
-REPLY_RATE = 24000
-SAMPLES_PER_FRAME = 1920
 
 
 class ApiError(RuntimeError):
@@ -60,19 +58,6 @@ class TurnReply:
     def rtf(self) -> float | None:
         """Generation time over audio duration, as the client sees it."""
         return self.total_s / self.audio_seconds if self.audio_seconds else None
-
-    @property
-    def underruns(self) -> int:
-        """Times a client playing the reply in real time from its first chunk would have run dry."""
-        if not self.audio:
-            return 0
-        played_until, count = self.chunk_times_s[0], 0
-        for arrived, chunk in zip(self.chunk_times_s, self.audio):
-            if arrived > played_until + 1e-3:
-                count += 1
-                played_until = arrived
-            played_until += len(chunk) / REPLY_RATE
-        return count
 
 
 def _sse_events(lines: list[str]):

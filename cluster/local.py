@@ -20,12 +20,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cluster.state import redis_server_argv, wait_for_redis
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 CHROMA_SERVE_HOME = Path(os.environ.get("CHROMA_SERVE_HOME", Path.home() / ".cache" / "chroma-serve"))
@@ -101,31 +104,24 @@ def _alive(pid: int) -> bool:
 
 def start_redis(settings: LocalClusterSettings) -> str:
     """A daemonised redis-server (append-only file, fsync every second) that outlives this process."""
-    import redis
-
     data_dir = settings.home / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"redis://127.0.0.1:{settings.redis_port}/0"
     pidfile = _redis_pidfile(settings)
     if pidfile.exists() and _alive(int(pidfile.read_text())):
         return url
-    _run([
-        "redis-server", "--bind", "127.0.0.1", "--port", str(settings.redis_port), "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "yes",
-        "--pidfile", str(pidfile), "--logfile", str(data_dir / "redis.log"),
-    ], "redis-server")
-    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_timeout=1.0)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if pidfile.exists() and client.info("server")["process_id"] == int(pidfile.read_text()):
-                return url
-        except (redis.ConnectionError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            log = (data_dir / "redis.log").read_text(errors="replace")[-2000:] if (data_dir / "redis.log").exists() else ""
-            raise RuntimeError(f"redis-server on port {settings.redis_port} did not come up:\n{log}")
-        time.sleep(0.05)
+    argv = redis_server_argv(data_dir, settings.redis_port) + ["--daemonize", "yes", "--pidfile", str(pidfile)]
+    _run(argv, "redis-server")
+    # The daemon's exit is not ours to see: a redis-server that fails after forking shows as a timeout.
+    wait_for_redis(settings.redis_port, data_dir, lambda: _pid_in(pidfile), lambda: None, timeout_s=10)
+    return url
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or half-written
+        return None
 
 
 def stop_redis(settings: LocalClusterSettings) -> bool:
@@ -148,14 +144,18 @@ def api_keys_file(settings: LocalClusterSettings) -> Path:
     return settings.home / "api-keys.json"
 
 
-def local_api_key(settings: LocalClusterSettings) -> str:
-    """The key of tenant "local", generated on the first `up`."""
-    path = api_keys_file(settings)
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The file's text, written once from `make()` with owner-only permissions."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
-        path.write_text(json.dumps({f"cs-local-{secrets.token_hex(16)}": "local"}))
-    keys = json.loads(path.read_text())
+        path.write_text(make())
+    return path.read_text()
+
+
+def local_api_key(settings: LocalClusterSettings) -> str:
+    """The key of tenant "local", generated on the first `up`."""
+    keys = json.loads(_secret_file(api_keys_file(settings), lambda: json.dumps({f"cs-local-{secrets.token_hex(16)}": "local"})))
     return next(key for key, tenant in keys.items() if tenant == "local")
 
 
@@ -165,19 +165,18 @@ def _dashboard(settings: LocalClusterSettings) -> str:
     return f"http://127.0.0.1:{settings.dashboard_port}"
 
 
+def _ray_token_file(settings: LocalClusterSettings) -> Path:
+    return settings.home / "ray-auth-token"
+
+
 def _ray_token(settings: LocalClusterSettings) -> str:
     """The cluster's own Ray auth token (Ray's dashboard and Serve REST API demand one), kept in the data dir."""
-    path = settings.home / "ray-auth-token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32))
-    return path.read_text().strip()
+    return _secret_file(_ray_token_file(settings), lambda: secrets.token_hex(32)).strip()
 
 
 def _ray_env(settings: LocalClusterSettings) -> dict:
     _ray_token(settings)
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.home / "ray-auth-token")}
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_ray_token_file(settings))}
 
 
 def _dashboard_get(settings: LocalClusterSettings, path: str, timeout_s: float) -> httpx.Response:
