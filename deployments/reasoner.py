@@ -8,22 +8,16 @@ from __future__ import annotations
 
 from ray import serve
 
-from model.processor import Conversation
+from cluster.config import AppConfig
+from model.processing.processor import Conversation
+from model.reasoner.settings import build_reasoner
 
 
 @serve.deployment(name="Reasoner")
 class ReasonerDeployment:
-    def __init__(self, thinker_dir: str, engine: str = "vllm", engine_kwargs: dict | None = None):
-        if engine == "vllm":
-            from model.vllm_reasoner import VLLMReasoner
-
-            self.reasoner = VLLMReasoner(thinker_dir, **(engine_kwargs or {}))
-        elif engine == "hf":
-            from model.reasoner import HFReasoner
-
-            self.reasoner = HFReasoner.from_pretrained(thinker_dir)
-        else:
-            raise ValueError(f"unknown reasoner engine {engine!r}; use 'vllm' or 'hf'")
+    def __init__(self, config: AppConfig):
+        model = config.checkpoint
+        self.reasoner = build_reasoner(config.reasoner, config.reasoner_path(), model.dtype, model.device)
 
     async def stream(self, conversation: Conversation, max_tokens: int):
         async for token, hidden in self.reasoner.stream(conversation, max_tokens):

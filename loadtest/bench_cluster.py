@@ -32,12 +32,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.api import AudioChunk, TurnDone  # noqa: E402
-from cluster.client import ChromaClient, TurnReply  # noqa: E402
-from cluster.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
-from cluster.local_backend import LocalBackendSettings, LocalTurnBackend  # noqa: E402
-from cluster.state import Session, Voice  # noqa: E402
-from model.audio import synthetic_speech  # noqa: E402
+from cluster.api.app import AudioChunk, TurnDone  # noqa: E402
+from cluster.ops.client import ChromaClient, TurnReply  # noqa: E402
+from cluster.ops.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
+from cluster.pipeline.local import LocalBackendSettings, LocalTurnBackend  # noqa: E402
+from cluster.state.store import Session, Voice  # noqa: E402
+from model.testing.speech import synthetic_speech  # noqa: E402
 
 FRAME_SECONDS = 0.08
 VOICE_TEXT = "This is the voice you will hear in every reply."
@@ -100,7 +100,7 @@ def summary(timings: list[TurnTiming]) -> dict:
 
 
 async def run_engines(args, serve_args: dict, caller: np.ndarray, voice_audio: np.ndarray) -> dict:
-    from model.vllm_reasoner import VLLMReasoner
+    from model.reasoner.vllm.engine import VLLMReasoner
 
     checkpoint = serve_args["checkpoint"]
     speech = serve_args.get("speech_engine", {})

@@ -25,21 +25,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.codec_engine import CodecEngine  # noqa: E402
-from model.config import ChromaConfig  # noqa: E402
-from model.generate import VoicePrompt, speak_turn  # noqa: E402
-from model.speech import SpeechModel  # noqa: E402
-from model.speech_engine import SpeechEngine, SpeechEngineSettings  # noqa: E402
+from model.engines.codec import CodecEngine  # noqa: E402
+from model.chroma.config import ChromaConfig  # noqa: E402
+from model.chroma.turn import VoicePrompt  # noqa: E402
+from model.offline import speak_turn  # noqa: E402
+from model.chroma.speech import SpeechModel  # noqa: E402
+from model.engines.speech import SpeechEngine, SpeechEngineSettings  # noqa: E402
 
 FRAME_SECONDS = 0.08
 
 
 def build_speech(size: str, device: str, dtype: torch.dtype) -> SpeechModel:
     if size == "tiny":
-        from cluster.cli import DEFAULT_TINY_DIR, _tiny_checkpoint
-        from model.checkpoint import load_component
+        from model.testing.tiny import ensure_tiny_checkpoint
+        from model.chroma.checkpoint import load_component
 
-        return load_component(_tiny_checkpoint(DEFAULT_TINY_DIR), "speech", dtype=dtype, device=device)
+        return load_component(ensure_tiny_checkpoint(), "speech", dtype=dtype, device=device)
     config = ChromaConfig.model_validate({
         "thinker_config": {"text_config": {"hidden_size": 2048, "vocab_size": 151936}},
         "backbone_config": {}, "decoder_config": {}, "codec_config": {"codebook_size": 2048, "sampling_rate": 24000},
@@ -57,8 +58,8 @@ def build_codec(size: str, device: str, dtype: torch.dtype):
     from transformers import MimiConfig, MimiModel
 
     if size == "tiny":
-        from cluster.cli import DEFAULT_TINY_DIR
-        from model.checkpoint import load_component
+        from model.testing.tiny import DEFAULT_TINY_DIR
+        from model.chroma.checkpoint import load_component
 
         return load_component(DEFAULT_TINY_DIR, "codec", dtype=dtype, device=device)
     with torch.device(device):
@@ -112,14 +113,14 @@ def sync(device: str) -> None:
 
 def generate_turn_frames_per_s(frames: int) -> float:
     """The offline `generate_turn` end to end (thinker, speech loop, one-shot codec) on the tiny checkpoint."""
-    from cluster.cli import DEFAULT_TINY_DIR
+    from model.testing.tiny import DEFAULT_TINY_DIR
     from model.offline import OfflineChroma
-    from model.processor import Conversation, Turn
-    from model.audio import synthetic_speech
+    from model.processing.processor import Conversation, Message
+    from model.testing.speech import synthetic_speech
 
     chroma = OfflineChroma(DEFAULT_TINY_DIR)
     voice = chroma.voice("This is the voice you will hear.", synthetic_speech(24000, 3.2), 24000)
-    conversation = Conversation("You are a helpful voice assistant.", [Turn("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
+    conversation = Conversation("You are a helpful voice assistant.", [Message("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
     chroma.reply(conversation, voice, max_frames=4)  # warm-up
     result = chroma.reply(conversation, voice, max_frames=frames)
     return result.frames.shape[0] / result.timings["total_s"]

@@ -22,8 +22,8 @@ def measure_component(checkpoint: str, component: str, dtype: str) -> dict:
     # Import the model code first, so the figures are the load alone, not Python imports.
     from transformers import MimiModel, Qwen2_5OmniThinkerForConditionalGeneration  # noqa: F401
 
-    from model.checkpoint import load_component
-    from model.speech import SpeechModel  # noqa: F401
+    from model.chroma.checkpoint import load_component
+    from model.chroma.speech import SpeechModel  # noqa: F401
 
     baseline = current_rss_mb()
     started = time.perf_counter()
@@ -52,9 +52,9 @@ def main() -> None:
         print(json.dumps(measure_component(args.checkpoint, args.component, args.dtype)))
         return
 
-    from cluster.cli import DEFAULT_TINY_DIR, _tiny_checkpoint
+    from model.testing.tiny import ensure_tiny_checkpoint
 
-    checkpoint = args.checkpoint or str(_tiny_checkpoint(DEFAULT_TINY_DIR))
+    checkpoint = args.checkpoint or str(ensure_tiny_checkpoint())
     print(f"checkpoint {checkpoint}" + ("  (RANDOM WEIGHTS)" if (Path(checkpoint) / "RANDOM_WEIGHTS.txt").exists() else ""))
     print(f"{'component':<10}{'load s':>9}{'peak RSS MB':>13}{'added MB':>10}")
     for component in ("thinker", "speech", "codec"):
@@ -68,12 +68,12 @@ def main() -> None:
     import torch
 
     from model.offline import OfflineChroma
-    from model.processor import Conversation, Turn
-    from model.audio import synthetic_speech
+    from model.processing.processor import Conversation, Message
+    from model.testing.speech import synthetic_speech
 
     chroma = OfflineChroma(checkpoint, dtype=args.dtype)
     voice = chroma.voice("This is the voice you will hear.", synthetic_speech(24000, 2.0), 24000)
-    conversation = Conversation("You are a helpful voice assistant.", [Turn("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
+    conversation = Conversation("You are a helpful voice assistant.", [Message("user", audio=synthetic_speech(16000, 2.0, 1), sample_rate=16000)])
     chroma.reply(conversation, voice, max_frames=4)  # warm-up
     runs = [chroma.reply(conversation, voice, max_frames=args.frames) for _ in range(3)]
     best = min(runs, key=lambda r: r.timings["total_s"])

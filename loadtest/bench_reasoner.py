@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 
 def thinker_dir(checkpoint: str | None, workdir: Path) -> Path:
-    from model.checkpoint import split_thinker
-    from model.tiny import write_tiny_checkpoint
+    from model.chroma.checkpoint import split_thinker
+    from model.testing.tiny import write_tiny_checkpoint
 
     if checkpoint is None:
         checkpoint = str(write_tiny_checkpoint(workdir / "tiny", seed=0))
@@ -39,12 +39,12 @@ def thinker_dir(checkpoint: str | None, workdir: Path) -> Path:
 
 
 def conversation(i: int):
-    from model.processor import Conversation, Turn
+    from model.processing.processor import Conversation, Message
     from tests.conftest import speech_like
 
     return Conversation(
         "You are a helpful voice assistant.",
-        [Turn("user", text="Thank you, goodbye.", audio=speech_like(16000, 2.0, seed=100 + i), sample_rate=16000)],
+        [Message("user", text="Thank you, goodbye.", audio=speech_like(16000, 2.0, seed=100 + i), sample_rate=16000)],
     )
 
 
@@ -85,10 +85,10 @@ async def bench(reasoner, levels: list[int], max_tokens: int) -> list[dict]:
 
 def make_reasoner(engine: str, path: Path, eager: bool):
     if engine == "hf":
-        from model.reasoner import HFReasoner
+        from model.reasoner.hf import HFReasoner
 
         return HFReasoner.from_pretrained(path)
-    from model.vllm_reasoner import VLLMReasoner
+    from model.reasoner.vllm.engine import VLLMReasoner
 
     return VLLMReasoner(path, cpu_kvcache_gib=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", 1)), enforce_eager=eager)
 

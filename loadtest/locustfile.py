@@ -29,7 +29,8 @@ from locust import HttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.audio import encode_mulaw, encode_wav, resample, synthetic_speech  # noqa: E402
+from model.processing.audio import encode_mulaw, encode_wav, resample
+from model.testing.speech import synthetic_speech  # noqa: E402
 
 MULAW_RATE = 8000
 BARGE_IN_PROBABILITY = 0.1
@@ -43,7 +44,7 @@ _voice_id: str | None = None  # one cloned voice per Locust process, shared by i
 def api_key() -> str:
     if key := os.environ.get("CHROMA_API_KEY"):
         return key
-    from cluster.local import LocalClusterSettings, local_api_key
+    from cluster.ops.local import LocalClusterSettings, local_api_key
 
     return local_api_key(LocalClusterSettings())
 

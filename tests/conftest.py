@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from model.audio import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
+from model.testing.speech import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
-UPSTREAM_FIXTURE = REPO.parent / "shared" / "fixtures" / "chroma-tiny-upstream"
+UPSTREAM_FIXTURE = REPO / "tests" / "fixtures" / "chroma-tiny-upstream"
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def upstream_fixture() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from model.tiny import write_tiny_checkpoint
+    from model.testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
 
@@ -48,7 +48,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory):
     """A real redis-server (append-only file on) on a free loopback port, one per test module."""
-    from cluster.state import start_local_redis, stop_local_redis
+    from cluster.state.redis_server import start_local_redis, stop_local_redis
 
     port = free_port()
     proc = start_local_redis(tmp_path_factory.mktemp("redis"), port)

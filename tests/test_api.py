@@ -14,12 +14,17 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
-from cluster.api import ApiSettings, build_api
-from cluster import local_backend
-from cluster.local_backend import LocalBackendSettings, LocalTurnBackend
-from cluster.state import StateSettings, StateStore, TenantDirectory
-from model.audio import encode_mulaw, encode_wav, resample, synthetic_speech
-from model.speech_engine import CapacityError
+from cluster.api.app import build_api
+from cluster.api.settings import ApiSettings
+from cluster.config import AppConfig
+from cluster.pipeline import turn as pipeline
+from cluster.pipeline.local import LocalTurnBackend
+from model.chroma.turn import VoicePrompt
+from cluster.state.store import StateSettings, StateStore
+from cluster.state.tenants import TenantDirectory
+from model.processing.audio import encode_mulaw, encode_wav, resample
+from model.testing.speech import synthetic_speech
+from model.engines.speech import CapacityError
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -48,9 +53,10 @@ async def store(redis_port):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def backend(tiny_checkpoint):
-    backend = LocalTurnBackend.from_checkpoint(
-        tiny_checkpoint, LocalBackendSettings(max_slots=2, max_queue=2, max_frames=MAX_FRAMES, max_tokens=32)
-    )
+    backend = LocalTurnBackend.from_config(AppConfig(
+        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"}, speech={"max_slots": 2, "max_queue": 2},
+        codec={"max_streams": 4}, turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
+    ))
     yield backend
     await backend.close()
 
@@ -115,8 +121,8 @@ async def test_voice_session_and_two_turns(client, backend, monkeypatch):
     assert session["output_format"] == "pcm16_24k" and session["history"] == [] and session["version"] == 0
 
     conversations = []
-    build = local_backend.build_conversation
-    monkeypatch.setattr(local_backend, "build_conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
+    build = pipeline.build_conversation
+    monkeypatch.setattr(pipeline, "build_conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
 
     first_audio = caller_wave(seed=1)
     response = await client.post(
@@ -153,7 +159,7 @@ async def test_voice_session_and_two_turns(client, backend, monkeypatch):
 
     # The second turn's conversation carried the first turn: its caller audio and (if any) its reply text.
     assert len(conversations) == 2
-    turns = conversations[1].turns
+    turns = conversations[1].messages
     assert conversations[1].system_prompt == "You are a phone agent."
     expected = 3 if done["text"] else 2
     assert len(turns) == expected and [t.role for t in turns][-1] == "user"
@@ -353,10 +359,10 @@ class StubBackend:
     async def ready(self):
         return self._ready
 
-    async def encode_voice(self, transcript, audio, sample_rate):
-        return [1, 2, 3], np.ones((4, 8), dtype=np.int64), 4
+    async def clone_voice(self, transcript, audio, sample_rate):
+        return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
 
-    async def run_turn(self, turn_id, voice, session, history_audio, user_audio_16k, **kwargs):
+    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
         if self.busy:
             raise CapacityError("no free slots")
         yield  # pragma: no cover
@@ -383,4 +389,52 @@ async def test_health_ready_capacity(store, client):
                                    content=encode_wav(caller_wave(), 16000))
         assert_error(response, 503, "over_capacity")
         assert response.headers["retry-after"] == "1"
+        assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+
+
+async def test_openapi_document_describes_every_route(client):
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    assert set(paths) == {
+        "/v1/voices", "/v1/voices/{voice_id}", "/v1/sessions", "/v1/sessions/{session_id}",
+        "/v1/sessions/{session_id}/turns", "/healthz", "/readyz", "/metrics",
+    }
+    schemes = spec["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
+    assert "ErrorBody" in spec["components"]["schemas"]
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            assert operation["responses"], (method, path)
+            if path.startswith("/v1/"):
+                assert operation.get("security"), (method, path)  # the auth scheme is part of the operation
+                error = operation["responses"]["401"]["content"]["application/json"]["schema"]
+                assert error["$ref"].endswith("/ErrorBody"), (method, path)
+            if method == "post":
+                assert operation["requestBody"]["content"], (method, path)
+    turn = paths["/v1/sessions/{session_id}/turns"]["post"]
+    streamed = set(turn["responses"]["200"]["content"])
+    assert {"text/event-stream", "audio/pcm;rate=24000", "audio/pcm;rate=16000", "audio/basic", "audio/wav"} <= streamed
+    assert {"audio/wav", "audio/basic"} <= set(turn["requestBody"]["content"])
+    assert "multipart/form-data" in paths["/v1/voices"]["post"]["requestBody"]["content"]
+    assert (await client.get("/docs")).status_code == 200
+
+
+class FailingBackend(StubBackend):
+    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
+        raise RuntimeError("/srv/secret/path.py exploded in actor 1234")
+        yield  # pragma: no cover
+
+
+async def test_internal_failures_are_500_with_a_request_id_and_no_internals(store):
+    app = build_api(store, TenantDirectory(KEYS), FailingBackend())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as stub:
+        voice = await make_voice(stub)
+        session = await make_session(stub, voice["id"])
+        response = await stub.post(f"/v1/sessions/{session['id']}/turns", content=encode_wav(caller_wave(), 16000),
+                                   headers={**ACME, "Content-Type": "audio/wav", "X-Request-Id": "req-abc123"})
+        error = assert_error(response, 500, "internal_error")
+        assert error["request_id"] == "req-abc123" == response.headers["x-request-id"]
+        assert "req-abc123" in error["message"]
+        assert "secret" not in response.text and "exploded" not in response.text and "Traceback" not in response.text
         assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0

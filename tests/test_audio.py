@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from model.audio import (
+from model.processing.audio import (
     AudioError,
     ReplyFormat,
     StreamingAudioEncoder,
@@ -15,9 +15,9 @@ from model.audio import (
     encode_wav,
     load_audio_file,
     resample,
-    synthetic_speech,
     write_wav,
 )
+from model.testing.speech import synthetic_speech
 
 
 def sine(rate: int, seconds: float = 0.25, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

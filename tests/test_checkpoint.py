@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import Checkpoint, CheckpointError, describe, load_component, split_thinker
+from model.chroma.checkpoint import Checkpoint, CheckpointError, describe, load_component, split_thinker
 
 
 def keys_of(path):
@@ -29,7 +29,7 @@ def test_tiny_checkpoint_has_the_official_key_set(tiny_checkpoint, upstream_fixt
 
 
 def test_tiny_checkpoint_is_deterministic_per_seed(tmp_path):
-    from model.tiny import write_tiny_checkpoint
+    from model.testing.tiny import write_tiny_checkpoint
 
     a = load_file(write_tiny_checkpoint(tmp_path / "a", seed=3) / "model.safetensors")
     b = load_file(write_tiny_checkpoint(tmp_path / "b", seed=3) / "model.safetensors")
@@ -139,7 +139,7 @@ def test_inspect_reports_components(tiny_checkpoint):
     report = describe(tiny_checkpoint)
     assert set(report) == {"thinker", "speech", "codec"}
     assert report["speech"]["parameters"] > 0 and report["speech"]["dtypes"] == ["F32"]
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "checkpoint", "inspect", str(tiny_checkpoint)],
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "checkpoint", "inspect", str(tiny_checkpoint)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0
     assert "RANDOM WEIGHTS" in done.stderr

@@ -17,16 +17,18 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.client import ChromaClient
-from cluster.local import LocalClusterSettings, down, ray_running, start_redis, stop_redis, up
-from model.audio import decode_audio, encode_wav, synthetic_speech
-from model.processor import Conversation, Turn
+from cluster.ops.client import ChromaClient
+from cluster.ops.local import LocalClusterSettings, down, ray_running, start_redis, stop_redis, up
+from model.processing.audio import decode_audio, encode_wav
+from model.testing.speech import synthetic_speech
+from model.processing.processor import Conversation, Message
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.vllm
 
 KEYS = {"key-acme": "acme", "key-other": "other"}
 MAX_SLOTS = 4
+MAX_QUEUE = 8
 MAX_FRAMES = 40
 
 
@@ -39,7 +41,7 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     )
     keys_path = home / "keys.json"
     keys_path.write_text(json.dumps(KEYS))
-    app_args = {"speech_engine": {"max_slots": MAX_SLOTS, "max_queue": 8}, "max_frames": MAX_FRAMES, "max_tokens": 64}
+    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64}}
     try:
         info = up(tiny_checkpoint, api_keys_path=str(keys_path), app_args=app_args, settings=settings)
     except BaseException:
@@ -80,7 +82,7 @@ def slots_in_use(cluster) -> dict:
     """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
     settings = cluster["settings"]
     env = {**os.environ, **{f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     engines = json.loads(done.stdout)["engines"]
     return {
@@ -96,7 +98,16 @@ async def test_cluster_is_up_and_ready(cluster):
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
         metrics = (await http.get("/metrics")).text
+        spec = (await http.get("/openapi.json")).json()
     assert "chroma_turn_ttfa_seconds" in metrics and "chroma_live_turns" in metrics
+    # The OpenAPI document, as the running cluster serves it: every route with its request and response schemas.
+    assert {"/v1/voices", "/v1/voices/{voice_id}", "/v1/sessions", "/v1/sessions/{session_id}",
+            "/v1/sessions/{session_id}/turns", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            assert any("content" in r for r in operation["responses"].values()), (method, path)
+            if method == "post":
+                assert operation["requestBody"]["content"], (method, path)
 
 
 async def test_two_turns_stream_and_keep_history(cluster, chroma):
@@ -117,10 +128,10 @@ async def test_two_turns_stream_and_keep_history(cluster, chroma):
     assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
     assert [history[1]["text"], history[3]["text"]] == [r["text"] for r in replies]
     # The second turn was answered in the context of the first: it equals the offline reply to the whole dialogue.
-    dialogue = [Turn("user", audio=caller(3), sample_rate=16000)]
+    dialogue = [Message("user", audio=caller(3), sample_rate=16000)]
     if replies[0]["text"]:
-        dialogue.append(Turn("assistant", text=replies[0]["text"]))
-    dialogue.append(Turn("user", audio=caller(4), sample_rate=16000))
+        dialogue.append(Message("assistant", text=replies[0]["text"]))
+    dialogue.append(Message("user", audio=caller(4), sample_rate=16000))
     expected = chroma.reply(Conversation("Be brief.", dialogue), offline_voice(chroma, "A voice for the cluster.", 1), max_frames=MAX_FRAMES)
     assert (replies[1]["text"], replies[1]["frames"]) == (expected.text, expected.frames.shape[0])
 
@@ -146,7 +157,7 @@ async def test_the_cluster_reply_equals_the_offline_reply(cluster, chroma):
         session = await api.create_session(voice["id"], system_prompt="Be brief.")
         reply = await api.turn(session["id"], caller(22), 16000)
     expected = chroma.reply(
-        Conversation("Be brief.", [Turn("user", audio=caller(22), sample_rate=16000)]),
+        Conversation("Be brief.", [Message("user", audio=caller(22), sample_rate=16000)]),
         offline_voice(chroma, transcript, 21, 1.0), max_frames=MAX_FRAMES,
     )
     assert reply.done["frames"] == expected.frames.shape[0]
@@ -170,6 +181,53 @@ async def test_a_caller_who_hangs_up_frees_every_slot(cluster):
         assert in_use == dict.fromkeys(in_use, 0)
         state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
     assert state["history"] == [] and state["version"] == 0  # the cancelled turn wrote nothing
+
+
+async def wait_for_no_slots_in_use(cluster) -> dict:
+    for _ in range(10):  # cancellation travels down the chain asynchronously
+        in_use = await asyncio.to_thread(slots_in_use, cluster)
+        if not any(in_use.values()):
+            break
+        await asyncio.sleep(1.0)
+    return in_use
+
+
+async def test_at_capacity_the_refusal_through_ray_is_clean(cluster):
+    """Every slot and queue place taken: the next turn's 503 body names the problem and nothing internal."""
+    async with client(cluster) as api:
+        voice, _ = await new_session(api, seed=8)
+        sessions = [await api.create_session(voice["id"]) for _ in range(MAX_SLOTS + MAX_QUEUE + 1)]
+        body = encode_wav(caller(50, 2.0), 16000)
+
+        async def open_turn(session):
+            request = api.http.build_request("POST", f"/v1/sessions/{session['id']}/turns", content=body,
+                                             headers={"Content-Type": "audio/wav", "Accept": "text/event-stream"})
+            return await api.http.send(request, stream=True)
+
+        pending = {asyncio.create_task(open_turn(s)) for s in sessions}
+        opened, refused = [], None
+        try:
+            while pending and refused is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    response = task.result()
+                    opened.append(response)
+                    if response.status_code == 503:
+                        refused = response
+            assert refused is not None
+            text = (await refused.aread()).decode()
+            error = json.loads(text)["error"]
+            assert error["code"] == "over_capacity" and refused.headers["retry-after"] == "1"
+            assert "no free slots" in error["message"] and error["request_id"]
+            for internal in ("Traceback", "ray::", "ServeReplica", "File \"", "pid=", "ActorID", ".py", "127.0.0.1"):
+                assert internal not in text, internal
+        finally:
+            for task in pending:
+                task.cancel()
+            for response in opened:
+                await response.aclose()
+    in_use = await wait_for_no_slots_in_use(cluster)
+    assert in_use == dict.fromkeys(in_use, 0)
 
 
 async def test_bad_requests_get_clear_errors(cluster):
@@ -223,7 +281,7 @@ async def test_restarting_redis_between_turns_loses_nothing(cluster):
 def test_the_demo_answers_a_spoken_turn(cluster, tmp_path):
     out = tmp_path / "reply.wav"
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "demo", "--url", cluster["url"], "--api-key", "key-acme", "--out", str(out)],
+        [sys.executable, "-m", "cluster.ops.cli", "demo", "--url", cluster["url"], "--api-key", "key-acme", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import MimiModel
 
-from model.checkpoint import Checkpoint, load_codec
-from model.codec_engine import CodecCapacityError, CodecEngine
-from model.generate import decode_frames
+from model.chroma.checkpoint import Checkpoint, load_codec
+from model.engines.codec import CapacityError, CodecEngine
+from model.chroma.codec import decode_frames
 
 FRAME = 1920
 
@@ -167,7 +167,7 @@ def test_bad_calls(tiny):
     engine.open_stream("a")
     with pytest.raises(ValueError, match="already"):
         engine.open_stream("a")
-    with pytest.raises(CodecCapacityError, match="1 streams"):
+    with pytest.raises(CapacityError, match="1 streams"):
         engine.open_stream("b")
     with pytest.raises(ValueError, match=r"\[n, 8\]"):
         engine.push("a", torch.zeros(2, 7, dtype=torch.long))

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.audio import AudioError, decode_audio, encode_wav
-from model.generate import ThinkerSession, TurnProgress
-from model.processor import Conversation, Turn
-from model.sampling import SamplingParams
+from model.processing.audio import AudioError, decode_audio, encode_wav
+from model.chroma.turn import TurnProgress
+from model.reasoner.hf import ReasonerSession
+from model.processing.processor import Conversation, Message
+from model.chroma.sampling import SamplingParams
 from tests.conftest import speech_like
 
 
@@ -15,13 +16,13 @@ from tests.conftest import speech_like
 def conversation():
     return Conversation(
         system_prompt="You are a helpful voice assistant.",
-        turns=[Turn(role="user", audio=speech_like(16000, 1.0, seed=1), sample_rate=16000)],
+        messages=[Message(role="user", audio=speech_like(16000, 1.0, seed=1), sample_rate=16000)],
     )
 
 
 def test_thinker_steps_once_per_two_frames_until_im_end(chroma, voice, conversation, monkeypatch):
     frames_at_step = []
-    original = ThinkerSession.step
+    original = ReasonerSession.step
     frames_so_far = []
 
     def counting_step(self, token):
@@ -34,7 +35,7 @@ def test_thinker_steps_once_per_two_frames_until_im_end(chroma, voice, conversat
         frames_so_far.append(frame)
         return original_add(self, frame)
 
-    monkeypatch.setattr(ThinkerSession, "step", counting_step)
+    monkeypatch.setattr(ReasonerSession, "step", counting_step)
     monkeypatch.setattr(TurnProgress, "add_frame", counting_add)
     result = chroma.reply(conversation, voice, max_frames=60)
 
@@ -76,12 +77,12 @@ def test_seeded_sampling_is_reproducible(chroma, voice, conversation):
 
 def test_stop_rule_and_kept_frames(chroma):
     progress = TurnProgress(chroma.config, max_frames=100)
-    assert progress.wants_thinker_pair()
+    assert progress.wants_reasoner_pair()
     assert progress.add_frame([5, 1, 2, 3, 4, 5, 6, 7]) and not progress.finished
-    assert not progress.wants_thinker_pair()
+    assert not progress.wants_reasoner_pair()
     progress.add_text(chroma.config.im_end_token_id)
     assert progress.add_frame([7, 1, 2, 3, 4, 5, 6, 7]) and not progress.finished
-    assert not progress.wants_thinker_pair()  # the thinker is done after im_end
+    assert not progress.wants_reasoner_pair()  # the thinker is done after im_end
     # Codebooks 0..6 all EOS stops the turn; codebook 7 is not looked at, and the frame is still output.
     assert progress.add_frame([0, 0, 0, 0, 0, 0, 0, 9]) and progress.finished
     assert len(progress.frames) == 3
@@ -100,11 +101,11 @@ def test_thinker_sessions_share_one_module(chroma):
     # Explicit positions: interleaving two conversations on one thinker gives each its solo result.
     ids_a = torch.tensor([[4044, 10, 20, 30, 4045, 4044, 40]])
     ids_b = torch.tensor([[4044, 50, 60, 4045, 4044, 70, 80, 90]])
-    from model.processor import ThinkerInputs
+    from model.processing.processor import ReasonerInputs
 
     def solo(ids):
-        session = ThinkerSession(chroma.thinker)
-        token, hidden = session.prefill(ThinkerInputs(ids, torch.ones_like(ids)))
+        session = ReasonerSession(chroma.thinker)
+        token, hidden = session.prefill(ReasonerInputs(ids, torch.ones_like(ids)))
         tokens, states = [token], [hidden]
         for _ in range(4):
             token, hidden = session.step(token)
@@ -113,9 +114,9 @@ def test_thinker_sessions_share_one_module(chroma):
         return tokens, torch.stack(states)
 
     a_solo, b_solo = solo(ids_a), solo(ids_b)
-    sa, sb = ThinkerSession(chroma.thinker), ThinkerSession(chroma.thinker)
-    ta, _ = sa.prefill(ThinkerInputs(ids_a, torch.ones_like(ids_a)))
-    tb, _ = sb.prefill(ThinkerInputs(ids_b, torch.ones_like(ids_b)))
+    sa, sb = ReasonerSession(chroma.thinker), ReasonerSession(chroma.thinker)
+    ta, _ = sa.prefill(ReasonerInputs(ids_a, torch.ones_like(ids_a)))
+    tb, _ = sb.prefill(ReasonerInputs(ids_b, torch.ones_like(ids_b)))
     ta_all, tb_all = [ta], [tb]
     for _ in range(4):
         ta, _ = sa.step(ta)
@@ -126,10 +127,10 @@ def test_thinker_sessions_share_one_module(chroma):
 
 
 def test_hidden_state_is_the_final_normed_last_layer(chroma):
-    from model.processor import ThinkerInputs
+    from model.processing.processor import ReasonerInputs
 
     ids = torch.tensor([[4044, 11, 22, 33, 4045, 4044]])
-    _, hidden = ThinkerSession(chroma.thinker).prefill(ThinkerInputs(ids, torch.ones_like(ids)))
+    _, hidden = ReasonerSession(chroma.thinker).prefill(ReasonerInputs(ids, torch.ones_like(ids)))
     with torch.no_grad():
         last = chroma.thinker.model(input_ids=ids).last_hidden_state[0, -1]
     torch.testing.assert_close(hidden, last)
@@ -155,12 +156,13 @@ def test_bad_inputs_give_clear_errors(chroma):
     with pytest.raises(ValueError):
         chroma.voice("hello", np.zeros(0, dtype=np.float32), 24000)
     with pytest.raises(ValueError, match="no turns"):
-        Conversation(system_prompt="x", turns=[])
+        Conversation(system_prompt="x", messages=[])
 
 
 @pytest.mark.parametrize("max_frames", [1, 2, 3, 8, 13])
 def test_thinker_tokens_for_bounds_what_the_speech_loop_takes(chroma, voice, max_frames):
-    from model.generate import speak_turn, thinker_tokens_for
+    from model.chroma.turn import reasoner_tokens_for
+    from model.offline import speak_turn
 
     asked = []
     hidden_size = chroma.speech.text_embedding.weight.shape[1]
@@ -171,5 +173,5 @@ def test_thinker_tokens_for_bounds_what_the_speech_loop_takes(chroma, voice, max
 
     progress = speak_turn(chroma.speech, voice, next_pair, max_frames)
     assert len(progress.frames) // 8 == max_frames or progress.finished
-    assert len(asked) <= thinker_tokens_for(max_frames)
-    assert len(asked) >= thinker_tokens_for(max_frames) - 1  # and it is tight
+    assert len(asked) <= reasoner_tokens_for(max_frames)
+    assert len(asked) >= reasoner_tokens_for(max_frames) - 1  # and it is tight

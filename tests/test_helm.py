@@ -108,9 +108,9 @@ def test_default_render_rayservice_and_serve_config(chart):
 
     app = r.app
     assert app["import_path"] == "deployments.app:build_app"
-    assert app["args"]["checkpoint"] == "/models/Chroma-4B"
-    assert app["args"]["redis_url"] == f"redis://{REDIS_HOST_PORT}/0"  # no password in the CR
-    assert app["args"]["api_keys_path"] == "/etc/chroma-serve/api-keys/api-keys.json"
+    assert app["args"]["checkpoint"]["path"] == "/models/Chroma-4B"
+    assert app["args"]["state"]["redis_url"] == f"redis://{REDIS_HOST_PORT}/0"  # no password in the CR
+    assert app["args"]["tenants"]["api_keys"] == "/etc/chroma-serve/api-keys/api-keys.json"
     assert r.serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
 
     deps = r.deployments
@@ -202,13 +202,22 @@ def test_ingress_resource_when_enabled(chart):
     assert "voice.example.org" in r.notes
 
 
+@pytest.mark.parametrize("values", [None, CPU_DEV], ids=["default", "cpu-dev"])
+def test_rendered_app_args_are_a_valid_app_config(chart, values):
+    from cluster.config import AppConfig
+
+    config = AppConfig.model_validate(render(chart, values).app["args"])
+    assert config.checkpoint.device == ("cpu" if values else "cuda")
+    assert config.state.redis_url_env == "CHROMA_REDIS_URL"
+
+
 # --- CPU-dev profile ---------------------------------------------------------------------------------------------
 
 def test_cpu_dev_has_no_gpus(chart):
     r = render(chart, CPU_DEV)
     assert all("nvidia.com/gpu" not in text for text in r.text.values())
     assert all(d["ray_actor_options"]["num_gpus"] == 0 for d in r.deployments.values())
-    assert r.app["args"]["checkpoint"] == "/models/tiny-seed0"
+    assert r.app["args"]["checkpoint"]["path"] == "/models/tiny-seed0"
     cluster = r.rayservice["spec"]["rayClusterConfig"]
     assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu"]
     assert "num-cpus" not in cluster["headGroupSpec"]["rayStartParams"]  # the head hosts replicas here
@@ -235,7 +244,7 @@ def test_external_redis(chart):
                        "faultTolerance": {"enabled": True}})
     assert r.all("StatefulSet") == []
     assert not [o for o in r.objects if o["metadata"]["name"].endswith("-redis")]
-    assert r.app["args"]["redis_url"] == "redis://redis.prod.internal:6380/2"  # credentials stay out of the CR
+    assert r.app["args"]["state"]["redis_url"] == "redis://redis.prod.internal:6380/2"  # credentials stay out of the CR
     for container in r.ray_containers():
         env = env_of(container)
         assert env["REDIS_URL"]["value"] == url
@@ -251,7 +260,7 @@ def test_external_redis_tls_address(chart):
     ft = r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] == "rediss://cache.example:6380"
     assert "redisPassword" not in ft  # no externalPasswordSecret given
-    assert r.app["args"]["redis_url"] == "rediss://cache.example:6380"
+    assert r.app["args"]["state"]["redis_url"] == "rediss://cache.example:6380"
 
 
 def test_existing_secrets_are_used_not_created(chart):
@@ -261,7 +270,7 @@ def test_existing_secrets_are_used_not_created(chart):
     env = env_of(r.ray_containers()[0])
     assert env["CHROMA_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "my-keys", "key": "keys.json"}
     assert env["CHROMA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
-    assert r.app["args"]["api_keys_path"] == "/etc/chroma-serve/api-keys/keys.json"
+    assert r.app["args"]["tenants"]["api_keys"] == "/etc/chroma-serve/api-keys/keys.json"
 
 
 # --- bad values fail clearly -------------------------------------------------------------------------------------

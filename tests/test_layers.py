@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from model.config import SpeechTransformerConfig
-from model.layers import RotaryEmbedding, StepInputs, TransformerStack
+from model.chroma.config import SpeechTransformerConfig
+from model.chroma.layers import RotaryEmbedding, StepInputs, TransformerStack
 
 ROPES = [
     {"rope_type": "default", "rope_theta": 500000.0},

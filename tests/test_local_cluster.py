@@ -4,8 +4,8 @@ cluster itself is exercised in test_cluster.py."""
 import pytest
 import yaml
 
-from cluster.local import PROFILES_DIR, LocalClusterSettings, render_serve_config
-from deployments.app import AppArgs
+from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, render_serve_config
+from cluster.config import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 DEPLOYMENTS = {"Reasoner", "SpeechStack", "Codec", "Ingress"}
@@ -20,13 +20,15 @@ def test_a_rendered_profile_is_a_valid_serve_config(profile, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     settings = LocalClusterSettings(home=tmp_path, port=8123)
-    config = render_serve_config(profile, settings, checkpoint="/models/chroma", redis_url="redis://r:6379/0",
-                                 api_keys_path="/keys.json", max_frames=50)
+    config = render_serve_config(profile, settings, {
+        "checkpoint": {"path": "/models/chroma"}, "state": {"redis_url": "redis://r:6379/0"},
+        "tenants": {"api_keys": "/keys.json"}, "turns": {"max_frames": 50},
+    })
     schema = ServeDeploySchema.model_validate(config)  # Ray's own validation, as `serve deploy` does it
     (app,) = schema.applications
     assert schema.http_options.port == 8123 and app.import_path == "deployments.app:build_app"
-    args = AppArgs.model_validate(app.args)  # every arg is one build_app takes
-    assert (args.checkpoint, args.redis_url, args.api_keys_path, args.max_frames) == ("/models/chroma", "redis://r:6379/0", "/keys.json", 50)
+    args = AppConfig.model_validate(app.args)  # every arg is one build_app takes
+    assert (args.checkpoint.path, args.state.redis_url, args.tenants.api_keys, args.turns.max_frames) == ("/models/chroma", "redis://r:6379/0", "/keys.json", 50)
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == DEPLOYMENTS
     assert deployments["Reasoner"].num_replicas == 1  # one vLLM engine per replica, never autoscaled
@@ -40,7 +42,7 @@ def test_a_rendered_profile_is_a_valid_serve_config(profile, tmp_path):
 def test_profiles_differ_where_they_must():
     cpu = yaml.safe_load((PROFILES_DIR / "cpu-dev.yaml").read_text())["applications"][0]
     gpu = yaml.safe_load((PROFILES_DIR / "gpu.yaml").read_text())["applications"][0]
-    assert cpu["args"]["device"] == "cpu" and gpu["args"]["device"] == "cuda"
+    assert cpu["args"]["checkpoint"]["device"] == "cpu" and gpu["args"]["checkpoint"]["device"] == "cuda"
     assert all("num_gpus" not in d["ray_actor_options"] for d in cpu["deployments"])
     shares = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in gpu["deployments"]}
     assert shares["Reasoner"] + shares["SpeechStack"] + shares["Codec"] <= 1  # one replica of each fits on a GPU
@@ -49,4 +51,4 @@ def test_profiles_differ_where_they_must():
 
 def test_an_unknown_profile_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown profile 'tpu'.*cpu-dev"):
-        render_serve_config("tpu", LocalClusterSettings(home=tmp_path), checkpoint="/x")
+        render_serve_config("tpu", LocalClusterSettings(home=tmp_path), {"checkpoint": {"path": "/x"}})

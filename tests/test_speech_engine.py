@@ -3,12 +3,12 @@
 import asyncio
 
 import pytest
-import torch
 
-from model.generate import ThinkerSession, generate_turn
-from model.processor import Conversation, Turn
-from model.sampling import SamplingParams
-from model.speech_engine import CapacityError, SpeechEngine, SpeechEngineSettings
+from model.offline import generate_turn
+from model.reasoner.hf import ReasonerSession
+from model.processing.processor import Conversation, Message
+from model.chroma.sampling import SamplingParams
+from model.engines.speech import CapacityError, SpeechEngine, SpeechEngineSettings
 from tests.conftest import speech_like
 
 
@@ -22,13 +22,13 @@ def voices(chroma):
 
 
 def conversation(chroma, seed, seconds):
-    conv = Conversation("You are a helpful voice assistant.", [Turn("user", audio=speech_like(16000, seconds, seed=seed), sample_rate=16000)])
+    conv = Conversation("You are a helpful voice assistant.", [Message("user", audio=speech_like(16000, seconds, seed=seed), sample_rate=16000)])
     return chroma.processor.encode_conversation(conv)
 
 
-async def thinker_stream(thinker, inputs, delay=0.0, max_tokens=200, im_end=None):
+async def reasoner_stream(thinker, inputs, delay=0.0, max_tokens=200, im_end=None):
     """The thinker as an async source of (token, hidden) pairs, like the Reasoner deployment will be."""
-    session = ThinkerSession(thinker)
+    session = ReasonerSession(thinker)
     token, hidden = session.prefill(inputs)
     for _ in range(max_tokens):
         if delay:
@@ -72,7 +72,7 @@ async def test_batched_greedy_frames_equal_offline_frames(chroma, voices):
     tasks = []
     for i, (v, _, _, max_frames, join_at) in enumerate(plans):
         await wait_for_steps(engine, join_at)
-        stream = thinker_stream(chroma.thinker, inputs[i], delay=0.002 * i, im_end=im_end)
+        stream = reasoner_stream(chroma.thinker, inputs[i], delay=0.002 * i, im_end=im_end)
         frames = await engine.submit(f"turn-{i}", voices[v], stream, max_frames=max_frames)
         tasks.append(asyncio.create_task(collect(frames)))
     await wait_for_steps(engine, 14)
@@ -98,7 +98,7 @@ async def test_text_tokens_travel_with_the_frames(chroma, voices):
     inputs = conversation(chroma, 1, 1.0)
     expected = reference(chroma, inputs, voices[0], 20)
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
-    frames = await collect(await engine.submit("t", voices[0], thinker_stream(chroma.thinker, inputs, im_end=chroma.config.im_end_token_id), max_frames=20))
+    frames = await collect(await engine.submit("t", voices[0], reasoner_stream(chroma.thinker, inputs, im_end=chroma.config.im_end_token_id), max_frames=20))
     assert [t for f in frames for t in f.text_tokens] == expected.text_tokens
     await engine.close()
 
@@ -110,11 +110,11 @@ async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(chroma,
 
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
     others = [
-        await engine.submit(f"other-{i}", voices[i + 1], thinker_stream(chroma.thinker, conversation(chroma, 7 + i, 1.2)),
+        await engine.submit(f"other-{i}", voices[i + 1], reasoner_stream(chroma.thinker, conversation(chroma, 7 + i, 1.2)),
                             sampling=SamplingParams(temperature=1.0, seed=i), max_frames=20)
         for i in range(2)
     ]
-    ours = await engine.submit("ours", voices[0], thinker_stream(chroma.thinker, inputs), sampling=sampling, max_frames=16)
+    ours = await engine.submit("ours", voices[0], reasoner_stream(chroma.thinker, inputs), sampling=sampling, max_frames=16)
     results = await asyncio.gather(collect(ours), *(collect(o) for o in others))
     assert codes_of(results[0]) == alone
     await engine.close()
@@ -122,8 +122,8 @@ async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(chroma,
 
 async def test_a_slow_thinker_does_not_stall_other_turns(chroma, voices):
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
-    slow = await engine.submit("slow", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0), delay=1.0), max_frames=30)
-    fast = await engine.submit("fast", voices[1], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=12)
+    slow = await engine.submit("slow", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0), delay=1.0), max_frames=30)
+    fast = await engine.submit("fast", voices[1], reasoner_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=12)
     slow_task = asyncio.create_task(collect(slow))
     fast_frames = await collect(fast)
     assert len(codes_of(fast_frames)) == 12
@@ -136,13 +136,13 @@ async def test_a_slow_thinker_does_not_stall_other_turns(chroma, voices):
 
 async def test_full_engine_refuses_clearly_and_queued_turns_get_slots(chroma, voices):
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=1, max_queue=1))
-    first = await engine.submit("a", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
-    queued = await engine.submit("b", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=6)
+    first = await engine.submit("a", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
+    queued = await engine.submit("b", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=6)
     assert engine.stats()["queued"] == 1
     with pytest.raises(CapacityError, match="no free slots"):
-        await engine.submit("c", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 3, 1.0)), max_frames=6)
+        await engine.submit("c", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 3, 1.0)), max_frames=6)
     with pytest.raises(ValueError, match="already running"):
-        await engine.submit("a", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 3, 1.0)))
+        await engine.submit("a", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 3, 1.0)))
     a, b = await asyncio.gather(collect(first), collect(queued))
     assert len(codes_of(a)) == 6 and len(codes_of(b)) == 6
     assert engine.stats()["free_slots"] == 1
@@ -151,7 +151,7 @@ async def test_full_engine_refuses_clearly_and_queued_turns_get_slots(chroma, vo
 
 async def test_closing_the_frame_iterator_cancels_the_turn(chroma, voices):
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
-    frames = await engine.submit("x", voices[0], thinker_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=50)
+    frames = await engine.submit("x", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=50)
     async for _ in frames:
         break
     await frames.aclose()
@@ -166,7 +166,7 @@ async def test_a_failing_thinker_fails_only_its_turn(chroma, voices):
 
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2))
     bad = await engine.submit("bad", voices[0], broken())
-    good = await engine.submit("good", voices[1], thinker_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=5)
+    good = await engine.submit("good", voices[1], reasoner_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=5)
     with pytest.raises(RuntimeError, match="reasoner went away"):
         await collect(bad)
     assert len(codes_of(await collect(good))) == 5
@@ -178,6 +178,6 @@ async def test_compiled_decoder_path_gives_the_same_frames(chroma, voices):
     inputs = conversation(chroma, 1, 1.0)
     expected = reference(chroma, inputs, voices[0], 8).frames.tolist()
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2, compile_mode="default", compile_backend="eager"))
-    frames = await collect(await engine.submit("c", voices[0], thinker_stream(chroma.thinker, inputs), max_frames=8))
+    frames = await collect(await engine.submit("c", voices[0], reasoner_stream(chroma.thinker, inputs), max_frames=8))
     assert codes_of(frames) == expected
     await engine.close()

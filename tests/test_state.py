@@ -13,19 +13,11 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
-from cluster.state import (
-    NotFound,
-    SessionSampling,
-    StateSettings,
-    StateStore,
-    TenantDirectory,
-    TenantSettings,
-    VersionConflict,
-    redis_client,
-    start_local_redis,
-    stop_local_redis,
-)
-from model.audio import ReplyFormat
+from cluster.state.redis_server import start_local_redis, stop_local_redis
+from cluster.state.store import SessionSampling, StateSettings, StateStore, VersionConflict, redis_client
+from cluster.state.tenants import TenantDirectory, TenantSettings
+from model.errors import NotFound
+from model.processing.audio import ReplyFormat
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -1,0 +1,48 @@
+"""The public HTTP API as a FastAPI app (no Ray here: the Ingress deployment serves `build_api`'s app).
+
+Every request but /healthz, /readyz and /metrics names its tenant with `Authorization: Bearer <key>` or
+`X-API-Key: <key>`. Errors are JSON everywhere (cluster.api.errors). The OpenAPI document is at /openapi.json,
+the docs at /docs.
+
+    POST   /v1/voices                  multipart: audio (file), transcript, name -> 201 Voice
+    GET    /v1/voices                  {"voices": [Voice, ...]}
+    GET    /v1/voices/{id}             Voice
+    DELETE /v1/voices/{id}             204
+    POST   /v1/sessions                JSON {voice_id, system_prompt?, output_format?, sampling?} -> 201 Session
+    GET    /v1/sessions/{id}           Session
+    DELETE /v1/sessions/{id}           204
+    POST   /v1/sessions/{id}/turns     body: caller audio; the reply streamed (cluster.api.turns)
+    GET    /healthz  /readyz  /metrics
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from cluster.api import health, sessions, turns, voices
+from cluster.api.errors import RequestIdMiddleware, install_error_handlers
+from cluster.api.metrics import ApiMetrics
+from cluster.api.services import Services
+from cluster.api.settings import ApiSettings
+from cluster.pipeline.turn import TurnBackend
+from cluster.state.store import StateStore
+from cluster.state.tenants import TenantDirectory
+
+DESCRIPTION = """Chroma 1.0 speech-to-speech dialogue with voice cloning, for telephony backends.
+
+Clone a voice once (`POST /v1/voices`), open a session in it, then post each caller utterance as a turn: the
+reply streams back in the cloned voice as it is generated. Authenticate with the tenant's API key."""
+
+
+def build_api(
+    state: StateStore, tenants: TenantDirectory, backend: TurnBackend, settings: ApiSettings | None = None
+) -> FastAPI:
+    settings = settings or ApiSettings()
+    metrics = ApiMetrics()
+    app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION)
+    app.state.services = Services(state, tenants, backend, settings, metrics)
+    for module in (voices, sessions, turns, health):
+        app.include_router(module.router)
+    install_error_handlers(app, metrics, settings.retry_after_s)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,74 @@
+"""Request and response bodies of the HTTP API, as pydantic models (they are the OpenAPI document's schemas)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.state.store import Session, SessionSampling, Voice
+from model.processing.audio import ReplyFormat
+
+
+class VoiceOut(BaseModel):
+    """A cloned voice (its Mimi codes stay in the store)."""
+
+    id: str
+    tenant: str
+    name: str
+    transcript: str
+    num_frames: int = Field(description="reference audio frames (12.5 per second)")
+    num_codebooks: int
+    valid_frames: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, voice: Voice) -> VoiceOut:
+        return cls.model_validate(voice.model_dump(exclude={"transcript_ids"}))
+
+
+class VoiceList(BaseModel):
+    voices: list[VoiceOut]
+
+
+class VoiceForm(BaseModel):
+    """multipart/form-data fields of `POST /v1/voices`."""
+
+    audio: bytes = Field(description="reference clip: WAV, FLAC or OGG, mono, up to 30 s",
+                         json_schema_extra={"format": "binary"})
+    transcript: str = Field(description="what the clip says", min_length=1)
+    name: str = "voice"
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    voice_id: str
+    system_prompt: str = ""
+    output_format: ReplyFormat = ReplyFormat.PCM16_24K
+    sampling: SessionSampling = Field(default_factory=SessionSampling)
+
+
+SessionOut = Session
+
+
+class TurnDoneEvent(BaseModel):
+    """The `done` event that ends a turn streamed as server-sent events."""
+
+    turn_id: str
+    frames: int
+    text: str
+    ttfa_ms: float | None = Field(description="request received to first reply audio sent")
+    rtf: float | None = Field(description="turn wall time / reply audio duration")
+    audio_seconds: float
+    session_version: int
+    timings: dict[str, float]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]

@@ -1,0 +1,50 @@
+"""What the route handlers work with, one per app: state, tenants, the turn backend, settings, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from cluster.api.metrics import ApiMetrics
+from cluster.api.settings import ApiSettings
+from cluster.pipeline.turn import TurnBackend
+from cluster.state.store import StateStore
+from cluster.state.tenants import TenantDirectory
+from model.errors import Unauthorized
+
+
+@dataclass
+class Services:
+    state: StateStore
+    tenants: TenantDirectory
+    backend: TurnBackend
+    settings: ApiSettings
+    metrics: ApiMetrics
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+bearer = HTTPBearer(auto_error=False, description="the tenant's API key: `Authorization: Bearer <key>`")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the tenant's API key, the other way")
+
+
+def tenant(
+    found: Annotated[Services, Depends(services)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    header_key: Annotated[str | None, Security(api_key_header)],
+) -> str:
+    """The tenant the request's API key names (401 without a known key)."""
+    key = credentials.credentials.strip() if credentials and credentials.credentials.strip() else header_key
+    name = found.tenants.tenant_for(key)
+    if name is None:
+        raise Unauthorized("missing or unknown API key (send 'Authorization: Bearer <key>')")
+    return name
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+TenantDep = Annotated[str, Depends(tenant)]

@@ -1,0 +1,217 @@
+"""POST /v1/sessions/{id}/turns: caller audio in, the spoken reply streamed out (SSE or raw audio).
+
+The turn and its reply join the session's history atomically when the reply ends; a failed or abandoned turn
+leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from cluster.api.errors import error_responses
+from cluster.api.media import caller_encoding, check_duration, negotiate_reply, read_body
+from cluster.api.schemas import TurnDoneEvent
+from cluster.api.services import Services, ServicesDep, TenantDep
+from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone
+from cluster.state.store import Session
+from model.errors import Conflict, InternalError, NotFound
+from model.processing.audio import CODEC_RATE, REASONER_RATE, ReplyFormat, StreamingAudioEncoder, decode_audio
+from model.processing.audio import pcm16_bytes, resample
+
+router = APIRouter(prefix="/v1/sessions", tags=["turns"])
+
+_AUDIO_BODY = {"schema": {"type": "string", "format": "binary"}}
+TURN_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "the caller's utterance, mono, up to 60 s: WAV/FLAC/OGG, raw PCM16 LE with its rate, or "
+        "G.711 mu-law at 8 kHz",
+        "content": {kind: _AUDIO_BODY for kind in ("audio/wav", "audio/flac", "audio/ogg", "audio/pcm;rate=16000",
+                                                    "audio/basic")},
+    }
+}
+TURN_RESPONSES = {
+    200: {
+        "description": "The reply, streamed as it is generated. `text/event-stream` sends events `text` "
+        '(`{"delta"}`), `audio` (`{"format", "data": base64}` in the session\'s format), then `done` (TurnDoneEvent) '
+        'or `error` (`{"error": {"code", "message"}}`); the audio types send the raw audio as a chunked body.',
+        "content": {
+            "text/event-stream": {"schema": TurnDoneEvent.model_json_schema()},
+            **{kind.media_type: _AUDIO_BODY for kind in ReplyFormat},
+        },
+    },
+    **error_responses(400, 401, 404, 406, 409, 413, 415, 422, 503),
+}
+
+
+@router.post("/{session_id}/turns", response_class=StreamingResponse, openapi_extra=TURN_OPENAPI,
+             responses=TURN_RESPONSES)
+async def create_turn(session_id: str, request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
+    """Answer the caller's utterance: the reply's text and audio stream as soon as the first frames decode."""
+    received = time.perf_counter()
+    encoding, rate = caller_encoding(request.headers.get("content-type"))
+    body = await read_body(request, services.settings.max_body_bytes)
+    wave, rate = decode_audio(body, sample_rate=rate, encoding=encoding)
+    check_duration(wave, rate, services.settings.max_audio_seconds, "caller audio")
+    session = await services.state.get_session(tenant, session_id)
+    sse, reply_format = negotiate_reply(request.headers.get("accept"), session)
+    voice, history_audio, user_audio = await asyncio.gather(  # independent: overlap them, TTFA counts from here
+        services.state.get_voice(tenant, session.voice_id), services.state.load_history_audio(session),
+        asyncio.to_thread(resample, wave, rate, REASONER_RATE),
+    )
+    turn = LiveTurn(services, tenant, session, user_audio, received)
+    await turn.start(services.backend.run_turn(turn.id, voice, session, history_audio, user_audio))
+    writer = ReplyWriter(sse, reply_format)
+    headers = {"Cache-Control": "no-cache", "X-Turn-Id": turn.id, "X-Accel-Buffering": "no"}
+    return TurnResponse(turn.stream(writer), media_type=writer.media_type, headers=headers, on_close=turn.close)
+
+
+class ReplyWriter:
+    """The bytes of a streamed reply: server-sent events, or raw audio (which has no way to carry text or
+    errors in-band: those return None)."""
+
+    def __init__(self, sse: bool, reply_format: ReplyFormat):
+        self.sse, self.format = sse, reply_format
+        self.encoder = StreamingAudioEncoder(reply_format, CODEC_RATE)
+        self.media_type = "text/event-stream" if sse else reply_format.media_type
+
+    def text(self, delta: str) -> bytes | None:
+        return _sse("text", {"delta": delta}) if self.sse and delta else None
+
+    def audio(self, data: bytes) -> bytes | None:
+        if not data:
+            return None
+        return _sse("audio", {"format": self.format.value, "data": base64.b64encode(data).decode()}) if self.sse else data
+
+    def event(self, name: str, payload: dict) -> bytes | None:
+        return _sse(name, payload) if self.sse else None
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class LiveTurn:
+    """One turn from its first reply event to the commit, with its metrics."""
+
+    def __init__(self, services: Services, tenant: str, session: Session, user_audio: np.ndarray, received: float):
+        self.services, self.tenant, self.session = services, tenant, session
+        self.user_audio, self.received = user_audio, received
+        self.id = f"turn_{uuid.uuid4().hex}"
+        self.outcome = "cancelled"
+        self.waiting = True
+        self.first: ReplyEvent | None = None
+        self.committed: Session | None = None
+        self.events: AsyncIterator[ReplyEvent] | None = None
+        services.metrics.live.inc()
+        services.metrics.waiting.inc()
+
+    async def start(self, events: AsyncIterator[ReplyEvent]) -> None:
+        """Wait for the first event: a turn that fails before any reply is still a plain HTTP error."""
+        self.events = events
+        try:
+            self.first = await anext(events)
+            if isinstance(self.first, TurnDone):  # nothing to stream: commit before answering
+                self.committed = await self.commit(self.first.text)
+        except StopAsyncIteration:
+            await self.close()
+            raise InternalError("the backend ended the turn without a reply") from None
+        except BaseException:
+            self.outcome = "failed"
+            await self.close()
+            raise
+
+    async def commit(self, text: str) -> Session:
+        return await self.services.state.append_turn(
+            self.tenant, self.session.id, pcm16_bytes(self.user_audio), text, self.session.version
+        )
+
+    def _first_audio(self) -> float:
+        """Time to first audio in ms, recorded once."""
+        ttfa = time.perf_counter() - self.received
+        self.services.metrics.ttfa.observe(ttfa)
+        self.services.metrics.waiting.dec()
+        self.waiting = False
+        return round(1000 * ttfa, 1)
+
+    async def stream(self, writer: ReplyWriter) -> AsyncIterator[bytes]:
+        metrics = self.services.metrics
+        event, audio_samples, first_audio_ms = self.first, 0, None
+        while not isinstance(event, TurnDone):
+            if event is None:
+                self.outcome = "failed"
+                metrics.errors.labels("backend_error").inc()
+                if not writer.sse:
+                    raise InternalError(f"turn {self.id}: the backend ended the reply without finishing it")
+                yield writer.event("error", {"error": {"code": "backend_error", "message": "the reply ended early"}})
+                return
+            if isinstance(event, TextDelta) and (data := writer.text(event.text)):
+                yield data
+            elif isinstance(event, AudioChunk):
+                audio = np.asarray(event.audio, dtype=np.float32).reshape(-1)
+                audio_samples += audio.size
+                if data := writer.audio(writer.encoder.encode(audio)):
+                    first_audio_ms = first_audio_ms or self._first_audio()
+                    yield data
+            event = await anext(self.events, None)
+        if tail := writer.audio(writer.encoder.flush()):
+            yield tail
+        try:
+            saved = self.committed or await self.commit(event.text)
+        except (Conflict, NotFound) as error:  # another turn committed first, or the session expired meanwhile
+            self.outcome = "conflict"
+            metrics.errors.labels(error.code).inc()
+            if not writer.sse:
+                raise  # raw audio cannot say so in-band: the body is cut off, so the client sees it fail
+            yield writer.event("error", {"error": {"code": error.code, "message": error.message}})
+            return
+        done = self._done(event, saved, audio_samples, first_audio_ms)
+        if writer.sse:
+            yield writer.event("done", done.model_dump())
+
+    def _done(self, event: TurnDone, saved: Session, audio_samples: int, first_audio_ms: float | None) -> TurnDoneEvent:
+        seconds = audio_samples / CODEC_RATE
+        rtf = (time.perf_counter() - self.received) / seconds if seconds else None
+        self.services.metrics.frames.inc(event.frames)
+        if rtf is not None:
+            self.services.metrics.rtf.observe(rtf)
+        self.outcome = "completed"
+        return TurnDoneEvent(
+            turn_id=self.id, frames=event.frames, text=event.text, ttfa_ms=first_audio_ms,
+            rtf=None if rtf is None else round(rtf, 4), audio_seconds=round(seconds, 4),
+            session_version=saved.version, timings=event.timings,
+        )
+
+    async def close(self) -> None:
+        if self.waiting:
+            self.services.metrics.waiting.dec()
+            self.waiting = False
+        self.services.metrics.live.dec()
+        self.services.metrics.turns.labels(self.outcome).inc()
+        if self.events is not None:
+            await self.events.aclose()
+
+
+class TurnResponse(StreamingResponse):
+    """Runs `on_close` however the response ends (finished, failed, client gone, or never started)."""
+
+    def __init__(self, *args, on_close: Callable, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()

@@ -1,0 +1,81 @@
+"""The application's configuration as one typed tree: the Serve app's arguments (`deployments.app:build_app`),
+the profiles in cluster/ops/profiles and the Helm chart's serveConfigV2 all validate against `AppConfig`.
+
+Each concern owns its settings model, next to the code it configures; this module only nests them and checks
+the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.api.settings import ApiSettings
+from cluster.pipeline.turn import TurnSettings
+from cluster.state.store import StateSettings
+from cluster.state.tenants import TenantSettings
+from model.engines.codec import CodecSettings
+from model.engines.speech import SpeechEngineSettings
+from model.reasoner.settings import ReasonerSettings
+
+
+class CheckpointSettings(BaseModel):
+    """Which checkpoint, and where its components run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="the Chroma checkpoint directory (official layout)")
+    reasoner_dir: str | None = Field(
+        None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`); default "
+        "for vLLM <path>/thinker, split on first start; the transformers engine reads the checkpoint itself",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description='"cpu" or "cuda"')
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: CheckpointSettings
+    reasoner: ReasonerSettings = Field(default_factory=ReasonerSettings)
+    speech: SpeechEngineSettings = Field(default_factory=SpeechEngineSettings)
+    codec: CodecSettings = Field(default_factory=CodecSettings)
+    turns: TurnSettings = Field(default_factory=TurnSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    tenants: TenantSettings = Field(default_factory=TenantSettings)
+    replica_cpus: float | None = Field(None, gt=0, description="CPU share of every replica (small local clusters)")
+
+    def reasoner_path(self) -> str:
+        """Where the Reasoner loads from; for vLLM the thinker is split out of the checkpoint on first use."""
+        model = self.checkpoint
+        if self.reasoner.engine == "hf":
+            return model.reasoner_dir or model.path
+        path = model.reasoner_dir or str(Path(model.path) / "thinker")
+        if not (Path(path) / "config.json").is_file():
+            from model.chroma.checkpoint import split_thinker
+
+            split_thinker(model.path, path)
+        return path
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self) -> AppConfig:
+        speech, codec = self.speech, self.codec
+        if codec.max_streams < speech.max_slots + speech.max_queue:
+            raise ValueError(
+                f"codec.max_streams ({codec.max_streams}) must be at least speech.max_slots + speech.max_queue "
+                f"({speech.max_slots} + {speech.max_queue}): every turn the speech stack takes needs a codec stream"
+            )
+        if self.turns.max_frames > speech.max_frames:
+            raise ValueError(
+                f"turns.max_frames ({self.turns.max_frames}) exceeds the speech engine's limit speech.max_frames "
+                f"({speech.max_frames})"
+            )
+        if self.reasoner.engine == "vllm" and self.api.max_audio_seconds > self.reasoner.vllm.max_audio_seconds:
+            raise ValueError(
+                f"api.max_audio_seconds ({self.api.max_audio_seconds}) exceeds what the Reasoner is sized for, "
+                f"reasoner.vllm.max_audio_seconds ({self.reasoner.vllm.max_audio_seconds})"
+            )
+        return self

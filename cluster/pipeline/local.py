@@ -1,0 +1,77 @@
+"""`LocalTurnBackend`: the API's TurnBackend in one process, no Ray (the tests, benchmarks and the offline demo).
+
+The same stages as the cluster (cluster.pipeline.turn), called directly: Reasoner -> SpeechEngine (its own
+engine thread) -> CodecLoop (its own worker thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from cluster.config import AppConfig
+from cluster.pipeline.turn import (
+    ReplyEvent,
+    TurnSettings,
+    build_turn_request,
+    clone_voice,
+    reply_events,
+    speech_frames,
+)
+from cluster.state.store import Session, Voice
+from model.chroma.checkpoint import Checkpoint
+from model.chroma.turn import VoicePrompt
+from model.engines.codec import CodecEngine
+from model.engines.codec_loop import CodecLoop
+from model.engines.speech import SpeechEngine
+from model.processing.processor import VoicePromptInputs
+from model.reasoner.base import Reasoner
+from model.reasoner.settings import build_reasoner
+
+
+class LocalTurnBackend:
+    def __init__(self, reasoner: Reasoner, speech: SpeechEngine, codec: CodecLoop, turns: TurnSettings):
+        self.reasoner = reasoner
+        self.processor = reasoner.processor
+        self.speech = speech
+        self.codec = codec
+        self.turns = turns
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: AppConfig, reasoner: Reasoner | None = None) -> LocalTurnBackend:
+        """`reasoner`: one already built (a VLLMReasoner takes a minute to start); default: from the config."""
+        model = config.checkpoint
+        checkpoint = Checkpoint(model.path)
+        if reasoner is None:
+            reasoner = build_reasoner(config.reasoner, config.reasoner_path(), model.dtype, model.device)
+        speech = SpeechEngine.from_checkpoint(checkpoint, config.speech, model.dtype, model.device)
+        codec = CodecLoop(CodecEngine.from_checkpoint(checkpoint, config.codec, model.dtype, model.device))
+        return cls(reasoner, speech, codec, config.turns)
+
+    async def ready(self) -> bool:
+        return not self._closed
+
+    async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:
+        return await clone_voice(self.processor, self._encode_voice, transcript, audio, sample_rate)
+
+    async def _encode_voice(self, inputs: VoicePromptInputs) -> VoicePrompt:
+        return await self.codec.encode_voice(inputs.text_ids[0], inputs.input_values, inputs.num_samples)
+
+    def run_turn(
+        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray
+    ) -> AsyncIterator[ReplyEvent]:
+        request = build_turn_request(turn_id, voice, session, history_audio, user_audio, self.turns)
+        pairs = self.reasoner.stream(request.conversation, request.max_tokens)
+        frames = speech_frames(self.speech, request, pairs, self.codec.engine.chunk_frames)
+        return reply_events(self.processor, self.codec.decode(turn_id, frames))
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.speech.close()
+        await self.reasoner.close()
+        await self.codec.close()
+
+    def stats(self) -> dict:
+        return {"speech": self.speech.stats(), "codec": self.codec.stats()}

@@ -1,0 +1,284 @@
+"""Cluster state in Redis: voices and sessions, per tenant (plain Python; no Ray, no HTTP).
+
+Layout, for key prefix `chroma` and tenant `acme` (every key names its tenant, so another tenant's ids are simply
+not there; the braces are Redis Cluster hash tags that keep each transaction's keys in one slot):
+  chroma:{acme}:voices                     set of the tenant's voice ids
+  chroma:{acme}:voice:voice_<hex>          hash: `meta` (Voice JSON without codes), `codes` (int16 LE bytes [F, K])
+  chroma:acme:session:{sess_<hex>}         string: Session JSON (settings + turn history without audio)
+  chroma:acme:session:{sess_<hex>}:audio   hash: history index -> caller's 16 kHz PCM16 audio of that user turn
+Voices never expire; both session keys share the session TTL, refreshed whenever the session is read or written.
+
+Durability comes from Redis itself: `cluster.state.redis_server` runs redis-server with the append-only file on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import redis
+import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import WatchError
+
+from model.chroma.sampling import SamplingParams
+from model.errors import Conflict, InternalError, NotFound
+from model.processing.audio import ReplyFormat
+
+
+class StateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url_env: str | None = Field(None, description="an env var holding the URL (with its password); wins over redis_url")
+    session_ttl_s: int = Field(3600, ge=1)
+    key_prefix: str = "chroma"
+    connection_retries: int = Field(3, ge=0, description="per command, on a dropped connection (Redis restarted)")
+
+    def url(self) -> str:
+        if self.redis_url_env:
+            url = os.environ.get(self.redis_url_env)
+            if not url:
+                raise InternalError(f"state.redis_url_env names {self.redis_url_env}, which is not set")
+            return url
+        return self.redis_url
+
+
+class VersionConflict(Conflict):
+    """The session changed after the caller read it (another turn committed first); nothing was written."""
+
+    def __init__(self, session_id: str, expected: int, found: int | None = None):
+        found_text = "changed meanwhile" if found is None else f"is at version {found}"
+        super().__init__(f"session {session_id!r} {found_text}, the turn expected version {expected}")
+        self.session_id = session_id
+
+
+class Voice(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    transcript: str
+    transcript_ids: list[int]
+    num_frames: int
+    num_codebooks: int
+    valid_frames: int  # reference frames past this are padding (see model.chroma.turn.VoicePrompt)
+    created_at: datetime
+    # Mimi codes [num_frames, num_codebooks] as little-endian int16; left out of dumps (API bodies, the meta JSON).
+    codes: bytes = Field(exclude=True, repr=False)
+
+    def codes_array(self) -> np.ndarray:
+        """[num_frames, num_codebooks] int64, as the speech stack takes them."""
+        return np.frombuffer(self.codes, dtype="<i2").reshape(self.num_frames, self.num_codebooks).astype(np.int64)
+
+
+class SessionSampling(SamplingParams):
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
+class HistoryMessage(BaseModel):
+    """One side of a committed turn: the caller's audio (kept beside the document) or the reply text."""
+
+    role: Literal["user", "assistant"]
+    text: str | None = None  # assistant turns
+    audio_bytes: int = 0  # user turns: size of the 16 kHz PCM16 audio kept beside the document
+
+
+class Session(BaseModel):
+    id: str
+    tenant: str
+    voice_id: str
+    system_prompt: str = ""
+    output_format: ReplyFormat = ReplyFormat.PCM16_24K
+    sampling: SessionSampling = Field(default_factory=SessionSampling)
+    history: list[HistoryMessage] = Field(default_factory=list)
+    version: int = 0  # committed turns; `append_turn` takes it back to refuse a turn built on a stale history
+    created_at: datetime
+    updated_at: datetime
+
+
+_VOICE_ID = re.compile(r"voice_[0-9a-f]{32}")
+_SESSION_ID = re.compile(r"sess_[0-9a-f]{32}")
+_INT16 = np.iinfo(np.int16)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def redis_client(settings: StateSettings) -> redis.asyncio.Redis:
+    """Binary-safe client (no response decoding: codes and audio are raw bytes).
+
+    Retries on connection errors: after Redis restarts (or fails over) every pooled connection is stale, and
+    redis-py's asyncio client does not retry by default, so the first requests would fail for nothing."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    return redis.asyncio.Redis.from_url(
+        settings.url(),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), settings.connection_retries),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+
+
+class StateStore:
+    """Voices and sessions of every tenant. `client` must not decode responses (see `redis_client`)."""
+
+    def __init__(self, client: redis.asyncio.Redis, settings: StateSettings | None = None):
+        self.redis = client
+        self.settings = settings or StateSettings()
+
+    # keys
+    def _voices_key(self, tenant: str) -> str:
+        return f"{self.settings.key_prefix}:{{{tenant}}}:voices"
+
+    def _voice_key(self, tenant: str, voice_id: str) -> str:
+        return f"{self.settings.key_prefix}:{{{tenant}}}:voice:{voice_id}"
+
+    def _session_keys(self, tenant: str, session_id: str) -> tuple[str, str]:
+        key = f"{self.settings.key_prefix}:{tenant}:session:{{{session_id}}}"
+        return key, key + ":audio"
+
+    # voices
+    async def create_voice(
+        self, tenant: str, name: str, transcript: str, transcript_ids: list[int], codes, valid_frames: int
+    ) -> Voice:
+        """`codes`: the reference audio's Mimi codes, a CPU torch tensor or numpy array [F, K] of integers."""
+        array = np.asarray(codes)
+        if array.ndim != 2 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"voice codes must be a non-empty integer array [frames, codebooks], got {array.shape}")
+        if array.min() < 0 or array.max() > _INT16.max:
+            raise ValueError(f"voice codes must lie in 0..{_INT16.max}")
+        if not 0 < valid_frames <= array.shape[0]:
+            raise ValueError(f"valid_frames must be in 1..{array.shape[0]}, got {valid_frames}")
+        voice = Voice(
+            id=f"voice_{uuid.uuid4().hex}", tenant=tenant, name=name, transcript=transcript,
+            transcript_ids=[int(t) for t in transcript_ids], num_frames=array.shape[0], num_codebooks=array.shape[1],
+            valid_frames=valid_frames, created_at=_now(), codes=array.astype("<i2").tobytes(),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            fields = {"meta": voice.model_dump_json(), "codes": voice.codes}
+            pipe.hset(self._voice_key(tenant, voice.id), mapping=fields)
+            pipe.sadd(self._voices_key(tenant), voice.id)
+            await pipe.execute()
+        return voice
+
+    async def get_voice(self, tenant: str, voice_id: str) -> Voice:
+        if _VOICE_ID.fullmatch(voice_id):
+            meta, codes = await self.redis.hmget(self._voice_key(tenant, voice_id), ["meta", "codes"])
+            if meta is not None:
+                return Voice.model_validate({**json.loads(meta), "codes": codes})
+        raise NotFound("voice", voice_id)
+
+    async def list_voices(self, tenant: str) -> list[Voice]:
+        ids = [v.decode() for v in await self.redis.smembers(self._voices_key(tenant))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for voice_id in ids:
+                pipe.hmget(self._voice_key(tenant, voice_id), ["meta", "codes"])
+            rows = await pipe.execute()
+        voices = [Voice.model_validate({**json.loads(m), "codes": c}) for m, c in rows if m is not None]
+        return sorted(voices, key=lambda v: (v.created_at, v.id))
+
+    async def delete_voice(self, tenant: str, voice_id: str) -> None:
+        """Sessions that still name the voice stay; their next turn fails on `get_voice` with NotFound("voice")."""
+        if _VOICE_ID.fullmatch(voice_id):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._voice_key(tenant, voice_id))
+                pipe.srem(self._voices_key(tenant), voice_id)
+                deleted, _ = await pipe.execute()
+            if deleted:
+                return
+        raise NotFound("voice", voice_id)
+
+    # sessions
+    async def create_session(
+        self, tenant: str, voice_id: str, system_prompt: str = "",
+        output_format: ReplyFormat = ReplyFormat.PCM16_24K, sampling: SessionSampling | None = None,
+    ) -> Session:
+        await self.get_voice(tenant, voice_id)  # NotFound for a missing voice or another tenant's
+        now = _now()
+        session = Session(
+            id=f"sess_{uuid.uuid4().hex}", tenant=tenant, voice_id=voice_id, system_prompt=system_prompt,
+            output_format=output_format, sampling=sampling or SessionSampling(), created_at=now, updated_at=now,
+        )
+        key, _ = self._session_keys(tenant, session.id)
+        await self.redis.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
+        return session
+
+    async def get_session(self, tenant: str, session_id: str) -> Session:
+        """Reading a session counts as using it: the TTL starts again."""
+        if _SESSION_ID.fullmatch(session_id):
+            key, audio_key = self._session_keys(tenant, session_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.getex(key, ex=self.settings.session_ttl_s)
+                pipe.expire(audio_key, self.settings.session_ttl_s)
+                raw, _ = await pipe.execute()
+            if raw is not None:
+                return Session.model_validate_json(raw)
+        raise NotFound("session", session_id)
+
+    async def delete_session(self, tenant: str, session_id: str) -> None:
+        if _SESSION_ID.fullmatch(session_id):
+            key, audio_key = self._session_keys(tenant, session_id)
+            deleted = await self.redis.delete(key, audio_key)
+            if deleted:
+                return
+        raise NotFound("session", session_id)
+
+    async def append_turn(
+        self, tenant: str, session_id: str, user_audio_16k: bytes, assistant_text: str, expected_version: int
+    ) -> Session:
+        """Commit one finished turn (the caller's 16 kHz PCM16 audio and the reply text) all at once, or nothing.
+
+        A failed or cancelled turn simply never calls this. `expected_version` is the version the turn was built
+        on; if another turn committed since, this raises VersionConflict instead of interleaving histories.
+        """
+        if not user_audio_16k or len(user_audio_16k) % 2:
+            raise ValueError(f"user audio must be non-empty 16-bit PCM, got {len(user_audio_16k)} bytes")
+        if not _SESSION_ID.fullmatch(session_id):
+            raise NotFound("session", session_id)
+        key, audio_key = self._session_keys(tenant, session_id)
+        ttl = self.settings.session_ttl_s
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # WATCH makes EXEC fail if another writer changes the document between our read and our commit.
+            await pipe.watch(key)
+            raw = await pipe.get(key)
+            if raw is None:
+                raise NotFound("session", session_id)
+            session = Session.model_validate_json(raw)
+            if session.version != expected_version:
+                raise VersionConflict(session_id, expected_version, session.version)
+            index = len(session.history)
+            session.history += [
+                HistoryMessage(role="user", audio_bytes=len(user_audio_16k)),
+                HistoryMessage(role="assistant", text=assistant_text),
+            ]
+            session.version += 1
+            session.updated_at = _now()
+            pipe.multi()
+            pipe.set(key, session.model_dump_json(), ex=ttl)
+            pipe.hset(audio_key, str(index), user_audio_16k)
+            pipe.expire(audio_key, ttl)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise VersionConflict(session_id, expected_version) from None
+        return session
+
+    async def load_history_audio(self, session: Session) -> list[bytes | None]:
+        """The caller audio of each turn in `session.history` (None for assistant turns), to rebuild the context."""
+        _, audio_key = self._session_keys(session.tenant, session.id)
+        user_turns = [i for i, turn in enumerate(session.history) if turn.role == "user"]
+        audio: list[bytes | None] = [None] * len(session.history)
+        if not user_turns:
+            return audio
+        values = await self.redis.hmget(audio_key, [str(i) for i in user_turns])
+        if any(v is None for v in values):  # the session expired or was deleted since it was read
+            raise NotFound("session", session.id)
+        for i, value in zip(user_turns, values):
+            audio[i] = value
+        return audio

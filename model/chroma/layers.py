@@ -1,0 +1,236 @@
+"""A Llama-style decoder stack with an explicit, preallocated KV cache (in the manner of gpt-fast).
+
+Parameter names match transformers' LlamaModel (`layers.N.self_attn.q_proj`, ...), so the official
+`backbone.model.*` / `decoder.model.*` weights load as they are. The arithmetic follows transformers'
+Llama float32 path step by step (RMSNorm in fp32, rotate-half RoPE, SDPA) so greedy outputs match upstream.
+
+Batching: every call works on a batch of rows, each with its own cache row. A row may feed several new
+positions; `write_index` says where each lands in that row's cache and `-1` marks padding, which is written
+to a scratch column that nobody reads. That lets one forward serve rows that need 0, 1, 3 or a whole prompt
+of new positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from model.chroma.config import SpeechTransformerConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for integer positions. A plain object (not a module): it owns no weights, and keeping
+    it out of the state dict lets the stack be built on the meta device and loaded with assign=True."""
+
+    def __init__(self, config: SpeechTransformerConfig):
+        rope = dict(config.rope_parameters)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            dim = config.head_dim
+            self.inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+            self.scaling = 1.0
+        else:
+            # Llama-3 and other scaled variants: reuse transformers' exact formulas.
+            from transformers import LlamaConfig
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            hf = LlamaConfig(**config.model_dump(exclude={"audio_embedding_dim", "audio_num_codebooks"}))
+            self.inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._by_device.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._by_device[positions.device] = self.inv_freq.to(positions.device, torch.float)
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value rows [rows, layers, kv_heads, capacity + 1, head_dim]; the last column is the
+    scratch column for padded inputs. `visible[r, j]` says whether row r's later positions may attend to j."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    visible: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: SpeechTransformerConfig, rows: int, capacity: int, device, dtype) -> "KVCache":
+        shape = (rows, config.num_hidden_layers, config.num_key_value_heads, capacity + 1, config.head_dim)
+        return cls(
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+            visible=torch.zeros(rows, capacity + 1, device=device, dtype=torch.bool),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3] - 1
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes
+
+
+@dataclass
+class StepInputs:
+    """Addressing for one forward over `rows` of a cache.
+
+    rows:         [B] cache rows the batch rows use
+    write_index:  [B, L] cache column of each new position, -1 for padding
+    positions:    [B, L] rotary position of each new position
+    attend:       [B, L] whether later positions may attend to this one (upstream's attention_mask)
+    kv_len:       1 + the largest write index, known on the host so the forward needs no device sync
+    row_range:    (first, last + 1) when `rows` are consecutive, so attention can read the cache as a view
+                  instead of gathering a copy of every row's keys per layer
+    """
+
+    rows: torch.Tensor
+    write_index: torch.Tensor
+    positions: torch.Tensor
+    attend: torch.Tensor
+    kv_len: int
+    row_range: tuple[int, int] | None = None
+
+    def cached(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rows' cached keys or values of one layer, up to kv_len: [B, kv_heads, kv_len, head_dim]."""
+        if self.row_range is not None:
+            return tensor[self.row_range[0]:self.row_range[1], layer, :, : self.kv_len]
+        return tensor[self.rows, layer, :, : self.kv_len]
+
+    @classmethod
+    def contiguous(cls, rows: list[int], starts: list[int], lengths: list[int], device, attend=None, positions=None) -> "StepInputs":
+        """Row i writes `lengths[i]` new positions from cache column `starts[i]`; rotary positions equal the
+        cache columns unless given. Shorter rows are padded to the longest."""
+        width = max(lengths)
+        offsets = torch.arange(width)
+        starts_t, lengths_t = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+        real = offsets[None] < lengths_t
+        write_index = torch.where(real, starts_t + offsets[None], -1)
+        return cls(
+            rows=torch.tensor(rows, device=device),
+            write_index=write_index.to(device),
+            positions=(write_index.clamp(min=0) if positions is None else positions).to(device),
+            attend=(real if attend is None else attend & real).to(device),
+            kv_len=max(s + n for s, n in zip(starts, lengths)),
+            row_range=(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else None,
+        )
+
+    def attention_mask(self, cache: KVCache) -> torch.Tensor:
+        """[B, 1, L, kv_len] bool: a query sees every visible column up to its own (causal)."""
+        columns = torch.arange(self.kv_len, device=self.write_index.device)
+        causal = columns[None, None, :] <= self.write_index[:, :, None]
+        return (causal & cache.visible[self.rows, None, : self.kv_len])[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: SpeechTransformerConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        # Scatter the new keys into each row's cache (padding lands in the scratch column).
+        columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
+        rows = step.rows[:, None]
+        cache.keys[rows, layer, :, columns] = k.transpose(1, 2).to(cache.keys.dtype)
+        cache.values[rows, layer, :, columns] = v.transpose(1, 2).to(cache.values.dtype)
+        keys, values = step.cached(cache.keys, layer), step.cached(cache.values, layer)
+
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: SpeechTransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SpeechTransformerConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, step, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerStack(nn.Module):
+    """Llama decoder layers + final norm over input embeddings (the token embedding is the identity)."""
+
+    def __init__(self, config: SpeechTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def allocate_cache(self, rows: int, capacity: int | None = None) -> KVCache:
+        weight = self.norm.weight
+        return KVCache.allocate(
+            self.config, rows, capacity or self.config.max_position_embeddings, weight.device, weight.dtype
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache, step: StepInputs) -> torch.Tensor:
+        """x [B, L, hidden] -> final-normed outputs [B, L, hidden]; writes the new keys into `cache`."""
+        if step.kv_len > cache.capacity:
+            raise ValueError(f"sequence longer than the KV cache ({cache.capacity} positions)")
+        rows = step.rows[:, None]
+        columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
+        cache.visible[rows, columns] = step.attend & (step.write_index >= 0)
+        mask = step.attention_mask(cache)
+        cos, sin = self.rotary(step.positions, x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, index, cache, step, mask)
+        return self.norm(x)

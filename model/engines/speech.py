@@ -1,0 +1,428 @@
+"""SpeechEngine: many turns on one device, continuous batching of Backbone + Decoder.
+
+Each live turn owns one slot: a row of a preallocated (static, gpt-fast style) backbone KV cache. Every step
+runs ONE batched backbone forward over all turns that are ready, whatever each needs (its first Reasoner pair
+after the cached voice prompt, one frame, or a frame plus a Reasoner pair), then ONE batched decoder pass that
+completes their frames. A turn joins at the next step and leaves (finished, failed or cancelled) freeing its
+slot at once. Reasoner pairs arrive asynchronously per turn; a turn whose next step needs a pair that has not
+arrived sits the step out without holding back the others.
+
+The math is `SpeechModel`'s, the same as the offline `generate_turn`, so greedy frames are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.chroma.checkpoint import Checkpoint, load_speech, resolve_dtype
+from model.chroma.layers import KVCache, StepInputs
+from model.chroma.sampling import SamplingParams, SamplingState
+from model.chroma.speech import SpeechModel
+from model.chroma.turn import (
+    DEFAULT_MAX_FRAMES,
+    GeneratedFrame,
+    ReasonerPair,
+    TurnProgress,
+    VoicePrompt,
+    turn_frame_budget,
+    voice_prompt_attend,
+)
+from model.errors import CapacityError
+
+
+class SpeechEngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_slots: int = Field(16, ge=1, description="live turns per device")
+    max_queue: int = Field(48, ge=0, description="turns waiting for a slot before submit refuses")
+    voice_cache_mb: float = Field(256.0, ge=0, description="memory bound of the voice-prompt KV cache (LRU)")
+    max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="frame limit per turn (60 s at 12.5 frames/s)")
+    # torch.compile of the decoder's 7-sub-step transformer calls, the per-frame hot loop. On CUDA,
+    # "reduce-overhead" captures them as CUDA graphs. Off by default: on CPU the compiled path measured slower
+    # (tiny model: ~14 vs ~45 frames/s) after a ~70 s compile.
+    compile_mode: str | None = Field(None, description='None (eager), "default", "reduce-overhead", "max-autotune"')
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class VoicePrefix:
+    """Backbone keys/values of one voice prompt, ready to copy into a slot."""
+
+    keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
+    values: torch.Tensor
+    visible: torch.Tensor  # [P]
+
+    @property
+    def length(self) -> int:
+        return self.visible.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes
+
+
+@dataclass
+class _Turn:
+    turn_id: str
+    voice: VoicePrompt
+    voice_key: str
+    sampling: SamplingState
+    progress: TurnProgress
+    output: asyncio.Queue
+    pairs: deque = field(default_factory=deque)
+    reasoner_ended: bool = False
+    slot: int | None = None
+    length: int = 0  # positions in the slot's cache
+    next_frame_embedding: torch.Tensor | None = None  # input of the next step, once a frame exists
+    unsent_text: list[int] = field(default_factory=list)
+    pump: asyncio.Task | None = None
+    cancelled: bool = False
+    error: BaseException | None = None
+
+
+_END = object()
+
+
+class SpeechEngine:
+    """Turn-level API on the asyncio side; the stepping runs in one engine thread (like vLLM's engine core
+    busy loop), so a step never waits on the event loop and the event loop never waits on a step. Turn state
+    is shared under `self._lock`; results go back to the event loop with call_soon_threadsafe."""
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, settings: SpeechEngineSettings, dtype: str = "float32", device: str = "cpu"
+    ) -> SpeechEngine:
+        return cls(load_speech(checkpoint, resolve_dtype(dtype), device), settings)
+
+    def __init__(self, speech: SpeechModel, settings: SpeechEngineSettings | None = None):
+        self.speech = speech
+        self.settings = settings or SpeechEngineSettings()
+        self.cache: KVCache = speech.allocate_backbone_cache(rows=self.settings.max_slots)
+        self.free_slots = list(range(self.settings.max_slots - 1, -1, -1))
+        self.turns: dict[str, _Turn] = {}
+        self.waiting: deque[_Turn] = deque()
+        self.voice_cache: OrderedDict[str, VoicePrefix] = OrderedDict()
+        self.steps = 0
+        self.frames_out = 0
+        self.step_times: deque[float] = deque(maxlen=200)
+        self._lock = threading.Condition()
+        self._in_flight: set[str] = set()
+        self._slots_to_free: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
+        self._decoder_stack = None
+        if self.settings.compile_mode is not None:
+            self._decoder_stack = torch.compile(
+                speech.decoder.model, mode=self.settings.compile_mode, backend=self.settings.compile_backend, dynamic=True
+            )
+
+    # ---- public API (event loop thread) -----------------------------------------------------------------
+    async def submit(
+        self,
+        turn_id: str,
+        voice: VoicePrompt,
+        reasoner_stream: AsyncIterator[ReasonerPair],
+        sampling: SamplingParams | None = None,
+        max_frames: int | None = None,
+    ) -> AsyncIterator[GeneratedFrame]:
+        """Start a turn; returns its frames as they are produced. Closing the iterator cancels the turn."""
+        frames = turn_frame_budget(self.speech.config, voice, min(max_frames or self.settings.max_frames, self.settings.max_frames))
+        turn = _Turn(
+            turn_id=turn_id,
+            voice=voice,
+            voice_key=_voice_key(voice),
+            sampling=SamplingState(sampling or SamplingParams(), self.speech.device),
+            progress=TurnProgress(self.speech.config, frames),
+            output=asyncio.Queue(),
+        )
+        self._start()
+        with self._lock:
+            if turn_id in self.turns:
+                raise ValueError(f"turn {turn_id!r} is already running")
+            if not self.free_slots and len(self.waiting) >= self.settings.max_queue:
+                raise CapacityError(f"no free slots: {self.settings.max_slots} live turns and {len(self.waiting)} queued")
+            self.turns[turn_id] = turn
+            self._admit_or_queue(turn)
+        turn.pump = asyncio.create_task(self._pump(turn, reasoner_stream))
+        return self._frames(turn)
+
+    def cancel(self, turn_id: str) -> bool:
+        """Stop a turn now and free its slot; returns whether it was live."""
+        with self._lock:
+            turn = self.turns.get(turn_id)
+            if turn is None:
+                return False
+            turn.cancelled = True
+            self._finish(turn)
+            return True
+
+    def stats(self) -> dict:
+        with self._lock:
+            live = [t for t in self.turns.values() if t.slot is not None]
+            step_times = sorted(self.step_times)
+            return {
+                "live_slots": len(live),
+                "free_slots": len(self.free_slots),
+                "queued": len(self.waiting),
+                "steps": self.steps,
+                "frames": self.frames_out,
+                "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
+                "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
+                "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
+                "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
+                "voice_cache_entries": len(self.voice_cache),
+                "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
+            }
+
+    def clear_voice_cache(self) -> None:
+        with self._lock:
+            self.voice_cache.clear()
+
+    async def close(self) -> None:
+        for turn_id in list(self.turns):
+            self.cancel(turn_id)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # ---- turn lifecycle -----------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="speech-engine", daemon=True)
+            self._thread.start()
+
+    async def _frames(self, turn: _Turn) -> AsyncIterator[GeneratedFrame]:
+        try:
+            while True:
+                item = await turn.output.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel(turn.turn_id)  # no-op once the turn ended; frees it if the consumer left early
+
+    async def _pump(self, turn: _Turn, stream: AsyncIterator[ReasonerPair]) -> None:
+        try:
+            async for pair in stream:
+                with self._lock:
+                    turn.pairs.append(pair)
+                    self._lock.notify()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a failed Reasoner fails only its own turn
+            turn.error = error
+        finally:
+            with self._lock:
+                turn.reasoner_ended = True
+                self._lock.notify()
+            # Closing the stream frees the Reasoner's request when the turn ends before the text does.
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _emit(self, turn: _Turn, item) -> None:
+        self._loop.call_soon_threadsafe(turn.output.put_nowait, item)
+
+    def _admit_or_queue(self, turn: _Turn) -> None:
+        if self.free_slots:
+            turn.slot = self.free_slots.pop()
+        else:
+            self.waiting.append(turn)
+
+    def _finish(self, turn: _Turn) -> None:
+        """Under the lock, from either thread."""
+        self.turns.pop(turn.turn_id, None)
+        if turn in self.waiting:
+            self.waiting.remove(turn)
+        if turn.slot is not None:
+            if turn.turn_id in self._in_flight:
+                self._slots_to_free.append(turn.slot)  # the running step still writes this cache row
+            else:
+                self._free_slot(turn.slot)
+            turn.slot = None
+        if turn.pump is not None:
+            self._loop.call_soon_threadsafe(turn.pump.cancel)
+        if turn.error is not None:
+            self._emit(turn, turn.error)
+        elif not turn.cancelled and turn.unsent_text:
+            self._emit(turn, GeneratedFrame(codes=None, text_tokens=turn.unsent_text))
+        self._emit(turn, _END)
+        self._lock.notify()
+
+    def _free_slot(self, slot: int) -> None:
+        self.cache.visible[slot] = False
+        self.free_slots.append(slot)
+        if self.waiting:
+            self._admit_or_queue(self.waiting.popleft())
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._step_until_stopped()
+        except BaseException as failure:  # an engine bug must fail the live turns, not leave them hanging
+            with self._lock:
+                for turn in list(self.turns.values()):
+                    turn.error = RuntimeError(f"speech engine stopped: {failure!r}")
+                    self._finish(turn)
+                self._thread = None
+            raise
+
+    def _step_until_stopped(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._collect_ready()
+                while not batch:
+                    if self._stopping:
+                        return
+                    self._lock.wait()
+                    batch = self._collect_ready()
+                # Cancel() may change a turn while the step runs: read its addressing now, free its slot after.
+                rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
+                self._in_flight = {t.turn_id for t, _ in batch}
+            started = time.perf_counter()
+            try:
+                frames, embeddings = self._forward(batch, rows, starts)
+                error = None
+            except Exception as failure:  # a failed step fails the turns in it, not the engine
+                error = failure
+            with self._lock:
+                self._in_flight = set()
+                while self._slots_to_free:
+                    self._free_slot(self._slots_to_free.pop())
+                if error is not None:
+                    for turn, _ in batch:
+                        if turn.turn_id in self.turns:
+                            turn.error = error
+                            self._finish(turn)
+                    continue
+                self.step_times.append(time.perf_counter() - started)
+                self.steps += 1
+                self._apply(batch, frames, embeddings)
+
+    @torch.inference_mode()
+    def _collect_ready(self) -> list[tuple[_Turn, torch.Tensor]]:
+        """Turns with a slot whose next input is complete, each with that input [L, H]."""
+        ready = []
+        for turn in list(self.turns.values()):
+            if turn.slot is None:
+                continue
+            if turn.error is not None:
+                self._finish(turn)
+                continue
+            embeds = self._next_input(turn)
+            if turn.error is not None:
+                self._finish(turn)
+            elif embeds is not None:
+                ready.append((turn, embeds))
+        return ready
+
+    def _next_input(self, turn: _Turn) -> torch.Tensor | None:
+        speech, progress = self.speech, turn.progress
+        pair = None
+        if progress.wants_reasoner_pair():
+            if turn.pairs:
+                token, hidden = turn.pairs.popleft()
+                progress.add_text(token)
+                turn.unsent_text.append(token)
+                pair = speech.reasoner_pair(token, hidden)
+            elif turn.reasoner_ended:
+                progress.reasoner_done = True  # the Reasoner stopped without im_end (token limit)
+                if progress.steps == 0:
+                    turn.error = ValueError(f"turn {turn.turn_id}: the Reasoner produced no text token")
+                    return None
+            else:
+                return None
+        if progress.steps == 0:
+            self._load_voice_prefix(turn)
+            return pair
+        return turn.next_frame_embedding[None] if pair is None else torch.cat([turn.next_frame_embedding[None], pair])
+
+    def _load_voice_prefix(self, turn: _Turn) -> None:
+        prefix = self.voice_cache.get(turn.voice_key)
+        if prefix is None:
+            prefix = self._prefill_voice(turn.voice)
+            self.voice_cache[turn.voice_key] = prefix
+            self._evict_voices()
+        self.voice_cache.move_to_end(turn.voice_key)
+        slot, length = turn.slot, prefix.length
+        self.cache.keys[slot, :, :, :length] = prefix.keys
+        self.cache.values[slot, :, :, :length] = prefix.values
+        self.cache.visible[slot] = False
+        self.cache.visible[slot, :length] = prefix.visible
+        turn.length = length
+
+    @torch.inference_mode()
+    def _prefill_voice(self, voice: VoicePrompt) -> VoicePrefix:
+        speech = self.speech
+        embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
+        length = embeds.shape[0]
+        scratch = speech.allocate_backbone_cache(rows=1, capacity=length)
+        attend = voice_prompt_attend(voice)
+        step = StepInputs.contiguous([0], [0], [length], speech.device, attend=attend[None])
+        speech.backbone.model(embeds[None].to(speech.dtype), scratch, step)
+        return VoicePrefix(
+            keys=scratch.keys[0, :, :, :length].clone(),
+            values=scratch.values[0, :, :, :length].clone(),
+            visible=scratch.visible[0, :length].clone(),
+        )
+
+    def _evict_voices(self) -> None:
+        budget = self.settings.voice_cache_mb * 2**20
+        while len(self.voice_cache) > 1 and sum(p.nbytes for p in self.voice_cache.values()) > budget:
+            self.voice_cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]], rows: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone forward + one decoder pass for the batch -> (frames [B, 8] on the host, next-step
+        frame embeddings [B, H]). The only host sync is reading the frames back."""
+        speech = self.speech
+        lengths = [embeds.shape[0] for _, embeds in batch]
+        width = max(lengths)
+        inputs = torch.zeros(len(batch), width, speech.config.backbone_config.hidden_size, device=speech.device, dtype=speech.dtype)
+        for row, (_, embeds) in enumerate(batch):
+            inputs[row, : embeds.shape[0]] = embeds
+        step = StepInputs.contiguous(rows, starts, lengths, speech.device)
+        last = torch.tensor([n - 1 for n in lengths], device=speech.device)
+        sampling = [t.sampling for t, _ in batch]
+        x, logits = speech.backbone_step(inputs, self.cache, step, last)
+        frames = speech.complete_frames(x, speech.sample(logits, sampling), sampling, self._decoder_stack)
+        return frames.cpu(), speech.frame_embeddings(frames)
+
+    def _apply(self, batch, frames: torch.Tensor, embeddings: torch.Tensor) -> None:
+        for row, ((turn, embeds), codes) in enumerate(zip(batch, frames.tolist())):
+            if turn.turn_id not in self.turns:  # cancelled while the step ran
+                continue
+            turn.length += embeds.shape[0]
+            if turn.progress.add_frame(codes):
+                self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
+                turn.unsent_text = []
+                self.frames_out += 1
+            turn.next_frame_embedding = embeddings[row]
+            if turn.progress.finished:
+                self._finish(turn)
+
+
+def _voice_key(voice: VoicePrompt) -> str:
+    digest = hashlib.sha1()
+    for tensor in (voice.transcript_ids, voice.codes):
+        digest.update(tensor.to(torch.int64).numpy().tobytes())
+    digest.update(str(voice.valid_frames).encode())
+    return digest.hexdigest()

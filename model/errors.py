@@ -1,0 +1,116 @@
+"""The project's typed errors. Every layer raises these; the HTTP API maps them to answers by class alone.
+
+- `CallerError`: the caller's mistake (bad audio, bad request, unknown id, over a limit). The API answers with
+  the error's `status` (4xx), `code` and message, which must name the problem and carry nothing internal.
+- `Unavailable`: nobody's fault, try again shortly (every slot taken, a stage or Redis down): 503 with
+  Retry-After.
+- Anything else (including `InternalError` and exceptions of other libraries) is an internal failure: the API
+  answers 500 with code `internal_error` and the request id, and logs the traceback on the server.
+
+`InvalidInput` also subclasses ValueError, as the input checks it replaces did.
+"""
+
+from __future__ import annotations
+
+
+class ChromaError(Exception):
+    """Base of the errors raised on purpose. `code` names the kind for clients; `message` is for people."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args), which subclasses with other signatures cannot take; Ray ships errors
+        # between replicas by pickling them.
+        return _rebuild, (type(self), self.message, dict(self.__dict__))
+
+
+def _rebuild(cls: type[ChromaError], message: str, state: dict) -> ChromaError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class CallerError(ChromaError):
+    status = 422
+    code = "invalid_request"
+
+
+class InvalidInput(CallerError, ValueError):
+    """A request, conversation or text the stack cannot take as given."""
+
+
+class AudioError(InvalidInput):
+    """Audio that cannot be used (corrupt, empty, wrong format or rate); the message names the problem."""
+
+    code = "invalid_audio"
+
+
+class NotFound(CallerError, KeyError):
+    """An unknown id, or one that belongs to another tenant (callers must not learn which)."""
+
+    status = 404
+    code = "not_found"
+
+    def __init__(self, kind: str, id: str):
+        super().__init__(f"{kind} {id!r} not found")
+        self.kind = kind
+        self.id = id
+
+
+class BadRequest(CallerError):
+    status = 400
+
+
+class TooLarge(CallerError):
+    status = 413
+    code = "too_large"
+
+
+class Conflict(CallerError):
+    status = 409
+    code = "version_conflict"
+
+
+class Unauthorized(CallerError):
+    status = 401
+    code = "unauthorized"
+
+
+class UnsupportedMediaType(CallerError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotAcceptable(CallerError):
+    status = 406
+    code = "not_acceptable"
+
+
+class Unavailable(ChromaError):
+    """Transient: the caller should retry after a moment."""
+
+    code = "unavailable"
+
+
+class CapacityError(Unavailable):
+    """Every slot (and queue place) is taken: refuse the turn rather than slow every live call down."""
+
+    code = "over_capacity"
+
+
+class StateUnavailable(Unavailable):
+    code = "state_unavailable"
+
+
+class InternalError(ChromaError):
+    """A failure of the stack itself (a broken checkpoint, an engine or channel failure)."""

