@@ -12,6 +12,8 @@ lives in `LocalClusterSettings.home`, so a second `up` after `down` finds its vo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -19,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,12 +212,19 @@ def ray_running(settings: LocalClusterSettings) -> bool:
         return False
 
 
+def ray_temp_dir(settings: LocalClusterSettings) -> Path:
+    """This cluster's own Ray temp dir: every process of the cluster names it on its command line, which is how
+    `down` finds them (`ray stop` would stop every Ray cluster of the machine). Short, since Ray puts unix
+    sockets under it."""
+    return Path(tempfile.gettempdir()) / f"chroma-ray-{hashlib.sha1(str(settings.home.resolve()).encode()).hexdigest()[:10]}"
+
+
 def start_ray(settings: LocalClusterSettings) -> None:
     if ray_running(settings):
         return
     args = [
         _tool("ray"), "start", "--head", "--port", str(settings.ray_port), "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(settings.dashboard_port), "--disable-usage-stats",
+        "--dashboard-port", str(settings.dashboard_port), "--disable-usage-stats", "--temp-dir", str(ray_temp_dir(settings)),
     ]
     if settings.num_cpus is not None:
         args += ["--num-cpus", str(settings.num_cpus)]
@@ -311,9 +321,29 @@ def up(
     )
 
 
+def stop_ray(settings: LocalClusterSettings, timeout_s: float = 30.0) -> int:
+    """Stop this cluster's Ray processes (SIGTERM, then SIGKILL after `timeout_s`); returns how many there were."""
+    import psutil
+
+    marker = str(ray_temp_dir(settings))
+    processes = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+                processes.append(proc)
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(processes)
+
+
 def down(settings: LocalClusterSettings | None = None, progress=print) -> None:
     settings = settings or LocalClusterSettings()
-    _run([_tool("ray"), "stop"], "ray stop", env=_ray_env(settings))
-    progress("ray: stopped")
+    progress(f"ray: stopped ({stop_ray(settings)} processes)")
     if stop_redis(settings):
         progress("redis: stopped (its append-only file stays in the data dir)")
