@@ -20,7 +20,7 @@ from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
 from deployments.streams import relay, result
 from model.chroma.turn import VoicePrompt
-from model.processing.processor import ChromaProcessor, VoicePromptInputs
+from model.processing.processor import ChromaProcessor, Message, VoicePromptInputs
 
 
 class RayTurnBackend:
@@ -39,9 +39,9 @@ class RayTurnBackend:
         return await result(self.codec.encode_voice.remote(inputs), "Codec")
 
     def run_turn(
-        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray
+        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
     ) -> AsyncIterator[ReplyEvent]:
-        request = build_turn_request(turn_id, voice, session, history_audio, user_audio, self.turns)
+        request = build_turn_request(turn_id, voice, session, history_audio, user, self.turns)
         return reply_events(self.processor, relay(lambda: self.codec.options(stream=True).reply.remote(request), "Codec"))
 
 
@@ -52,7 +52,7 @@ class IngressDeployment:
         self.backend = RayTurnBackend(codec, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns)
         self.state = StateStore(redis_client(config.state), config.state)
         self.tenants = TenantDirectory.from_settings(config.tenants)
-        self.api_settings = config.api
+        self.config = config
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.state, self.tenants, self.backend, self.api_settings)
+        return build_api(self.state, self.tenants, self.backend, self.config.api, self.config.calls)

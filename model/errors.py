@@ -96,6 +96,13 @@ class NotAcceptable(CallerError):
     code = "not_acceptable"
 
 
+class QuotaExceeded(CallerError):
+    """The tenant is at its concurrency quota: answered 429 with Retry-After."""
+
+    status = 429
+    code = "tenant_concurrency_limit"
+
+
 class Unavailable(ChromaError):
     """Transient: the caller should retry after a moment."""
 

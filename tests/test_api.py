@@ -362,7 +362,7 @@ class StubBackend:
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
 
-    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
+    async def run_turn(self, turn_id, voice, session, history_audio, user):
         if self.busy:
             raise CapacityError("no free slots")
         yield  # pragma: no cover
@@ -420,7 +420,7 @@ async def test_openapi_document_describes_every_route(client):
 
 
 class FailingBackend(StubBackend):
-    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
+    async def run_turn(self, turn_id, voice, session, history_audio, user):
         raise RuntimeError("/srv/secret/path.py exploded in actor 1234")
         yield  # pragma: no cover
 

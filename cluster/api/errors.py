@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.api.metrics import ApiMetrics
-from model.errors import CallerError, ChromaError, Unauthorized, Unavailable
+from model.errors import CallerError, ChromaError, QuotaExceeded, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def error_responses(*statuses: int) -> dict:
         400: "Malformed request", 401: "Missing or unknown API key", 404: "Unknown id (or another tenant's)",
         406: "No acceptable reply type", 409: "The session changed meanwhile", 413: "Body or audio over the limit",
         415: "Unsupported media type", 422: "Invalid request or audio",
+        429: "The tenant is at its concurrency quota: retry after Retry-After seconds",
         503: "Over capacity, a stage or the state store unavailable: retry after Retry-After seconds",
     }
     return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
@@ -73,6 +74,7 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics, retry_after_s: int
     async def chroma_error(request: Request, exc: ChromaError) -> JSONResponse:
         if isinstance(exc, CallerError):
             headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+            headers = retry if isinstance(exc, QuotaExceeded) else headers
             return answer(request, exc.status, exc.code, exc.message, headers)
         if isinstance(exc, Unavailable):
             return answer(request, 503, exc.code, exc.message, retry)

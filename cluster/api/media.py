@@ -13,6 +13,7 @@ from model.processing.audio import ReplyFormat
 
 PCM_TYPES = ("audio/pcm", "audio/x-pcm", "audio/pcm16")
 MULAW_TYPES = ("audio/basic", "audio/pcmu", "audio/x-mulaw", "audio/mulaw")
+ALAW_TYPES = ("audio/pcma", "audio/x-alaw", "audio/alaw")
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave")
 CONTAINER_TYPES = (*WAV_TYPES, "audio/vnd.wave", "audio/flac", "audio/x-flac", "audio/ogg", "application/ogg",
                    "application/octet-stream")
@@ -49,8 +50,11 @@ def caller_encoding(content_type: str | None) -> tuple[str | None, int | None]:
         return "pcm16", rate
     if kind in MULAW_TYPES:
         return "mulaw", rate or 8000
+    if kind in ALAW_TYPES:
+        return "alaw", rate or 8000
     raise UnsupportedMediaType(
-        f"unsupported caller audio type {kind!r}: send audio/wav (or FLAC/OGG), audio/pcm;rate=N or audio/basic"
+        f"unsupported caller audio type {kind!r}: send audio/wav (or FLAC/OGG), audio/pcm;rate=N, audio/basic or "
+        "audio/pcma"
     )
 
 
@@ -74,13 +78,15 @@ def negotiate_reply(accept: str | None, session: Session) -> tuple[bool, ReplyFo
             return False, ReplyFormat.PCM16_24K if rate == "24000" else ReplyFormat.PCM16_16K
         if kind in MULAW_TYPES:
             return False, ReplyFormat.MULAW_8K
+        if kind in ALAW_TYPES:
+            return False, ReplyFormat.ALAW_8K
         if kind in WAV_TYPES:
             return False, ReplyFormat.WAV
         if kind == "audio/*":
             return False, session.output_format
     raise NotAcceptable(
         "no acceptable reply type: accept text/event-stream, audio/pcm;rate=24000, audio/pcm;rate=16000, "
-        "audio/basic or audio/wav"
+        "audio/basic, audio/pcma or audio/wav"
     )
 
 

@@ -24,3 +24,20 @@ class ApiMetrics:
         self.frames = Counter("chroma_frames", "Reply audio frames generated (12.5 per second)", registry=self.registry)
         self.turns = Counter("chroma_turns", "Turns by outcome", ["outcome"], registry=self.registry)
         self.errors = Counter("chroma_errors", "Error responses and failed streams by kind", ["kind"], registry=self.registry)
+        # Live calls (cluster.calls).
+        self.calls_live = Gauge("chroma_calls_live", "Live calls now", ["protocol"], registry=self.registry)
+        self.calls_refused = Counter("chroma_calls_refused", "Calls refused at the handshake, by reason", ["reason"],
+                                     registry=self.registry)
+        latency_buckets = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+        self.voice_to_voice = Histogram(
+            "chroma_call_voice_to_voice_seconds",
+            "End of the caller's speech to the first reply audio sent; vad_window=included counts the silence the "
+            "turn detector waits for, excluded starts when it committed the turn", ["vad_window"],
+            registry=self.registry, buckets=latency_buckets,
+        )
+        self.barge_in = Histogram(
+            "chroma_call_barge_in_seconds", "Caller speech detected during a reply to the reply stopped",
+            registry=self.registry, buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0),
+        )
+        self.call_underruns = Counter("chroma_call_underruns", "Reply audio that reached the caller after what was "
+                                      "sent before it had played out (a gap)", registry=self.registry)

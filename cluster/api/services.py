@@ -10,6 +10,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from cluster.api.metrics import ApiMetrics
 from cluster.api.settings import ApiSettings
+from cluster.calls.registry import LiveCalls
+from cluster.calls.session import CallSettings
 from cluster.pipeline.turn import TurnBackend
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
@@ -23,6 +25,8 @@ class Services:
     backend: TurnBackend
     settings: ApiSettings
     metrics: ApiMetrics
+    call_settings: CallSettings
+    calls: LiveCalls
 
 
 def services(request: Request) -> Services:

@@ -22,7 +22,7 @@ from cluster.api.errors import error_responses
 from cluster.api.media import caller_encoding, check_duration, negotiate_reply, read_body
 from cluster.api.schemas import TurnDoneEvent
 from cluster.api.services import Services, ServicesDep, TenantDep
-from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone
+from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone, caller_message
 from cluster.state.store import Session
 from model.errors import Conflict, InternalError, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE, ReplyFormat, StreamingAudioEncoder, decode_audio
@@ -70,7 +70,7 @@ async def create_turn(session_id: str, request: Request, tenant: TenantDep, serv
         asyncio.to_thread(resample, wave, rate, REASONER_RATE),
     )
     turn = LiveTurn(services, tenant, session, user_audio, received)
-    await turn.start(services.backend.run_turn(turn.id, voice, session, history_audio, user_audio))
+    await turn.start(services.backend.run_turn(turn.id, voice, session, history_audio, caller_message(user_audio)))
     writer = ReplyWriter(sse, reply_format)
     headers = {"Cache-Control": "no-cache", "X-Turn-Id": turn.id, "X-Accel-Buffering": "no"}
     return TurnResponse(turn.stream(writer), media_type=writer.media_type, headers=headers, on_close=turn.close)

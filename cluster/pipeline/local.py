@@ -25,7 +25,7 @@ from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
 from model.engines.codec_loop import CodecLoop
 from model.engines.speech import SpeechEngine
-from model.processing.processor import VoicePromptInputs
+from model.processing.processor import Message, VoicePromptInputs
 from model.reasoner.base import Reasoner
 from model.reasoner.settings import build_reasoner
 
@@ -60,9 +60,9 @@ class LocalTurnBackend:
         return await self.codec.encode_voice(inputs.text_ids[0], inputs.input_values, inputs.num_samples)
 
     def run_turn(
-        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray
+        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
     ) -> AsyncIterator[ReplyEvent]:
-        request = build_turn_request(turn_id, voice, session, history_audio, user_audio, self.turns)
+        request = build_turn_request(turn_id, voice, session, history_audio, user, self.turns)
         pairs = self.reasoner.stream(request.conversation, request.max_tokens)
         frames = speech_frames(self.speech, request, pairs, self.codec.engine.chunk_frames)
         return reply_events(self.processor, self.codec.decode(turn_id, frames))

@@ -61,30 +61,36 @@ class TurnRequest:
 
 
 def build_turn_request(
-    turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray,
+    turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message,
     settings: TurnSettings,
 ) -> TurnRequest:
-    """`history_audio` is `StateStore.load_history_audio(session)`; `user_audio` is at REASONER_RATE."""
+    """`history_audio` is `StateStore.load_history_audio(session)`; `user` is the caller's new message."""
     return TurnRequest(
         turn_id=turn_id,
         voice=voice_prompt(voice),
-        conversation=build_conversation(session, history_audio, user_audio),
+        conversation=build_conversation(session, history_audio, user),
         sampling=session.sampling,
         max_frames=settings.max_frames,
         max_tokens=min(settings.max_tokens, reasoner_tokens_for(settings.max_frames)),
     )
 
 
-def build_conversation(session: Session, history_audio: list[bytes | None], user_audio: np.ndarray) -> Conversation:
-    """The session's system prompt, its history (caller audio, reply text) and the new caller audio."""
+def build_conversation(session: Session, history_audio: list[bytes | None], user: Message) -> Conversation:
+    """The session's system prompt, its history (caller audio or text, reply text) and the new user message."""
     messages = []
     for entry, audio in zip(session.history, history_audio):
         if entry.role == "user":
-            messages.append(Message("user", audio=pcm16_wave(audio), sample_rate=REASONER_RATE))
+            spoken = audio is not None
+            messages.append(Message("user", text=entry.text, audio=pcm16_wave(audio) if spoken else None,
+                                    sample_rate=REASONER_RATE if spoken else None))
         elif entry.text:  # a reply with no words leaves nothing for the Reasoner to read
             messages.append(Message("assistant", text=entry.text))
-    messages.append(Message("user", audio=np.asarray(user_audio, dtype=np.float32), sample_rate=REASONER_RATE))
-    return Conversation(session.system_prompt, messages)
+    return Conversation(session.system_prompt, [*messages, user])
+
+
+def caller_message(audio: np.ndarray) -> Message:
+    """The caller's utterance (float32 at REASONER_RATE) as the conversation's new user message."""
+    return Message("user", audio=np.asarray(audio, dtype=np.float32), sample_rate=REASONER_RATE)
 
 
 def voice_prompt(voice: Voice) -> VoicePrompt:
@@ -124,7 +130,9 @@ async def speech_frames(
 # ---- the reply as the API streams it ------------------------------------------------------------------
 @dataclass
 class TextDelta:
-    text: str
+    text: str  # may be empty while a multi-byte character is incomplete
+    tokens: list[int] = field(default_factory=list)  # the Reasoner tokens behind it
+    at_frame: int = 0  # the reply frame they entered with: heard once that frame has played
 
 
 @dataclass
@@ -174,8 +182,8 @@ async def reply_events(processor: ChromaProcessor, chunks: AsyncIterator[ReplyCh
     text, frames, first_audio = IncrementalText(processor), 0, None
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            if delta := text.add(chunk.text_tokens):
-                yield TextDelta(delta)
+            if chunk.text_tokens:
+                yield TextDelta(text.add(chunk.text_tokens), chunk.text_tokens, chunk.text_at_frame)
             if chunk.audio is not None:
                 frames += chunk.frames
                 first_audio = first_audio or time.perf_counter()
@@ -193,12 +201,14 @@ class TurnBackend(Protocol):
     """What the API drives: `cluster.pipeline.local.LocalTurnBackend` in one process, the Ray deployments in the
     cluster (`deployments.ingress.RayTurnBackend`)."""
 
+    processor: ChromaProcessor
+
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:
         """The voice prompt of a reference clip (any rate). InvalidInput / AudioError for unusable input."""
         ...
 
     def run_turn(
-        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray
+        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
     ) -> AsyncIterator[ReplyEvent]:
         """Text deltas and audio chunks as they are produced, then exactly one TurnDone. Closing the iterator
         cancels the turn and frees its engine slots. CapacityError when full."""

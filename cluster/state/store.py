@@ -84,8 +84,8 @@ class HistoryMessage(BaseModel):
     """One side of a committed turn: the caller's audio (kept beside the document) or the reply text."""
 
     role: Literal["user", "assistant"]
-    text: str | None = None  # assistant turns
-    audio_bytes: int = 0  # user turns: size of the 16 kHz PCM16 audio kept beside the document
+    text: str | None = None  # the reply, or a typed user message
+    audio_bytes: int = 0  # a spoken user message: size of its 16 kHz PCM16 audio kept beside the document
 
 
 class Session(BaseModel):
@@ -230,19 +230,64 @@ class StateStore:
         raise NotFound("session", session_id)
 
     async def append_turn(
-        self, tenant: str, session_id: str, user_audio_16k: bytes, assistant_text: str, expected_version: int
+        self, tenant: str, session_id: str, user_audio_16k: bytes | None, assistant_text: str, expected_version: int,
+        *, user_text: str | None = None,
     ) -> Session:
-        """Commit one finished turn (the caller's 16 kHz PCM16 audio and the reply text) all at once, or nothing.
+        """Commit one finished turn (the caller's 16 kHz PCM16 audio, or a typed user message, and the reply text)
+        all at once, or nothing.
 
         A failed or cancelled turn simply never calls this. `expected_version` is the version the turn was built
         on; if another turn committed since, this raises VersionConflict instead of interleaving histories.
         """
-        if not user_audio_16k or len(user_audio_16k) % 2:
+        if user_audio_16k is None:
+            if not user_text:
+                raise ValueError("a turn needs the user's audio or text")
+        elif not user_audio_16k or len(user_audio_16k) % 2:
             raise ValueError(f"user audio must be non-empty 16-bit PCM, got {len(user_audio_16k)} bytes")
+
+        def add_turn(session: Session, pipe) -> None:
+            _, audio_key = self._session_keys(tenant, session_id)
+            if user_audio_16k is not None:
+                pipe.hset(audio_key, str(len(session.history)), user_audio_16k)
+                pipe.expire(audio_key, self.settings.session_ttl_s)
+            session.history += [
+                HistoryMessage(role="user", audio_bytes=len(user_audio_16k or b""), text=user_text),
+                HistoryMessage(role="assistant", text=assistant_text),
+            ]
+            session.version += 1
+
+        return await self._update_session(tenant, session_id, expected_version, add_turn)
+
+    async def revise_reply(self, tenant: str, session_id: str, version: int, assistant_text: str) -> Session:
+        """Replace the text of the reply that `version` committed (the caller heard less of it than was sent,
+        e.g. a live call's truncated reply). VersionConflict once a later turn has committed."""
+
+        def revise(session: Session, pipe) -> None:
+            if not session.history or session.history[-1].role != "assistant":
+                raise VersionConflict(session_id, version, session.version)
+            session.history[-1].text = assistant_text
+
+        return await self._update_session(tenant, session_id, version, revise)
+
+    async def update_settings(
+        self, tenant: str, session: Session, *, system_prompt: str | None = None, voice_id: str | None = None
+    ) -> Session:
+        """Change a session's system prompt or voice (a live call's session.update); the history stays."""
+        if voice_id is not None:
+            await self.get_voice(tenant, voice_id)  # NotFound for a missing voice or another tenant's
+
+        def change(current: Session, pipe) -> None:
+            current.system_prompt = current.system_prompt if system_prompt is None else system_prompt
+            current.voice_id = voice_id or current.voice_id
+
+        return await self._update_session(tenant, session.id, session.version, change)
+
+    async def _update_session(self, tenant: str, session_id: str, expected_version: int, change) -> Session:
+        """Read the session, apply `change(session, pipe)` (which may queue more commands on `pipe`) and write it
+        back in one transaction, if it is still at `expected_version`."""
         if not _SESSION_ID.fullmatch(session_id):
             raise NotFound("session", session_id)
-        key, audio_key = self._session_keys(tenant, session_id)
-        ttl = self.settings.session_ttl_s
+        key, _ = self._session_keys(tenant, session_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             # WATCH makes EXEC fail if another writer changes the document between our read and our commit.
             await pipe.watch(key)
@@ -252,17 +297,10 @@ class StateStore:
             session = Session.model_validate_json(raw)
             if session.version != expected_version:
                 raise VersionConflict(session_id, expected_version, session.version)
-            index = len(session.history)
-            session.history += [
-                HistoryMessage(role="user", audio_bytes=len(user_audio_16k)),
-                HistoryMessage(role="assistant", text=assistant_text),
-            ]
-            session.version += 1
-            session.updated_at = _now()
             pipe.multi()
-            pipe.set(key, session.model_dump_json(), ex=ttl)
-            pipe.hset(audio_key, str(index), user_audio_16k)
-            pipe.expire(audio_key, ttl)
+            change(session, pipe)
+            session.updated_at = _now()
+            pipe.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
             try:
                 await pipe.execute()
             except WatchError:
@@ -272,7 +310,7 @@ class StateStore:
     async def load_history_audio(self, session: Session) -> list[bytes | None]:
         """The caller audio of each turn in `session.history` (None for assistant turns), to rebuild the context."""
         _, audio_key = self._session_keys(session.tenant, session.id)
-        user_turns = [i for i, turn in enumerate(session.history) if turn.role == "user"]
+        user_turns = [i for i, entry in enumerate(session.history) if entry.role == "user" and entry.audio_bytes]
         audio: list[bytes | None] = [None] * len(session.history)
         if not user_turns:
             return audio

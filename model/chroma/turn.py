@@ -32,11 +32,12 @@ class GeneratedFrame:
 
 @dataclass
 class ReplyChunk:
-    """The codec's output: text tokens and/or decoded audio, as a reply streams."""
+    """The codec's output as a reply streams: Reasoner tokens, or decoded audio."""
 
     text_tokens: list[int]
     audio: np.ndarray | None  # PCM float32 mono at the codec's rate
     frames: int  # frames this audio covers
+    text_at_frame: int = 0  # the reply frame the tokens entered the Backbone with (the 1:2 interleave)
 
 
 @dataclass

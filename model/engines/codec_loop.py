@@ -68,10 +68,13 @@ class CodecLoop:
 
     async def _feed(self, turn_id: str, groups: AsyncIterator[list[GeneratedFrame]], queue: asyncio.Queue) -> None:
         try:
+            frames_in = 0
             async with contextlib.aclosing(groups):
                 async for group in groups:
-                    if text_tokens := [t for frame in group for t in frame.text_tokens]:
-                        queue.put_nowait(ReplyChunk(text_tokens, None, 0))
+                    for frame in group:
+                        if frame.text_tokens:
+                            queue.put_nowait(ReplyChunk(frame.text_tokens, None, 0, text_at_frame=frames_in))
+                        frames_in += frame.codes is not None
                     codes = [frame.codes for frame in group if frame.codes is not None]
                     if codes:
                         await self._on_worker(self.engine.push, turn_id, torch.tensor(codes))

@@ -44,6 +44,21 @@ def _mulaw_decode_table() -> np.ndarray:
 
 _MULAW_TABLE = _mulaw_decode_table()
 
+# G.711 A-law: 13-bit magnitudes in 8 segments, even bits inverted (XOR 0x55) on the line.
+_ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
+
+
+def _alaw_decode_table() -> np.ndarray:
+    """Linear value of every A-law byte, as in the ITU G.711 reference decoder (int16 scale)."""
+    codes = np.arange(256, dtype=np.int32) ^ 0x55
+    segment = (codes & 0x70) >> 4
+    magnitude = ((codes & 0x0F) << 4) + np.where(segment == 0, 8, 0x108)
+    magnitude = np.where(segment > 1, magnitude << np.maximum(segment - 1, 0), magnitude)
+    return np.where(codes & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+_ALAW_TABLE = _alaw_decode_table()
+
 
 def _check_rate(rate: int) -> None:
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
@@ -114,7 +129,7 @@ def decode_audio(
 
     With no encoding the container (WAV, FLAC, OGG) is detected from its magic bytes and its header
     gives the rate; `sample_rate`, if also given, must agree. Raw audio needs an encoding: "pcm16"
-    (little-endian, needs `sample_rate`) or "mulaw" (G.711, 8000 Hz unless told otherwise).
+    (little-endian, needs `sample_rate`), "mulaw" or "alaw" (G.711, 8000 Hz unless told otherwise).
     """
     if not data:
         raise AudioError("audio is empty (0 bytes)")
@@ -130,11 +145,12 @@ def decode_audio(
         if len(data) % 2:
             raise AudioError(f"pcm16 audio has an odd byte count ({len(data)}); samples are 2 bytes")
         return _finish(pcm16_wave(data), sample_rate, "pcm16")
-    if encoding == "mulaw":
+    if encoding in ("mulaw", "alaw"):
         rate = MULAW_DEFAULT_RATE if sample_rate is None else sample_rate
-        wave = _MULAW_TABLE[np.frombuffer(data, dtype=np.uint8)].astype(np.float32) / 32768.0
-        return _finish(wave, rate, "mulaw")
-    raise AudioError(f"unknown audio encoding {encoding!r}; expected 'pcm16', 'mulaw' or none")
+        table = _MULAW_TABLE if encoding == "mulaw" else _ALAW_TABLE
+        wave = table[np.frombuffer(data, dtype=np.uint8)].astype(np.float32) / 32768.0
+        return _finish(wave, rate, encoding)
+    raise AudioError(f"unknown audio encoding {encoding!r}; expected 'pcm16', 'mulaw', 'alaw' or none")
 
 
 def load_audio_file(
@@ -207,17 +223,30 @@ def encode_mulaw(wave: np.ndarray) -> bytes:
     return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
 
 
+def encode_alaw(wave: np.ndarray) -> bytes:
+    """G.711 A-law bytes (one per sample); the caller resamples to the line rate (8 kHz) first."""
+    linear = _to_int16(wave).astype(np.int32) >> 3  # 13-bit
+    positive = linear >= 0
+    magnitude = np.where(positive, linear, -linear - 1)
+    segment = np.searchsorted(_ALAW_SEGMENT_ENDS, magnitude, side="left")
+    shift = np.where(segment < 2, 1, segment)
+    code = (np.minimum(segment, 7) << 4) | ((magnitude >> shift) & 0x0F)
+    code = np.where(segment >= 8, 0x7F, code)
+    return (code ^ np.where(positive, 0xD5, 0x55)).astype(np.uint8).tobytes()
+
+
 class ReplyFormat(str, Enum):
     """Streamed reply audio formats, by the name clients use."""
 
     PCM16_24K = "pcm16_24k"
     PCM16_16K = "pcm16_16k"
     MULAW_8K = "mulaw_8k"
+    ALAW_8K = "alaw_8k"
     WAV = "wav"
 
     @property
     def sample_rate(self) -> int:
-        return {"pcm16_24k": 24000, "pcm16_16k": 16000, "mulaw_8k": 8000, "wav": 24000}[self.value]
+        return {"pcm16_24k": 24000, "pcm16_16k": 16000, "mulaw_8k": 8000, "alaw_8k": 8000, "wav": 24000}[self.value]
 
     @property
     def media_type(self) -> str:
@@ -225,6 +254,7 @@ class ReplyFormat(str, Enum):
             "pcm16_24k": "audio/pcm;rate=24000",
             "pcm16_16k": "audio/pcm;rate=16000",
             "mulaw_8k": "audio/basic",
+            "alaw_8k": "audio/pcma",
             "wav": "audio/wav",
         }[self.value]
 
@@ -255,7 +285,8 @@ class StreamingAudioEncoder:
         return chunk if self._resampler is None else self._resampler.resample_chunk(chunk, last=last)
 
     def _pack(self, wave: np.ndarray) -> bytes:
-        body = encode_mulaw(wave) if self.format is ReplyFormat.MULAW_8K else pcm16_bytes(wave)
+        encode = {ReplyFormat.MULAW_8K: encode_mulaw, ReplyFormat.ALAW_8K: encode_alaw}.get(self.format, pcm16_bytes)
+        body = encode(wave)
         if self._header_sent:
             return body
         self._header_sent = True

