@@ -22,6 +22,7 @@ from model.processing.audio import CODEC_RATE, pcm16_bytes
 
 CHUNK_S = 0.1  # caller audio per message
 JITTER_BUFFER_S = 0.2  # the simulated player starts this long after the first reply audio
+VOICED_LEVEL = 0.01  # samples above this are speech, not the quiet around it
 
 
 @dataclass
@@ -100,17 +101,16 @@ class RealtimeCaller:
         return await self.wait_for("session.updated")
 
     async def say(self, audio_24k: np.ndarray, trailing_silence_s: float = 0.0) -> None:
-        """Stream speech in real time (then silence), as a microphone would."""
-        silence = np.zeros(int(trailing_silence_s * CODEC_RATE), np.float32)
+        """Stream speech in real time (then silence), as a microphone would. `speech_ended_at` is when its last
+        voiced sample was due: synthetic speech ends in a few hundred ms of its own quiet."""
+        audio = np.concatenate([audio_24k, np.zeros(int(trailing_silence_s * CODEC_RATE), np.float32)])
         step = int(CHUNK_S * CODEC_RATE)
         started = time.monotonic()
-        for n, i in enumerate(range(0, audio_24k.size, step)):
-            await self._append(audio_24k[i:i + step])
-            await asyncio.sleep(max(0.0, started + (n + 1) * CHUNK_S - time.monotonic()))
-        self.speech_ended_at = time.monotonic()
-        started = time.monotonic()
-        for n, i in enumerate(range(0, silence.size, step)):
-            await self._append(silence[i:i + step])
+        voiced = np.flatnonzero(np.abs(audio_24k) > VOICED_LEVEL)
+        if voiced.size:
+            self.speech_ended_at = started + (voiced[-1] + 1) / CODEC_RATE
+        for n, i in enumerate(range(0, audio.size, step)):
+            await self._append(audio[i:i + step])
             await asyncio.sleep(max(0.0, started + (n + 1) * CHUNK_S - time.monotonic()))
 
     async def _append(self, chunk: np.ndarray) -> None:

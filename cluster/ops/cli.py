@@ -157,24 +157,37 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    import asyncio
-
-    from cluster.ops.client import ChromaClient
+def _client_inputs(args):
+    """The cluster, its key, the voice clip and the caller's audio of `demo` and `call`."""
     from cluster.ops.local import local_api_key
-    from model.processing.audio import CODEC_RATE, load_audio_file, write_wav
+    from model.processing.audio import load_audio_file
     from model.testing.speech import speak
 
     settings = _local_settings(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
     api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or local_api_key(settings)
-    voice_audio, voice_rate = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
-    caller_audio, caller_rate = load_audio_file(args.audio) if args.audio else speak(args.say)
+    voice = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
+    caller = load_audio_file(args.audio) if args.audio else speak(args.say)
+    return url, api_key, voice, caller
+
+
+async def _create_voice(client, args, voice_audio, voice_rate) -> dict:
+    voice = await client.create_voice("demo", args.voice_text, voice_audio, voice_rate)
+    print(f"voice:   {voice['id']} ({voice['valid_frames']} frames of reference audio)")
+    return voice
+
+
+def cmd_demo(args) -> int:
+    import asyncio
+
+    from cluster.ops.client import ChromaClient
+    from model.processing.audio import CODEC_RATE, write_wav
+
+    url, api_key, (voice_audio, voice_rate), (caller_audio, caller_rate) = _client_inputs(args)
 
     async def run():
         async with ChromaClient(url, api_key) as client:
-            voice = await client.create_voice("demo", args.voice_text, voice_audio, voice_rate)
-            print(f"voice:   {voice['id']} ({voice['valid_frames']} frames of reference audio)")
+            voice = await _create_voice(client, args, voice_audio, voice_rate)
             session = await client.create_session(voice["id"], system_prompt=args.system)
             print(f"session: {session['id']}")
             return await client.turn(session["id"], caller_audio, caller_rate)
@@ -189,6 +202,59 @@ def cmd_demo(args) -> int:
         print(f"real-time factor:    {reply.rtf:.3f} at the client ({reply.done.get('rtf')} in the server)")
     print(f"wrote {args.out}")
     return 0
+
+
+def cmd_call(args) -> int:
+    import asyncio
+
+    import numpy as np
+
+    from cluster.ops.call_client import RealtimeCaller
+    from cluster.ops.client import ChromaClient
+    from model.processing.audio import CODEC_RATE, resample, write_wav
+
+    url, api_key, (voice_audio, voice_rate), (caller_audio, caller_rate) = _client_inputs(args)
+    speech = resample(caller_audio, caller_rate, CODEC_RATE)
+
+    async def run():
+        async with ChromaClient(url, api_key) as client:
+            voice = await _create_voice(client, args, voice_audio, voice_rate)
+        async with RealtimeCaller(url, api_key) as call:
+            detection = {"type": "server_vad", "early_start": args.early_start}
+            updated = await call.configure(voice["id"], args.system, audio={
+                "input": {"turn_detection": detection}, "output": {"voice": voice["id"]}})
+            print(f"session: {updated['session']['id']} (resume it with ?session_id=)")
+            print(f"calling: streaming {speech.size / CODEC_RATE:.1f} s of speech in real time, then silence")
+            await call.say(speech)
+            listening = asyncio.create_task(call.say(np.zeros(int(args.listen * CODEC_RATE), np.float32)))
+            reply = await call.next_reply(timeout_s=args.listen)
+            listening.cancel()
+            return call, reply
+
+    call, reply = asyncio.run(run())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_wav(args.out, reply.samples().astype(np.float32) / 32768.0, CODEC_RATE)
+    print(f"reply:   {reply.status}, {reply.audio_ms / 1000:.2f} s of audio, text {''.join(reply.transcript)!r}")
+    if reply.first_audio_at is not None:
+        latency = reply.first_audio_at - call.speech_ended_at
+        print(f"voice-to-voice latency: {latency * 1000:.0f} ms from the end of speech to the first reply audio "
+              f"(the turn detector's silence window included{', early start' if args.early_start else ''})")
+        print(f"underruns: {reply.underruns()} (real-time playback behind a {200} ms jitter buffer)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _client_arguments(command: argparse.ArgumentParser, out: str) -> None:
+    command.add_argument("--url", help="the cluster (default: the local one)")
+    command.add_argument("--api-key", help="default: $CHROMA_API_KEY, else the local cluster's generated key")
+    command.add_argument("--voice-audio", help="reference clip; default: --voice-text spoken by espeak-ng")
+    command.add_argument("--voice-text", default="This is the voice you will hear in every reply.")
+    command.add_argument("--audio", help="caller audio file; default: --say spoken by espeak-ng")
+    command.add_argument("--say", default="Hello, can you tell me what the weather is like today?")
+    command.add_argument("--system", default="You are a helpful voice assistant. Answer briefly.")
+    command.add_argument("--out", default=out)
+    command.add_argument("--port", type=int)
+    command.add_argument("--home")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,17 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     demo = commands.add_parser("demo", help="clone a voice, send a spoken turn to the cluster, write the reply WAV")
-    demo.add_argument("--url", help="the cluster (default: the local one)")
-    demo.add_argument("--api-key", help="default: $CHROMA_API_KEY, else the local cluster's generated key")
-    demo.add_argument("--voice-audio", help="reference clip; default: --voice-text spoken by espeak-ng")
-    demo.add_argument("--voice-text", default="This is the voice you will hear in every reply.")
-    demo.add_argument("--audio", help="caller audio file; default: --say spoken by espeak-ng")
-    demo.add_argument("--say", default="Hello, can you tell me what the weather is like today?")
-    demo.add_argument("--system", default="You are a helpful voice assistant. Answer briefly.")
-    demo.add_argument("--out", default="runs/cluster-reply.wav")
-    demo.add_argument("--port", type=int)
-    demo.add_argument("--home")
+    _client_arguments(demo, out="runs/cluster-reply.wav")
     demo.set_defaults(func=cmd_demo)
+    call = commands.add_parser("call", help="place a live call through /v1/realtime, streaming speech in real time")
+    _client_arguments(call, out="runs/call-reply.wav")
+    call.add_argument("--early-start", action="store_true", help="start the reply inside the silence window")
+    call.add_argument("--listen", type=float, default=120.0, help="seconds to wait for the reply")
+    call.set_defaults(func=cmd_call)
 
     ckpt = commands.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="tool", required=True)
     tiny = ckpt.add_parser("tiny", help="write a tiny RANDOM-WEIGHT checkpoint in the official layout")

@@ -220,3 +220,25 @@ async def test_an_abrupt_disconnect_mid_reply_frees_every_slot(cluster, voice_id
     call.ws.transport.abort()  # no close handshake: the network went away
     in_use = await wait_for_no_slots_in_use(cluster)
     assert in_use == dict.fromkeys(in_use, 0)
+
+
+async def test_early_start_drops_a_reply_started_in_a_pause_without_a_trace(cluster, voice_id):
+    """With early start, the comma's pause (shorter than the silence window) starts a reply that is dropped
+    when the caller goes on: the client sees one reply only, to the whole sentence."""
+    async with RealtimeCaller(cluster["url"], "key-acme") as call:
+        await call.configure(voice_id, "Be brief.", audio={
+            "input": {"turn_detection": {"type": "server_vad", "early_start": True}}, "output": {"voice": voice_id}})
+        await call.say(utterance("One moment, please let me check that for you."))
+        listening = asyncio.create_task(call.say(np.zeros(30 * CODEC_RATE, np.float32)))
+        reply = await call.next_reply()
+        listening.cancel()
+        kinds = [e["type"] for e in call.events]
+        session_id = session_of(call)
+        assert reply.status == "completed" and not call.errors()
+    assert kinds.count("response.created") == 1 and kinds.count("input_audio_buffer.committed") == 1
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
+    await asyncio.sleep(1.0 + reply.audio_ms / 1000)  # the reply is committed once it has played
+    turns = history(cluster, session_id)["history"]
+    assert [m["role"] for m in turns] == ["user", "assistant"]
+    in_use = await wait_for_no_slots_in_use(cluster)
+    assert in_use == dict.fromkeys(in_use, 0)

@@ -1,0 +1,124 @@
+"""Locust users that hold live calls over /v1/realtime (OpenAI Realtime protocol).
+
+Each user is a caller: it dials in, speaks in real time (like a microphone), listens to the reply on a real-time
+playback clock, pauses like a person thinking, speaks again, barges in on the reply 10 % of the time, and hangs
+up after a few turns. Besides the connection it reports, per turn:
+  V2V        end of the caller's speech -> first reply audio (ms, the turn detector's silence window included)
+  BARGE_IN   the caller starts talking over the reply -> the reply stops (`response.done` cancelled)
+  UNDERRUN   a reply whose audio ran dry while played in real time behind a 200 ms jitter buffer (a failure)
+
+    chroma-serve up
+    locust -f loadtest/locust_calls.py --host http://127.0.0.1:8000 --headless --users 4 --spawn-rate 1 --run-time 2m
+
+Every call runs the asyncio call client (cluster/ops/call_client.py) in its own event loop, in a real thread of
+gevent's thread pool (greenlets share one thread, so their loops would collide).
+The API key comes from CHROMA_API_KEY, else the local cluster's generated key. Caller speech is espeak-ng's; the
+tiny checkpoint's weights are RANDOM anyway: timings only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import gevent
+from locust import User, between, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cluster.ops.call_client import RealtimeCaller  # noqa: E402
+from model.processing.audio import CODEC_RATE, encode_wav, resample  # noqa: E402
+from model.testing.speech import speak  # noqa: E402
+
+BARGE_IN_PROBABILITY = 0.1
+
+
+def _said(text: str) -> np.ndarray:
+    audio, rate = speak(text)
+    return resample(audio, rate, CODEC_RATE)
+
+
+# Synthesised once, here: espeak-ng runs as a subprocess, which gevent cannot start from the calls' threads.
+UTTERANCES = [_said(t) for t in ("Hello, I would like to check my order.", "Can you say that again, please?",
+                                 "What time do you open tomorrow?", "Thank you, that is all.")]
+INTERRUPTION = _said("Wait, stop.")
+VOICE_TEXT = "This is the voice every caller hears."
+VOICE_CLIP = encode_wav(*speak(VOICE_TEXT))
+_voice_id: str | None = None  # one cloned voice per Locust process, shared by its calls
+
+
+def api_key() -> str:
+    if key := os.environ.get("CHROMA_API_KEY"):
+        return key
+    from cluster.ops.local import LocalClusterSettings, local_api_key
+
+    return local_api_key(LocalClusterSettings())
+
+
+class RealtimeCall(User):
+    wait_time = between(0.5, 2.0)  # between one call's hang-up and the next call
+
+    def on_start(self) -> None:
+        global _voice_id
+        if _voice_id is None:
+            reply = httpx.post(f"{self.host}/v1/voices", headers={"Authorization": f"Bearer {api_key()}"},
+                               files={"audio": ("voice.wav", VOICE_CLIP, "audio/wav")},
+                               data={"transcript": VOICE_TEXT, "name": "locust"})
+            reply.raise_for_status()
+            _voice_id = reply.json()["id"]
+
+    @task
+    def call(self) -> None:
+        started = time.perf_counter()
+        try:
+            # Greenlets share one thread, and so would their asyncio loops: each call gets a real thread.
+            gevent.get_hub().threadpool.spawn(asyncio.run, self._call()).get()
+        except Exception as error:  # a refused or broken call is a failed request
+            self._report("CALL", "call", started, error)
+            return
+        self._report("CALL", "call", started)
+
+    async def _call(self) -> None:
+        async with RealtimeCaller(self.host, api_key()) as call:
+            await call.configure(_voice_id, "Be brief.")
+            for _ in range(random.randint(2, 4)):
+                if not await self._turn(call):
+                    return  # barged in and hung up
+                await asyncio.sleep(random.uniform(0.3, 1.2))
+
+    async def _turn(self, call: RealtimeCaller) -> bool:
+        await call.say(random.choice(UTTERANCES))
+        listening = asyncio.create_task(call.say(np.zeros(60 * CODEC_RATE, np.float32)))
+        try:
+            first = await call.wait_for("response.output_audio.delta", timeout_s=60, after=len(call.events))
+            self._report("V2V", "voice-to-voice", call.speech_ended_at, at=first["_at"])
+            if random.random() < BARGE_IN_PROBABILITY:
+                await asyncio.sleep(1.0)
+                listening.cancel()
+                interrupted = time.monotonic()
+                barge = asyncio.create_task(call.say(INTERRUPTION, trailing_silence_s=0.5))
+                reply = await call.next_reply(timeout_s=60)
+                self._report("BARGE_IN", "to silence", interrupted, at=reply.done_at)
+                await barge
+                return False
+            reply = await call.next_reply(timeout_s=120)
+        finally:
+            listening.cancel()
+        if reply.underruns():
+            self._report("UNDERRUN", "reply ran dry", time.monotonic(),
+                         RuntimeError(f"{reply.underruns()} gaps in real-time playback"))
+        await asyncio.sleep(max(0.0, reply.first_audio_at + 0.2 + reply.audio_ms / 1000 - time.monotonic()))  # it plays out
+        return True
+
+    def _report(self, kind: str, name: str, since: float, error: Exception | None = None, at: float | None = None) -> None:
+        clock = time.perf_counter if kind == "CALL" else time.monotonic
+        elapsed = ((at if at is not None else clock()) - since) * 1000
+        self.environment.events.request.fire(request_type=kind, name=name, response_time=elapsed, response_length=0,
+                                             exception=error, context={})
