@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.api.settings import ApiSettings
-from cluster.calls.session import CallSettings
+from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnSettings
 from cluster.state.store import StateSettings
 from cluster.state.tenants import TenantSettings
@@ -48,6 +48,7 @@ class AppConfig(BaseModel):
     state: StateSettings = Field(default_factory=StateSettings)
     tenants: TenantSettings = Field(default_factory=TenantSettings)
     calls: CallSettings = Field(default_factory=CallSettings)
+    telephony: TelephonySettings = Field(default_factory=TelephonySettings)
     replica_cpus: float | None = Field(None, gt=0, description="CPU share of every replica (small local clusters)")
 
     def reasoner_path(self) -> str:

@@ -55,4 +55,5 @@ class IngressDeployment:
         self.config = config
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.state, self.tenants, self.backend, self.config.api, self.config.calls)
+        config = self.config
+        return build_api(self.state, self.tenants, self.backend, config.api, config.calls, config.telephony)

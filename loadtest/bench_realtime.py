@@ -4,8 +4,10 @@ Every call streams espeak-ng speech in real time, then silence, and plays the re
 second turn barges in one second into the reply. Printed per concurrency:
   v2v p50/p95      end of the caller's speech -> first reply audio at the client (the turn detector's silence
                    window included: subtract it, or compare with --early-start, for the engines' share)
-  barge-in p50/p95 the caller starts talking over the reply -> the reply stopped at the client
-  underruns        replies whose real-time playback (200 ms jitter buffer) ran dry, of all replies
+  barge-in p50/p95 the caller starts talking over the reply -> the reply stopped at the client (realtime:
+                   `response.done` cancelled; twilio: `clear`)
+  underruns        replies whose real-time playback (200 ms jitter buffer) ran dry, of all replies (twilio: calls
+                   whose line went quiet mid-reply), and for twilio the largest lead of unplayed audio queued
 
     chroma-serve up --set turns.max_frames=50
     python loadtest/bench_realtime.py [--calls 1,2,4,8] [--early-start] [--protocol realtime|twilio] [--json out.json]
@@ -28,7 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.ops.call_client import RealtimeCaller  # noqa: E402
-from cluster.ops.local import LocalClusterSettings, local_api_key  # noqa: E402
+from cluster.ops.local import LocalClusterSettings, client_api_key  # noqa: E402
+from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
 from model.processing.audio import CODEC_RATE, encode_wav, resample  # noqa: E402
 from model.testing.speech import speak  # noqa: E402
 
@@ -65,13 +68,37 @@ async def realtime_call(url: str, key: str, voice_id: str, early_start: bool) ->
         return {"v2v_s": v2v, "barge_in_s": stopped, "underruns": [first.underruns(), second.underruns()]}
 
 
+async def twilio_call(url: str, key: str, voice_id: str, early_start: bool) -> dict:
+    parameters = {"api_key": key, "voice_id": voice_id, "early_start": str(early_start).lower()}
+    async with CarrierCall(url, parameters) as call:
+        await call.say(QUESTION, CODEC_RATE)
+        listening = asyncio.create_task(call.say(np.zeros(60 * LINE_RATE, np.float32), LINE_RATE))
+        await call.wait(lambda r: r.media)
+        v2v = call.received.media[0][0] - call.speech_ended_at
+        await call.reply_over()
+        listening.cancel()
+        first_reply = len(call.received.media)
+        await call.say(QUESTION, CODEC_RATE)
+        listening = asyncio.create_task(call.say(np.zeros(60 * LINE_RATE, np.float32), LINE_RATE))
+        await call.wait(lambda r: len(r.media) > first_reply)
+        await asyncio.sleep(1.0)
+        listening.cancel()
+        interrupted = time.monotonic()
+        barge = asyncio.create_task(call.say(INTERRUPTION, CODEC_RATE, trailing_silence_s=0.5))
+        await call.wait(lambda r: r.clears)
+        stopped = call.received.clears[0] - interrupted
+        await barge
+        return {"v2v_s": v2v, "barge_in_s": stopped, "underruns": [call.received.underruns],
+                "max_lead_ms": call.received.max_lead_ms}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     values = sorted(v for v in values if v is not None)
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 async def level(url: str, key: str, voice_id: str, calls: int, protocol: str, early_start: bool) -> dict:
-    run = {"realtime": realtime_call}[protocol]
+    run = {"realtime": realtime_call, "twilio": twilio_call}[protocol]
     results = await asyncio.gather(*(run(url, key, voice_id, early_start) for _ in range(calls)), return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
     results = [r for r in results if not isinstance(r, BaseException)]
@@ -83,6 +110,7 @@ async def level(url: str, key: str, voice_id: str, calls: int, protocol: str, ea
         "barge_in_ms_p50": _ms(percentile(barge, 0.5)), "barge_in_ms_p95": _ms(percentile(barge, 0.95)),
         "replies_with_underruns": sum(1 for u in replies if u), "replies": len(replies),
         "underrun_gaps": sum(replies),
+        "max_lead_ms": max((r.get("max_lead_ms", 0) for r in results), default=None) if protocol == "twilio" else None,
     }
 
 
@@ -95,13 +123,13 @@ async def main() -> None:
     parser.add_argument("--url", default=None, help="the cluster (default: the local one)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--calls", default="1,2,4,8")
-    parser.add_argument("--protocol", default="realtime", choices=["realtime"])
+    parser.add_argument("--protocol", default="realtime", choices=["realtime", "twilio"])
     parser.add_argument("--early-start", action="store_true")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
     settings = LocalClusterSettings()
     url = args.url or f"http://{settings.host}:{settings.port}"
-    key = args.api_key or local_api_key(settings)
+    key = args.api_key or client_api_key(settings)
     audio, rate = speak("This is the voice you will hear in every reply.")
     voice = httpx.post(f"{url}/v1/voices", headers={"Authorization": f"Bearer {key}"},
                        files={"audio": ("voice.wav", encode_wav(audio, rate), "audio/wav")},
@@ -109,13 +137,15 @@ async def main() -> None:
     voice.raise_for_status()
     rows = []
     print(f"protocol {args.protocol}, early start {'on' if args.early_start else 'off'} (RANDOM weights)")
-    print(f"{'calls':>5} {'failed':>6} {'v2v p50':>8} {'v2v p95':>8} {'barge p50':>9} {'barge p95':>9} {'underruns':>10}")
+    print(f"{'calls':>5} {'failed':>6} {'v2v p50':>8} {'v2v p95':>8} {'barge p50':>9} {'barge p95':>9} {'underruns':>10}"
+          + (f" {'max lead ms':>11}" if args.protocol == "twilio" else ""))
     for calls in (int(n) for n in args.calls.split(",")):
         row = await level(url, key, voice.json()["id"], calls, args.protocol, args.early_start)
         rows.append(row)
         print(f"{calls:>5} {row['failed']:>6} {row['v2v_ms_p50']!s:>8} {row['v2v_ms_p95']!s:>8} "
               f"{row['barge_in_ms_p50']!s:>9} {row['barge_in_ms_p95']!s:>9} "
-              f"{row['replies_with_underruns']:>4}/{row['replies']:<5}")
+              f"{row['replies_with_underruns']:>4}/{row['replies']:<5}"
+              + (f" {row['max_lead_ms']!s:>11}" if args.protocol == "twilio" else ""))
         for error in row["errors"]:
             print(f"      error: {error}")
     if args.json:

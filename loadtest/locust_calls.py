@@ -1,4 +1,5 @@
-"""Locust users that hold live calls over /v1/realtime (OpenAI Realtime protocol).
+"""Locust users that hold live calls: `RealtimeCall` over /v1/realtime (OpenAI Realtime protocol) and `TwilioCall`
+over /v1/telephony/twilio, playing Twilio's side (20 ms mu-law frames in real time, marks echoed at playback time).
 
 Each user is a caller: it dials in, speaks in real time (like a microphone), listens to the reply on a real-time
 playback clock, pauses like a person thinking, speaks again, barges in on the reply 10 % of the time, and hangs
@@ -9,6 +10,7 @@ up after a few turns. Besides the connection it reports, per turn:
 
     chroma-serve up
     locust -f loadtest/locust_calls.py --host http://127.0.0.1:8000 --headless --users 4 --spawn-rate 1 --run-time 2m
+    locust -f loadtest/locust_calls.py TwilioCall --host http://127.0.0.1:8000 --headless --users 4 ...   # one kind
 
 Every call runs the asyncio call client (cluster/ops/call_client.py) in its own event loop, in a real thread of
 gevent's thread pool (greenlets share one thread, so their loops would collide).
@@ -19,7 +21,6 @@ tiny checkpoint's weights are RANDOM anyway: timings only.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sys
 import time
@@ -30,10 +31,12 @@ from locust import User, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.ops.local import client_api_key  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cluster.ops.call_client import RealtimeCaller  # noqa: E402
+from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
 from model.processing.audio import CODEC_RATE, encode_wav, resample  # noqa: E402
 from model.testing.speech import speak  # noqa: E402
 
@@ -54,21 +57,14 @@ VOICE_CLIP = encode_wav(*speak(VOICE_TEXT))
 _voice_id: str | None = None  # one cloned voice per Locust process, shared by its calls
 
 
-def api_key() -> str:
-    if key := os.environ.get("CHROMA_API_KEY"):
-        return key
-    from cluster.ops.local import LocalClusterSettings, local_api_key
-
-    return local_api_key(LocalClusterSettings())
-
-
-class RealtimeCall(User):
+class Caller(User):
+    abstract = True
     wait_time = between(0.5, 2.0)  # between one call's hang-up and the next call
 
     def on_start(self) -> None:
         global _voice_id
         if _voice_id is None:
-            reply = httpx.post(f"{self.host}/v1/voices", headers={"Authorization": f"Bearer {api_key()}"},
+            reply = httpx.post(f"{self.host}/v1/voices", headers={"Authorization": f"Bearer {client_api_key()}"},
                                files={"audio": ("voice.wav", VOICE_CLIP, "audio/wav")},
                                data={"transcript": VOICE_TEXT, "name": "locust"})
             reply.raise_for_status()
@@ -81,12 +77,22 @@ class RealtimeCall(User):
             # Greenlets share one thread, and so would their asyncio loops: each call gets a real thread.
             gevent.get_hub().threadpool.spawn(asyncio.run, self._call()).get()
         except Exception as error:  # a refused or broken call is a failed request
-            self._report("CALL", "call", started, error)
+            self._report("CALL", self.name, started, error)
             return
-        self._report("CALL", "call", started)
+        self._report("CALL", self.name, started)
+
+    def _report(self, kind: str, name: str, since: float, error: Exception | None = None, at: float | None = None) -> None:
+        clock = time.perf_counter if kind == "CALL" else time.monotonic
+        elapsed = ((at if at is not None else clock()) - since) * 1000
+        self.environment.events.request.fire(request_type=kind, name=name, response_time=elapsed, response_length=0,
+                                             exception=error, context={})
+
+
+class RealtimeCall(Caller):
+    name = "realtime call"
 
     async def _call(self) -> None:
-        async with RealtimeCaller(self.host, api_key()) as call:
+        async with RealtimeCaller(self.host, client_api_key()) as call:
             await call.configure(_voice_id, "Be brief.")
             for _ in range(random.randint(2, 4)):
                 if not await self._turn(call):
@@ -117,8 +123,36 @@ class RealtimeCall(User):
         await asyncio.sleep(max(0.0, reply.first_audio_at + 0.2 + reply.audio_ms / 1000 - time.monotonic()))  # it plays out
         return True
 
-    def _report(self, kind: str, name: str, since: float, error: Exception | None = None, at: float | None = None) -> None:
-        clock = time.perf_counter if kind == "CALL" else time.monotonic
-        elapsed = ((at if at is not None else clock()) - since) * 1000
-        self.environment.events.request.fire(request_type=kind, name=name, response_time=elapsed, response_length=0,
-                                             exception=error, context={})
+
+class TwilioCall(Caller):
+    name = "twilio call"
+
+    async def _call(self) -> None:
+        async with CarrierCall(self.host, {"api_key": client_api_key(), "voice_id": _voice_id}) as call:
+            for _ in range(random.randint(2, 4)):
+                if not await self._turn(call):
+                    return
+                await asyncio.sleep(random.uniform(0.3, 1.2))
+            underruns = call.received.underruns
+            if underruns:
+                self._report("UNDERRUN", "line went quiet", time.monotonic(), RuntimeError(f"{underruns} gaps"))
+
+    async def _turn(self, call: CarrierCall) -> bool:
+        before = len(call.received.media)
+        await call.say(random.choice(UTTERANCES), CODEC_RATE)
+        listening = asyncio.create_task(call.say(np.zeros(60 * LINE_RATE, np.float32), LINE_RATE))
+        try:
+            await call.wait(lambda r: len(r.media) > before, timeout_s=60)
+            self._report("V2V", "voice-to-voice (twilio)", call.speech_ended_at, at=call.received.media[before][0])
+            if random.random() < BARGE_IN_PROBABILITY:
+                await asyncio.sleep(1.0)
+                listening.cancel()
+                clears, interrupted = len(call.received.clears), time.monotonic()
+                await call.say(INTERRUPTION, CODEC_RATE)
+                await call.wait(lambda r: len(r.clears) > clears, timeout_s=30)
+                self._report("BARGE_IN", "to clear", interrupted, at=call.received.clears[clears])
+                return False
+            await call.reply_over()
+        finally:
+            listening.cancel()
+        return True

@@ -19,7 +19,6 @@ speech-like noise (the tiny checkpoint's weights are RANDOM anyway): timings onl
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ from locust import HttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.ops.local import client_api_key  # noqa: E402
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech  # noqa: E402
 
@@ -41,20 +41,12 @@ VOICE_CLIP = encode_wav(synthetic_speech(24000, 3.0, seed=99), 24000)
 _voice_id: str | None = None  # one cloned voice per Locust process, shared by its calls
 
 
-def api_key() -> str:
-    if key := os.environ.get("CHROMA_API_KEY"):
-        return key
-    from cluster.ops.local import LocalClusterSettings, local_api_key
-
-    return local_api_key(LocalClusterSettings())
-
-
 class PhoneCall(HttpUser):
     wait_time = between(0.5, 2.0)  # between one call's hang-up and the next call
 
     def on_start(self) -> None:
         global _voice_id
-        self.client.headers["Authorization"] = f"Bearer {api_key()}"
+        self.client.headers["Authorization"] = f"Bearer {client_api_key()}"
         if _voice_id is None:
             reply = self.client.post(
                 "/v1/voices", files={"audio": ("voice.wav", VOICE_CLIP, "audio/wav")},

@@ -208,3 +208,24 @@ def test_an_empty_wav_reply_is_still_a_valid_header():
     encoder = StreamingAudioEncoder(ReplyFormat.WAV, 24000)
     data = encoder.flush()
     assert data[:4] == b"RIFF" and data[8:12] == b"WAVE" and len(data) == 44
+
+
+def test_call_audio_lines_encode_what_they_name():
+    from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
+    from model.processing.audio import encode_alaw
+
+    wave = 0.4 * synthetic_speech(24000, 0.5, seed=7)
+    for line, encoding, encode in ((LineFormat.PCMU, "mulaw", encode_mulaw), (LineFormat.PCMA, "alaw", encode_alaw)):
+        out = OutboundAudio(line)
+        data = out.encode(wave) + out.flush()
+        expected = encode(resample(wave, 24000, 8000))  # one 8 kHz G.711 byte per sample, no header
+        assert len(data) == len(expected)
+        got, _ = decode_audio(data, encoding=encoding)
+        want, _ = decode_audio(expected, encoding=encoding)
+        assert np.abs(got - want).max() < 0.05  # the same audio, up to the streaming resampler's filter
+        heard = InboundAudio(line).decode(data)  # and back to the Reasoner's 16 kHz, 26 ms held in the filter
+        assert wave.size * 2 // 3 - heard.size <= 16000 * 30 // 1000
+    pcm = OutboundAudio(LineFormat.PCM16_24K)
+    assert pcm.encode(wave) == np.round(np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+    with pytest.raises(AudioError, match="16-bit"):
+        InboundAudio(LineFormat.PCM16_24K).decode(b"\x00\x01\x02")

@@ -5,11 +5,12 @@ No cluster and no helm binary are involved: `helm_python` binds to Helm's Go SDK
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cluster.ops.local import merge_args
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')")
 
@@ -17,16 +18,6 @@ CHART = Path(__file__).resolve().parents[1] / "helm" / "chroma-serve"
 CPU_DEV = yaml.safe_load((CHART / "values-cpu-dev.yaml").read_text())
 RELEASE, NAMESPACE = "chroma", "voice"
 REDIS_HOST_PORT = f"{RELEASE}-chroma-serve-redis.{NAMESPACE}.svc:6379"
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +291,6 @@ def test_bad_values_fail_lint():
 
 
 def test_cpu_dev_overrides_compose(chart):
-    r = render(chart, deep_merge(CPU_DEV, {"faultTolerance": {"enabled": True}}))
+    r = render(chart, merge_args(CPU_DEV, {"faultTolerance": {"enabled": True}}))
     assert r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == REDIS_HOST_PORT
     assert all("nvidia.com/gpu" not in text for text in r.text.values())

@@ -14,19 +14,20 @@ the docs at /docs.
     POST   /v1/sessions/{id}/turns     body: caller audio; the reply streamed (cluster.api.turns)
     GET    /healthz  /readyz  /metrics
     WS     /v1/realtime                a live call, OpenAI Realtime protocol (cluster.api.realtime)
+    WS     /v1/telephony/twilio        a phone call, Twilio Media Streams (cluster.api.telephony); /telnyx likewise
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from cluster.api import health, realtime, sessions, turns, voices
+from cluster.api import health, realtime, sessions, telephony, turns, voices
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services
 from cluster.api.settings import ApiSettings
 from cluster.calls.registry import LiveCalls
-from cluster.calls.session import CallSettings
+from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnBackend
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
@@ -39,14 +40,15 @@ reply streams back in the cloned voice as it is generated. Authenticate with the
 
 def build_api(
     state: StateStore, tenants: TenantDirectory, backend: TurnBackend, settings: ApiSettings | None = None,
-    call_settings: CallSettings | None = None,
+    call_settings: CallSettings | None = None, telephony_settings: TelephonySettings | None = None,
 ) -> FastAPI:
     settings, call_settings = settings or ApiSettings(), call_settings or CallSettings()
     metrics = ApiMetrics()
     app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION)
     calls = LiveCalls(call_settings, metrics)
-    app.state.services = Services(state, tenants, backend, settings, metrics, call_settings, calls)
-    for module in (voices, sessions, turns, health, realtime):
+    app.state.services = Services(state, tenants, backend, settings, metrics, call_settings, calls,
+                                  telephony_settings or TelephonySettings())
+    for module in (voices, sessions, turns, health, realtime, telephony):
         app.include_router(module.router)
     install_error_handlers(app, metrics, settings.retry_after_s)
     app.add_middleware(RequestIdMiddleware)

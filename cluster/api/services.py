@@ -11,7 +11,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from cluster.api.metrics import ApiMetrics
 from cluster.api.settings import ApiSettings
 from cluster.calls.registry import LiveCalls
-from cluster.calls.session import CallSettings
+from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnBackend
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
@@ -27,6 +27,7 @@ class Services:
     metrics: ApiMetrics
     call_settings: CallSettings
     calls: LiveCalls
+    telephony_settings: TelephonySettings
 
 
 def services(request: Request) -> Services:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from cluster.api.metrics import ApiMetrics
-from cluster.calls.session import CallSettings
+from cluster.calls.settings import CallSettings
 from model.errors import CapacityError, QuotaExceeded
 
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.api.metrics import ApiMetrics
+from cluster.calls.settings import CallSettings
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone, caller_message
 from cluster.state.store import Session, StateStore, Voice
@@ -43,18 +43,6 @@ log = logging.getLogger(__name__)
 
 FRAME_MS = 80  # one Mimi frame
 MIN_COMMIT_MS = 100
-
-
-class CallSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_live_calls: int = Field(32, ge=0, description="live calls per Ingress replica; more are refused")
-    max_calls_per_tenant: int = Field(16, ge=1, description="live calls per tenant per Ingress replica")
-    max_message_bytes: int = Field(1 << 20, ge=1024, description="largest client message")
-    idle_timeout_s: float = Field(60.0, gt=0, description="a call with no client message for this long is closed")
-    max_call_s: float = Field(3600.0, gt=0, description="longest call")
-    max_utterance_s: float = Field(60.0, gt=0, description="longest caller turn (the input buffer)")
-    early_start: bool = Field(False, description="default of turn_detection.early_start")
 
 
 # ---- playback ---------------------------------------------------------------------------------------------
@@ -492,18 +480,22 @@ class CallSession:
 
     async def _barge_in(self, reply: Reply) -> None:
         started = time.monotonic()
-        await self._stop(reply, "turn_detected")
-        self.emit(PlaybackStopped(reply))
+        await self._halt(reply, "turn_detected")
+        self.emit(PlaybackStopped(reply))  # before the commit: what is queued at the far end goes at once
         self.metrics.barge_in.observe(time.monotonic() - started)
+        await self._settle(reply)
 
     async def _stop(self, reply: Reply, reason: str) -> None:
-        """Stop a reply now (barge-in, client cancel, truncation, hang-up): generation stops and frees its slots,
-        and the turn is committed with what the caller heard."""
+        """Stop a reply now (client cancel, truncation, hang-up) and commit the turn with what the caller heard."""
+        await self._halt(reply, reason)
+        await self._settle(reply)
+
+    async def _halt(self, reply: Reply, reason: str) -> None:
+        """Generation stops, which frees every slot down to the Reasoner's request."""
         if reply.status == "in_progress":
             reply.status, reply.reason = "cancelled", reason
             await _cancel(reply.task)
             self.emit(ReplyFinished(reply))
-        await self._settle(reply)
 
     async def _settle_after_playback(self, reply: Reply) -> None:
         await reply.cursor.wait_played(reply.cursor.generated_ms)

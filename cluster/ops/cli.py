@@ -159,13 +159,13 @@ def cmd_status(args) -> int:
 
 def _client_inputs(args):
     """The cluster, its key, the voice clip and the caller's audio of `demo` and `call`."""
-    from cluster.ops.local import local_api_key
+    from cluster.ops.local import client_api_key
     from model.processing.audio import load_audio_file
     from model.testing.speech import speak
 
     settings = _local_settings(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
-    api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or local_api_key(settings)
+    api_key = args.api_key or client_api_key(settings)
     voice = load_audio_file(args.voice_audio) if args.voice_audio else speak(args.voice_text)
     caller = load_audio_file(args.audio) if args.audio else speak(args.say)
     return url, api_key, voice, caller

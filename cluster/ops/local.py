@@ -174,6 +174,11 @@ def _secret_file(path: Path, make: Callable[[], str]) -> str:
     return path.read_text()
 
 
+def client_api_key(settings: LocalClusterSettings | None = None) -> str:
+    """The key a client tool uses when it is given none: $CHROMA_API_KEY, else the local cluster's."""
+    return os.environ.get("CHROMA_API_KEY") or local_api_key(settings or LocalClusterSettings())
+
+
 def local_api_key(settings: LocalClusterSettings) -> str:
     """The key of tenant "local", generated on the first `up`."""
     keys = json.loads(_secret_file(api_keys_file(settings), lambda: json.dumps({f"cs-local-{secrets.token_hex(16)}": "local"})))

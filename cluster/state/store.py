@@ -88,6 +88,16 @@ class HistoryMessage(BaseModel):
     audio_bytes: int = 0  # a spoken user message: size of its 16 kHz PCM16 audio kept beside the document
 
 
+class KeyPress(BaseModel):
+    """A DTMF digit the caller pressed during a live call (for a backend's menus)."""
+
+    digit: str
+    at: datetime
+
+
+MAX_KEY_PRESSES = 64  # a session keeps the latest ones
+
+
 class Session(BaseModel):
     id: str
     tenant: str
@@ -97,6 +107,7 @@ class Session(BaseModel):
     sampling: SessionSampling = Field(default_factory=SessionSampling)
     history: list[HistoryMessage] = Field(default_factory=list)
     version: int = 0  # committed turns; `append_turn` takes it back to refuse a turn built on a stale history
+    key_presses: list[KeyPress] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
 
@@ -282,9 +293,22 @@ class StateStore:
 
         return await self._update_session(tenant, session.id, session.version, change)
 
-    async def _update_session(self, tenant: str, session_id: str, expected_version: int, change) -> Session:
+    async def record_key_press(self, tenant: str, session_id: str, digit: str) -> Session:
+        """A DTMF digit from a live call; it changes no turn, so it never conflicts with one."""
+
+        def press(session: Session, pipe) -> None:
+            session.key_presses = [*session.key_presses, KeyPress(digit=digit, at=_now())][-MAX_KEY_PRESSES:]
+
+        for attempt in range(3):
+            try:
+                return await self._update_session(tenant, session_id, None, press)
+            except VersionConflict:  # another write landed between our read and our commit: read again
+                if attempt == 2:
+                    raise
+
+    async def _update_session(self, tenant: str, session_id: str, expected_version: int | None, change) -> Session:
         """Read the session, apply `change(session, pipe)` (which may queue more commands on `pipe`) and write it
-        back in one transaction, if it is still at `expected_version`."""
+        back in one transaction, if it is still at `expected_version` (None: whatever its version)."""
         if not _SESSION_ID.fullmatch(session_id):
             raise NotFound("session", session_id)
         key, _ = self._session_keys(tenant, session_id)
@@ -295,7 +319,7 @@ class StateStore:
             if raw is None:
                 raise NotFound("session", session_id)
             session = Session.model_validate_json(raw)
-            if session.version != expected_version:
+            if expected_version is not None and session.version != expected_version:
                 raise VersionConflict(session_id, expected_version, session.version)
             pipe.multi()
             change(session, pipe)

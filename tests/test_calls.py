@@ -1,0 +1,95 @@
+"""Live-call limits on the real app served by uvicorn, with a real redis-server; the engines are not needed for
+these (a backend that never answers stands in for them: no reply is ever started here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import redis.asyncio
+import uvicorn
+import websockets
+
+from cluster.api.app import build_api
+from cluster.calls.settings import CallSettings
+from cluster.state.store import StateSettings, StateStore
+from cluster.state.tenants import TenantDirectory
+from tests.conftest import free_port
+
+KEYS = {"key-acme": "acme"}
+
+
+class SilentBackend:
+    processor = None
+
+    async def ready(self):
+        return True
+
+
+@pytest.fixture(scope="module")
+def server(redis_port):
+    """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, two calls a replica."""
+    store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
+    settings = CallSettings(idle_timeout_s=1.0, max_call_s=3.0, max_live_calls=2)
+    app = build_api(store, TenantDirectory(KEYS), SilentBackend(), call_settings=settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    serving = uvicorn.Server(config)
+    thread = threading.Thread(target=serving.run, daemon=True)
+    thread.start()
+    while not serving.started:
+        time.sleep(0.05)
+    yield f"ws://127.0.0.1:{port}"
+    serving.should_exit = True
+    thread.join(10)
+
+
+async def events_until_closed(ws) -> list[dict]:
+    events = []
+    try:
+        async for message in ws:
+            events.append(json.loads(message))
+    except websockets.ConnectionClosed:
+        pass
+    return events
+
+
+async def test_an_idle_call_is_told_and_closed(server):
+    async with websockets.connect(f"{server}/v1/realtime", additional_headers={"Authorization": "Bearer key-acme"}) as ws:
+        started = time.monotonic()
+        events = await asyncio.wait_for(events_until_closed(ws), 10)
+    assert [e["type"] for e in events] == ["session.created", "error"]
+    assert events[-1]["error"]["code"] == "idle_timeout" and time.monotonic() - started < 5
+
+
+async def test_a_call_longer_than_the_limit_is_ended(server):
+    async with websockets.connect(f"{server}/v1/realtime", additional_headers={"Authorization": "Bearer key-acme"}) as ws:
+        async def keep_talking():
+            while True:  # messages keep the call from going idle
+                await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+                await asyncio.sleep(0.3)
+
+        talking = asyncio.create_task(keep_talking())
+        events = await asyncio.wait_for(events_until_closed(ws), 10)
+        talking.cancel()
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "call_too_long"
+
+
+async def test_with_no_call_capacity_left_the_handshake_is_refused(server):
+    headers = {"Authorization": "Bearer key-acme"}
+    calls = [await websockets.connect(f"{server}/v1/realtime", additional_headers=headers) for _ in range(2)]
+    try:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await websockets.connect(f"{server}/v1/realtime", additional_headers=headers)
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "1"
+        assert json.loads(refused.value.response.body)["error"]["code"] == "over_capacity"
+        with pytest.raises(websockets.exceptions.InvalidStatus):  # telephony: refused before the carrier says who
+            await websockets.connect(f"{server}/v1/telephony/twilio")
+    finally:
+        for ws in calls:
+            await ws.close()
