@@ -93,3 +93,43 @@ async def test_with_no_call_capacity_left_the_handshake_is_refused(server):
     finally:
         for ws in calls:
             await ws.close()
+
+
+def test_the_realtime_event_parser_never_crashes_or_hangs(server):
+    """hypothesis drives /v1/realtime with arbitrary messages and malformed events: each gets an answer or an error
+    event, the connection stays up (a probe is answered after them), and no error carries internals."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                          max_leaves=8)
+    kinds = st.sampled_from(["session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+                             "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
+                             "response.create", "response.cancel", "conversation.item.delete"]) | st.text(max_size=12)
+    events = st.builds(lambda kind, fields: json.dumps({"type": kind, **fields}), kinds,
+                       st.dictionaries(st.sampled_from(["session", "audio", "item", "item_id", "audio_end_ms",
+                                                        "response_id", "event_id", "content_index"]), values, max_size=4))
+    messages = st.lists(events | st.text(max_size=60) | st.binary(max_size=40), min_size=1, max_size=8)
+
+    async def exchange(batch):
+        async with websockets.connect(f"{server}/v1/realtime", additional_headers={"Authorization": "Bearer key-acme"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            for message in batch:
+                await ws.send(message)
+            await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "probe"}}))
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if event["type"] == "error":
+                    assert event["error"]["code"] not in ("server_error", None)  # handled as the client's mistake
+                    assert event["error"]["message"]
+                    assert "Traceback" not in event["error"]["message"] and ".py" not in event["error"]["message"]
+                elif event["type"] == "session.updated" and event["session"]["instructions"] == "probe":
+                    return
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(messages)
+    def run(batch):
+        asyncio.run(exchange(batch))
+
+    run()

@@ -97,15 +97,14 @@ class SessionConfig(_Lenient):
     @classmethod
     def parse(cls, raw: Any) -> SessionConfig:
         """GA shape, with the beta spellings at the top level folded in."""
-        if not isinstance(raw, dict):
-            raise ValueError("session must be an object")
-        raw = dict(raw)
-        audio = dict(raw.get("audio") or {})
-        audio_in, audio_out = dict(audio.get("input") or {}), dict(audio.get("output") or {})
-        if "input_audio_format" in raw:
-            audio_in["format"] = {"type": BETA_FORMATS.get(raw["input_audio_format"], raw["input_audio_format"])}
-        if "output_audio_format" in raw:
-            audio_out["format"] = {"type": BETA_FORMATS.get(raw["output_audio_format"], raw["output_audio_format"])}
+        raw = _object(raw, "session")
+        audio = _object(raw.get("audio") or {}, "session.audio")
+        audio_in = _object(audio.get("input") or {}, "session.audio.input")
+        audio_out = _object(audio.get("output") or {}, "session.audio.output")
+        for beta, target in (("input_audio_format", audio_in), ("output_audio_format", audio_out)):
+            if beta in raw:
+                name = raw[beta]
+                target["format"] = {"type": BETA_FORMATS.get(name, name) if isinstance(name, str) else name}
         if "turn_detection" in raw:
             audio_in["turn_detection"] = raw["turn_detection"]
         if "voice" in raw:
@@ -237,6 +236,9 @@ class RealtimeCall:
             await self._send(_error_event("invalid_event", validation_message(error.errors()), event_id))
         except ChromaError as error:
             await self._send(_error_event(error.code, error.message, event_id))
+        except Exception:  # a bug of ours: the client hears of it, the call goes on, the log has the rest
+            log.exception("realtime call: handling %.200r failed", text)
+            await self._send(_error_event("server_error", "the event could not be handled", event_id))
 
     async def _session_update(self, event: dict) -> None:
         config = SessionConfig.parse(event.get("session"))
@@ -381,6 +383,12 @@ class RealtimeCall:
                 "output": {"format": _format(self.output_format), "voice": self.call.voice.id if self.call.voice else None},
             },
         }
+
+
+def _object(value: Any, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise CallerError(f"`{field}` must be an object", code="invalid_event")
+    return dict(value)
 
 
 def _turn_detection(raw: dict | None, early_start: bool) -> TurnDetection | None:
