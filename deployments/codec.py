@@ -37,3 +37,12 @@ class CodecDeployment:
 
     def stats(self) -> dict:
         return self.loop.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: the codec's worker thread still runs work."""
+        await self.loop.check()
+
+    async def probe(self) -> int:
+        """The Ingress's readiness probe: healthy, and the replies this replica decodes at once."""
+        await self.check_health()
+        return self.loop.engine.max_streams

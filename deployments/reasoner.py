@@ -25,3 +25,12 @@ class ReasonerDeployment:
 
     def stats(self) -> dict:
         return {"unfinished_requests": self.reasoner.num_unfinished_requests()}
+
+    async def check_health(self) -> None:
+        """Serve's health check: the engine (vLLM's processes) is alive; Serve restarts the replica when not."""
+        await self.reasoner.check_health()
+
+    async def probe(self) -> int | None:
+        """The Ingress's readiness probe: healthy, and the conversations this replica serves at once."""
+        await self.check_health()
+        return self.reasoner.max_streams

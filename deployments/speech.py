@@ -6,6 +6,7 @@ by the caller) closes that stream, which cancels the Reasoner's request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import torch
@@ -35,6 +36,15 @@ class SpeechStackDeployment:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: the engine's state can be read (its lock is not held by a wedged step)."""
+        await asyncio.to_thread(self.engine.stats)
+
+    async def probe(self) -> int:
+        """The Ingress's readiness probe: healthy, and the turns this replica holds at once."""
+        await self.check_health()
+        return self.engine.settings.max_slots
 
 
 async def _as_tensors(pairs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 
@@ -61,8 +62,13 @@ async def backend(tiny_checkpoint):
     await backend.close()
 
 
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+@contextlib.asynccontextmanager
+async def client_for(app, **transport):
+    """An HTTP client of `app`, run with its lifespan (as Serve runs it: admission control stops with it)."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **transport), base_url="http://test",
+                                     timeout=60) as client:
+            yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -356,8 +362,8 @@ class StubBackend:
     def __init__(self, ready=True, busy=False):
         self._ready, self.busy = ready, busy
 
-    async def ready(self):
-        return self._ready
+    async def stages(self):
+        return [pipeline.StageStatus.of("Stub", None, problem="" if self._ready else "stopped")]
 
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
@@ -427,8 +433,7 @@ class FailingBackend(StubBackend):
 
 async def test_internal_failures_are_500_with_a_request_id_and_no_internals(store):
     app = build_api(store, TenantDirectory(KEYS), FailingBackend())
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as stub:
+    async with client_for(app, raise_app_exceptions=False) as stub:
         voice = await make_voice(stub)
         session = await make_session(stub, voice["id"])
         response = await stub.post(f"/v1/sessions/{session['id']}/turns", content=encode_wav(caller_wave(), 16000),

@@ -17,14 +17,18 @@ the docs at /docs.
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import FastAPI
 
 from cluster.api import health, sessions, turns, voices
+from cluster.api.admission import Admission, AdmissionSettings
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services
 from cluster.api.settings import ApiSettings
 from cluster.pipeline.turn import TurnBackend
+from cluster.state.ledger import AdmissionLedger
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 
@@ -35,12 +39,23 @@ reply streams back in the cloned voice as it is generated. Authenticate with the
 
 
 def build_api(
-    state: StateStore, tenants: TenantDirectory, backend: TurnBackend, settings: ApiSettings | None = None
+    state: StateStore, tenants: TenantDirectory, backend: TurnBackend, settings: ApiSettings | None = None,
+    admission: AdmissionSettings | None = None,
 ) -> FastAPI:
+    """Run it with its lifespan (Serve and uvicorn do): shutting down stops admission control's polling."""
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
-    app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION)
-    app.state.services = Services(state, tenants, backend, settings, metrics)
+    ledger = AdmissionLedger(state.redis, state.settings.key_prefix)
+    control = Admission(ledger, backend.stages, tenants, admission or AdmissionSettings(), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        control.start()
+        yield
+        await control.close()
+
+    app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = Services(state, tenants, backend, control, settings, metrics)
     for module in (voices, sessions, turns, health):
         app.include_router(module.router)
     install_error_handlers(app, metrics, settings.retry_after_s)

@@ -1,4 +1,5 @@
-"""What the route handlers work with, one per app: state, tenants, the turn backend, settings, metrics."""
+"""What the route handlers work with, one per app: state, tenants, the turn backend, admission control, settings,
+metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from cluster.api.admission import Admission
 from cluster.api.metrics import ApiMetrics
 from cluster.api.settings import ApiSettings
 from cluster.pipeline.turn import TurnBackend
@@ -21,6 +23,7 @@ class Services:
     state: StateStore
     tenants: TenantDirectory
     backend: TurnBackend
+    admission: Admission
     settings: ApiSettings
     metrics: ApiMetrics
 

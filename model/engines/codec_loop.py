@@ -63,6 +63,11 @@ class CodecLoop:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    async def check(self) -> None:
+        """Returns once the worker thread has run a no-op (after the work queued before it); raises once closed.
+        A wedged worker never returns: callers bound this with a timeout."""
+        await self._on_worker(int)
+
     async def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
