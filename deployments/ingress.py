@@ -24,7 +24,7 @@ from cluster.config import AppConfig
 from cluster.pipeline.turn import ReplyEvent, StageStatus, TurnSettings, build_turn_request, clone_voice, reply_events
 from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
-from deployments.streams import relay, result
+from deployments.streams import relay, result, this_replica
 from model.chroma.turn import VoicePrompt
 from model.processing.processor import ChromaProcessor, VoicePromptInputs
 
@@ -87,7 +87,8 @@ class RayTurnBackend:
         self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user_audio: np.ndarray
     ) -> AsyncIterator[ReplyEvent]:
         request = build_turn_request(turn_id, voice, session, history_audio, user_audio, self.turns)
-        return reply_events(self.processor, relay(lambda: self.codec.options(stream=True).reply.remote(request), "Codec"))
+        reply = self.codec.options(stream=True).reply
+        return reply_events(self.processor, relay(lambda: reply.remote(request, this_replica()), "Codec"))
 
 
 @serve.deployment(name="Ingress")
