@@ -51,6 +51,11 @@ class LocalClusterSettings(BaseSettings):
     ready_timeout_s: float = 900.0  # vLLM on CPU alone takes about a minute to start
 
 
+def settings_env(settings: LocalClusterSettings) -> dict[str, str]:
+    """The environment that makes another process's LocalClusterSettings() these."""
+    return {f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+
+
 class ClusterInfo(BaseModel):
     url: str
     api_keys_path: str
