@@ -39,8 +39,10 @@ from model.testing.speech import synthetic_speech  # noqa: E402
 class Turn:
     started: float
     ended: float = 0.0
-    admitted: bool = False  # the reply started (or the error came after the answer began)
-    outcome: str = "done"  # done, refused (an error answer), failed (the reply broke off or ended in an error)
+    admitted: bool = False  # the reply started
+    # done; refused (an error answer, or no connection: nothing started); failed (the reply broke off or ended in
+    # an error event)
+    outcome: str = "done"
     detail: str = ""
 
 
@@ -54,7 +56,7 @@ async def take_turn(client: ChromaClient, session_id: str, audio) -> Turn:
     except ApiError as error:
         turn.outcome, turn.detail = "refused", error.code or str(error.status)
     except httpx.HTTPError as error:
-        turn.outcome, turn.detail = "failed", type(error).__name__
+        turn.outcome, turn.detail = "failed" if turn.admitted else "refused", type(error).__name__
     turn.ended = time.monotonic()
     return turn
 
@@ -66,7 +68,7 @@ async def callers(client: ChromaClient, sessions: list[str], stop: asyncio.Event
         while not stop.is_set():
             turn = await take_turn(client, session_id, audio)
             turns.append(turn)
-            if turn.outcome == "refused":
+            if turn.outcome != "done":
                 await asyncio.sleep(0.5)  # as Retry-After asks
 
     await asyncio.gather(*(talk(s) for s in sessions))

@@ -34,9 +34,11 @@ def _class_name(stage: str) -> str:
 
 def alive(stage: str) -> list:
     """The ALIVE actors of `stage` (ray.util.state ActorState)."""
+    import ray
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", _class_name(stage)), ("state", "=", "ALIVE")])
+    return list_actors(address=ray.get_runtime_context().gcs_address,  # this cluster's, not another on the machine
+                       filters=[("class_name", "=", _class_name(stage)), ("state", "=", "ALIVE")])
 
 
 def kill(stage: str) -> str:
