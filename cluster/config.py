@@ -12,11 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.api.admission import AdmissionSettings
 from cluster.api.settings import ApiSettings
 from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnSettings
 from cluster.state.store import StateSettings
 from cluster.state.tenants import TenantSettings
+from model.chroma.turn import FRAME_SECONDS
 from model.engines.codec import CodecSettings
 from model.engines.speech import SpeechEngineSettings
 from model.reasoner.settings import ReasonerSettings
@@ -45,6 +47,7 @@ class AppConfig(BaseModel):
     codec: CodecSettings = Field(default_factory=CodecSettings)
     turns: TurnSettings = Field(default_factory=TurnSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     tenants: TenantSettings = Field(default_factory=TenantSettings)
     calls: CallSettings = Field(default_factory=CallSettings)
@@ -62,6 +65,11 @@ class AppConfig(BaseModel):
 
             split_thinker(model.path, path)
         return path
+
+    def longest_turn_s(self) -> float:
+        """The longest an admitted turn may last: its start timeout, then its longest reply at real time (admitted
+        turns run faster than that). Replicas wait this long for their turns before shutting down."""
+        return self.admission.start_timeout_s + self.turns.max_frames * FRAME_SECONDS
 
     @model_validator(mode="after")
     def _stages_fit_together(self) -> AppConfig:

@@ -4,6 +4,10 @@
 `serve run deployments.app:build_app checkpoint='{path: /models/chroma-4b}'`. Its arguments are one
 `cluster.config.AppConfig`; replica resources and autoscaling come from the Serve config, and
 `replica_cpus` overrides the CPU share of every replica for a small local cluster.
+
+Every replica that is scaled down or replaced waits for its live turns to end before it stops: the graceful
+shutdown timeout is the longest turn the config allows (`AppConfig.longest_turn_s`) plus a margin, so no
+admitted turn is cut off.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from deployments.reasoner import ReasonerDeployment
 from deployments.speech import SpeechStackDeployment
 
 
+DRAIN_MARGIN_S = 10.0
+
+
 def build_app(args: dict):
     config = AppConfig.model_validate(args)
     config.reasoner_path()  # split the thinker out once, here, rather than racing in several replicas
-    options = {"ray_actor_options": {"num_cpus": config.replica_cpus}} if config.replica_cpus is not None else {}
+    options = {"graceful_shutdown_timeout_s": config.longest_turn_s() + DRAIN_MARGIN_S}
+    if config.replica_cpus is not None:
+        options["ray_actor_options"] = {"num_cpus": config.replica_cpus}
 
     reasoner = ReasonerDeployment.options(**options).bind(config=config)
     speech = SpeechStackDeployment.options(**options).bind(config=config, reasoner=reasoner)
     codec = CodecDeployment.options(**options).bind(config=config, speech=speech)
-    return IngressDeployment.options(**options).bind(config=config, codec=codec)
+    return IngressDeployment.options(**options).bind(config=config, codec=codec, speech=speech, reasoner=reasoner)

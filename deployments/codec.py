@@ -7,11 +7,12 @@ chunks of all replies in one batched forward on its own thread.
 from __future__ import annotations
 
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
 from cluster.pipeline.turn import TurnRequest
-from deployments.streams import relay
+from deployments.streams import CallerWatch, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
@@ -25,15 +26,27 @@ class CodecDeployment:
         model = config.checkpoint
         self.loop = CodecLoop(CodecEngine.from_checkpoint(Checkpoint(model.path), config.codec, model.dtype, model.device))
         self.speech = speech
+        self.callers = CallerWatch()
 
     async def encode_voice(self, inputs: VoicePromptInputs) -> VoicePrompt:
         return await self.loop.encode_voice(inputs.text_ids[0], inputs.input_values, inputs.num_samples)
 
-    async def reply(self, request: TurnRequest):
+    async def reply(self, request: TurnRequest, caller: ActorHandle | None = None):
+        """The reply's chunks; stopped if `caller` (the Ingress replica) dies."""
         generate = self.speech.options(stream=True).generate
-        groups = relay(lambda: generate.remote(request, self.loop.engine.chunk_frames), "SpeechStack")
-        async for chunk in self.loop.decode(request.turn_id, groups):
-            yield chunk
+        groups = relay(lambda: generate.remote(request, self.loop.engine.chunk_frames, this_replica()), "SpeechStack")
+        with self.callers.guard(caller):
+            async for chunk in self.loop.decode(request.turn_id, groups):
+                yield chunk
 
     def stats(self) -> dict:
         return self.loop.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: the codec's worker thread still runs work."""
+        await self.loop.check()
+
+    async def probe(self) -> int:
+        """The Ingress's readiness probe: healthy, and the replies this replica decodes at once."""
+        await self.check_health()
+        return self.loop.engine.max_streams

@@ -3,10 +3,16 @@
 `RayTurnBackend` is the API's TurnBackend on Serve handles: a turn is one streaming call to the Codec, which
 pulls frames from the SpeechStack, which pulls (token, hidden state) pairs from the Reasoner. Closing the
 reply (the caller hung up) cancels that call, and each stage cancels its own upstream.
+
+For admission control it reads every stage's state: each stage's `probe()` (its health check, and the turns
+one replica holds at once) through the same handles the turns use, so a stage whose replicas are gone or
+restarting does not answer, and the number of live (RUNNING) replicas from the Serve controller.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -15,22 +21,61 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.api.app import build_api
 from cluster.config import AppConfig
-from cluster.pipeline.turn import ReplyEvent, TurnSettings, build_turn_request, clone_voice, reply_events
+from cluster.pipeline.turn import ReplyEvent, StageStatus, TurnSettings, build_turn_request, clone_voice, reply_events
 from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
-from deployments.streams import relay, result
+from deployments.streams import relay, result, this_replica
 from model.chroma.turn import VoicePrompt
 from model.processing.processor import ChromaProcessor, Message, VoicePromptInputs
 
+log = logging.getLogger(__name__)
+
 
 class RayTurnBackend:
-    def __init__(self, codec: DeploymentHandle, processor: ChromaProcessor, turns: TurnSettings):
+    def __init__(
+        self, codec: DeploymentHandle, stages: dict[str, DeploymentHandle], processor: ChromaProcessor,
+        turns: TurnSettings, probe_timeout_s: float, app_name: str,
+    ):
         self.codec = codec
+        self.stage_handles = stages
         self.processor = processor
         self.turns = turns
+        self.probe_timeout_s = probe_timeout_s
+        self.app_name = app_name
+        self._replicas: dict[str, int] = {}  # last known RUNNING replicas per stage
 
-    async def ready(self) -> bool:
-        return True
+    async def stages(self) -> list[StageStatus]:
+        names = list(self.stage_handles)
+        probes = await asyncio.gather(self._running_replicas(), *(self._probe(n) for n in names))
+        replicas = probes[0]
+        return [self._status(name, replicas.get(name, 0), answer) for name, answer in zip(names, probes[1:])]
+
+    @staticmethod
+    def _status(name: str, replicas: int, answer: tuple[int | None, str]) -> StageStatus:
+        slots, problem = answer
+        # A replica that answered is live even when the controller has not counted it yet.
+        return StageStatus.of(name, slots, max(replicas, 0 if problem else 1), problem)
+
+    async def _probe(self, name: str) -> tuple[int | None, str]:
+        """(slots per replica, problem): a replica's answer, or why there was none."""
+        response = self.stage_handles[name].probe.remote()
+        try:
+            return await asyncio.wait_for(result(response, name), self.probe_timeout_s), ""
+        except TimeoutError:
+            response.cancel()
+            return None, "no replica answers"
+        except Exception as error:  # StageFailed (the replica is gone) or its health check failed
+            log.info("probe of %s failed: %r", name, error)
+            return None, "failing its health check"
+
+    async def _running_replicas(self) -> dict[str, int]:
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self.probe_timeout_s)
+            deployments = status.applications[self.app_name].deployments
+            self._replicas = {name: deployments[name].replica_states.get("RUNNING", 0) for name in self.stage_handles}
+        except Exception as error:  # the controller is away (restarting): keep the last count
+            log.warning("reading the Serve controller's status failed: %r", error)
+        return self._replicas
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:
         return await clone_voice(self.processor, self._encode_voice, transcript, audio, sample_rate)
@@ -42,18 +87,24 @@ class RayTurnBackend:
         self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
     ) -> AsyncIterator[ReplyEvent]:
         request = build_turn_request(turn_id, voice, session, history_audio, user, self.turns)
-        return reply_events(self.processor, relay(lambda: self.codec.options(stream=True).reply.remote(request), "Codec"))
+        reply = self.codec.options(stream=True).reply
+        return reply_events(self.processor, relay(lambda: reply.remote(request, this_replica()), "Codec"))
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class IngressDeployment:
-    def __init__(self, config: AppConfig, codec: DeploymentHandle):
-        self.backend = RayTurnBackend(codec, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns)
+    def __init__(self, config: AppConfig, codec: DeploymentHandle, speech: DeploymentHandle, reasoner: DeploymentHandle):
+        stages = {"Reasoner": reasoner, "SpeechStack": speech, "Codec": codec}
+        self.backend = RayTurnBackend(
+            codec, stages, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns,
+            config.admission.probe_timeout_s, serve.get_replica_context().app_name,
+        )
         self.state = StateStore(redis_client(config.state), config.state)
         self.tenants = TenantDirectory.from_settings(config.tenants)
         self.config = config
 
     def __serve_build_asgi_app__(self):
         config = self.config
-        return build_api(self.state, self.tenants, self.backend, config.api, config.calls, config.telephony)
+        return build_api(self.state, self.tenants, self.backend, config.api, admission=config.admission,
+                         call_settings=config.calls, telephony_settings=config.telephony)

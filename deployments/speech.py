@@ -6,15 +6,17 @@ by the caller) closes that stream, which cancels the Reasoner's request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import torch
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
 from cluster.pipeline.turn import TurnRequest, speech_frames
-from deployments.streams import relay
+from deployments.streams import CallerWatch, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.engines.speech import SpeechEngine
 
@@ -25,16 +27,28 @@ class SpeechStackDeployment:
         model = config.checkpoint
         self.engine = SpeechEngine.from_checkpoint(Checkpoint(model.path), config.speech, model.dtype, model.device)
         self.reasoner = reasoner
+        self.callers = CallerWatch()
 
-    async def generate(self, request: TurnRequest, group_size: int):
-        """The turn's frames, in groups of `group_size` (the codec's chunk size)."""
+    async def generate(self, request: TurnRequest, group_size: int, caller: ActorHandle | None = None):
+        """The turn's frames, in groups of `group_size` (the codec's chunk size); stopped if `caller` (the Codec
+        replica) dies."""
         stream = self.reasoner.options(stream=True).stream
-        pairs = relay(lambda: stream.remote(request.conversation, request.max_tokens), "Reasoner")
-        async for group in speech_frames(self.engine, request, _as_tensors(pairs), group_size):
-            yield group
+        pairs = relay(lambda: stream.remote(request.conversation, request.max_tokens, this_replica()), "Reasoner")
+        with self.callers.guard(caller):
+            async for group in speech_frames(self.engine, request, _as_tensors(pairs), group_size):
+                yield group
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: the engine's state can be read (its lock is not held by a wedged step)."""
+        await asyncio.to_thread(self.engine.stats)
+
+    async def probe(self) -> int:
+        """The Ingress's readiness probe: healthy, and the turns this replica holds at once."""
+        await self.check_health()
+        return self.engine.settings.max_slots
 
 
 async def _as_tensors(pairs):

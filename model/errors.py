@@ -3,7 +3,8 @@
 - `CallerError`: the caller's mistake (bad audio, bad request, unknown id, over a limit). The API answers with
   the error's `status` (4xx), `code` and message, which must name the problem and carry nothing internal.
 - `Unavailable`: nobody's fault, try again shortly (every slot taken, a stage or Redis down): 503 with
-  Retry-After.
+  Retry-After. `retryable` errors say so in the `error` event that ends a failed stream.
+- `TenantLimit`: the tenant's own concurrency quota is used up: 429 with Retry-After.
 - Anything else (including `InternalError` and exceptions of other libraries) is an internal failure: the API
   answers 500 with code `internal_error` and the request id, and logs the traceback on the server.
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 
 class ChromaError(Exception):
-    """Base of the errors raised on purpose. `code` names the kind for clients; `message` is for people."""
+    """Base of the errors raised on purpose. `code` names the kind for clients; `message` is for people;
+    `retryable`: the same request may succeed later."""
 
     code = "internal_error"
+    retryable = False
 
     def __init__(self, message: str, *, code: str | None = None):
         super().__init__(message)
@@ -96,23 +99,43 @@ class NotAcceptable(CallerError):
     code = "not_acceptable"
 
 
-class QuotaExceeded(CallerError):
-    """The tenant is at its concurrency quota: answered 429 with Retry-After."""
+class TenantLimit(CallerError):
+    """The tenant already has as many live turns (or calls) as its quota allows."""
 
     status = 429
     code = "tenant_concurrency_limit"
+    retryable = True
 
 
 class Unavailable(ChromaError):
     """Transient: the caller should retry after a moment."""
 
     code = "unavailable"
+    retryable = True
 
 
 class CapacityError(Unavailable):
     """Every slot (and queue place) is taken: refuse the turn rather than slow every live call down."""
 
     code = "over_capacity"
+
+
+class StageUnavailable(Unavailable):
+    """A stage has no ready replica (it died and is restarting, or fails its health checks): new turns are
+    refused at once instead of waiting for it."""
+
+    code = "stage_unavailable"
+
+
+class StageFailed(Unavailable):
+    """A stage died (`died`: its replica is gone) or failed while it served this request; `stage` names it. The
+    turn is lost, the session is not."""
+
+    code = "stage_failed"
+
+    def __init__(self, stage: str, died: bool = False):
+        super().__init__(f"the {stage} stage {'went down' if died else 'failed'} during the request; retry it")
+        self.stage, self.died = stage, died
 
 
 class StateUnavailable(Unavailable):

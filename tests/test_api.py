@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 
@@ -14,6 +15,7 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
+from cluster.api.admission import AdmissionSettings
 from cluster.api.app import build_api
 from cluster.api.settings import ApiSettings
 from cluster.config import AppConfig
@@ -21,10 +23,11 @@ from cluster.pipeline import turn as pipeline
 from cluster.pipeline.local import LocalTurnBackend
 from model.chroma.turn import VoicePrompt
 from cluster.state.store import StateSettings, StateStore
-from cluster.state.tenants import TenantDirectory
+from cluster.state.tenants import TenantDirectory, TenantQuota
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech
 from model.engines.speech import CapacityError
+from model.errors import StageFailed
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -61,8 +64,13 @@ async def backend(tiny_checkpoint):
     await backend.close()
 
 
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+@contextlib.asynccontextmanager
+async def client_for(app, **transport):
+    """An HTTP client of `app`, run with its lifespan (as Serve runs it: admission control stops with it)."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **transport), base_url="http://test",
+                                     timeout=60) as client:
+            yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -356,8 +364,8 @@ class StubBackend:
     def __init__(self, ready=True, busy=False):
         self._ready, self.busy = ready, busy
 
-    async def ready(self):
-        return self._ready
+    async def stages(self):
+        return [pipeline.StageStatus.of("Stub", None, problem="" if self._ready else "stopped")]
 
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
@@ -427,8 +435,7 @@ class FailingBackend(StubBackend):
 
 async def test_internal_failures_are_500_with_a_request_id_and_no_internals(store):
     app = build_api(store, TenantDirectory(KEYS), FailingBackend())
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as stub:
+    async with client_for(app, raise_app_exceptions=False) as stub:
         voice = await make_voice(stub)
         session = await make_session(stub, voice["id"])
         response = await stub.post(f"/v1/sessions/{session['id']}/turns", content=encode_wav(caller_wave(), 16000),
@@ -438,3 +445,86 @@ async def test_internal_failures_are_500_with_a_request_id_and_no_internals(stor
         assert "req-abc123" in error["message"]
         assert "secret" not in response.text and "exploded" not in response.text and "Traceback" not in response.text
         assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+
+
+class FailingMidReply:
+    """LocalTurnBackend's turns, but (while `failing`) the speech stage dies after the first audio chunk."""
+
+    def __init__(self, backend):
+        self.backend, self.failing = backend, True
+
+    async def stages(self):
+        return await self.backend.stages()
+
+    async def clone_voice(self, transcript, audio, sample_rate):
+        return await self.backend.clone_voice(transcript, audio, sample_rate)
+
+    async def run_turn(self, *args):
+        events = self.backend.run_turn(*args)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+                if self.failing and isinstance(event, pipeline.AudioChunk):
+                    raise StageFailed("SpeechStack", died=True)
+
+
+async def test_a_stage_dying_mid_reply_ends_the_reply_cleanly_and_leaves_the_session(store, backend):
+    failing = FailingMidReply(backend)
+    app = build_api(store, TenantDirectory(KEYS), failing, ApiSettings(), AdmissionSettings(stage_poll_s=0.05))
+    admission = app.state.services.admission
+    async with client_for(app) as client:
+        voice = await make_voice(client)
+        session = await make_session(client, voice["id"])
+        turns = f"/v1/sessions/{session['id']}/turns"
+        body = encode_wav(caller_wave(seed=7), 16000)
+        response = await client.post(turns, headers={**ACME, "Accept": "text/event-stream"}, content=body)
+        events = parse_sse(response.text)
+        assert response.status_code == 200 and [k for k, _ in events][-1] == "error" and "audio" in dict(events)
+        error = events[-1][1]["error"]
+        assert error["code"] == "stage_failed" and error["retryable"] is True and "SpeechStack" in error["message"]
+        assert error["request_id"] == response.headers["x-request-id"]
+        raw = await client.post(turns, headers={**ACME, "Accept": "audio/pcm;rate=24000"}, content=body)
+        assert raw.status_code == 200 and 0 < len(raw.content) and len(raw.content) % (FRAME * 2) == 0  # ends cleanly
+        assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+        assert admission.held() == 0 and backend.speech.turns == {}  # no ticket, no slot left behind
+        failing.failing = False
+        for _ in range(100):  # the stage counts as down until a reading that started after the failure
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        done = parse_sse((await client.post(turns, headers=ACME, content=body)).text)[-1]
+        assert done[0] == "done" and done[1]["session_version"] == 1
+        assert 'chroma_turns_total{outcome="failed"} 2.0' in (await client.get("/metrics")).text
+
+
+async def test_over_the_tenants_quota_is_429_with_retry_after(store, backend):
+    tenants = TenantDirectory(KEYS, {"acme": TenantQuota(max_turns=0)})
+    async with client_for(build_api(store, tenants, backend)) as client:
+        voice = await make_voice(client)
+        session = await make_session(client, voice["id"])
+        response = await client.post(f"/v1/sessions/{session['id']}/turns", headers=ACME,
+                                     content=encode_wav(caller_wave(), 16000))
+        error = assert_error(response, 429, "tenant_concurrency_limit")
+        assert response.headers["retry-after"] == "1" and error["retryable"] and "acme" in error["message"]
+        voice = await make_voice(client, GLOBEX)  # another tenant, the default quota: no bound of its own
+        session = await make_session(client, voice["id"], GLOBEX)
+        response = await client.post(f"/v1/sessions/{session['id']}/turns", headers=GLOBEX,
+                                     content=encode_wav(caller_wave(), 16000))
+        assert parse_sse(response.text)[-1][0] == "done"
+
+
+class SilentBackend(StubBackend):
+    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
+        await asyncio.Event().wait()  # a stage that never answers
+        yield  # pragma: no cover
+
+
+async def test_a_reply_that_never_starts_is_refused_not_left_waiting(store):
+    app = build_api(store, TenantDirectory(KEYS), SilentBackend(), admission=AdmissionSettings(start_timeout_s=0.5))
+    async with client_for(app) as client:
+        voice = await make_voice(client)
+        session = await make_session(client, voice["id"])
+        response = await client.post(f"/v1/sessions/{session['id']}/turns", headers=ACME,
+                                     content=encode_wav(caller_wave(), 16000))
+        assert "did not start" in assert_error(response, 503, "stage_unavailable")["message"]
+        assert app.state.services.admission.held() == 0

@@ -16,6 +16,7 @@ import websockets
 
 from cluster.api.app import build_api
 from cluster.calls.settings import CallSettings
+from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
 from tests.conftest import free_port
@@ -24,17 +25,19 @@ KEYS = {"key-acme": "acme"}
 
 
 class SilentBackend:
+    """Room for two live calls or turns, and never a reply."""
+
     processor = None
 
-    async def ready(self):
-        return True
+    async def stages(self):
+        return [StageStatus.of("SpeechStack", 2)]
 
 
 @pytest.fixture(scope="module")
 def server(redis_port):
-    """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, two calls a replica."""
+    """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, room for two calls."""
     store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
-    settings = CallSettings(idle_timeout_s=1.0, max_call_s=3.0, max_live_calls=2)
+    settings = CallSettings(idle_timeout_s=1.0, max_call_s=3.0)
     app = build_api(store, TenantDirectory(KEYS), SilentBackend(), call_settings=settings)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -79,7 +82,7 @@ async def test_a_call_longer_than_the_limit_is_ended(server):
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "call_too_long"
 
 
-async def test_with_no_call_capacity_left_the_handshake_is_refused(server):
+async def test_with_no_call_capacity_left_calls_are_refused_at_once(server):
     headers = {"Authorization": "Bearer key-acme"}
     calls = [await websockets.connect(f"{server}/v1/realtime", additional_headers=headers) for _ in range(2)]
     try:
@@ -88,8 +91,12 @@ async def test_with_no_call_capacity_left_the_handshake_is_refused(server):
         assert refused.value.response.status_code == 503
         assert refused.value.response.headers["Retry-After"] == "1"
         assert json.loads(refused.value.response.body)["error"]["code"] == "over_capacity"
-        with pytest.raises(websockets.exceptions.InvalidStatus):  # telephony: refused before the carrier says who
-            await websockets.connect(f"{server}/v1/telephony/twilio")
+        async with websockets.connect(f"{server}/v1/telephony/twilio") as phone:  # refused once it says who calls
+            await phone.send(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+                "customParameters": {"api_key": "key-acme"}}}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(phone.recv(), 10)
+            assert closed.value.rcvd.code == 1013 and closed.value.rcvd.reason == "over_capacity"
     finally:
         for ws in calls:
             await ws.close()
@@ -98,7 +105,7 @@ async def test_with_no_call_capacity_left_the_handshake_is_refused(server):
 def test_the_realtime_event_parser_never_crashes_or_hangs(server):
     """hypothesis drives /v1/realtime with arbitrary messages and malformed events: each gets an answer or an error
     event, the connection stays up (a probe is answered after them), and no error carries internals."""
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

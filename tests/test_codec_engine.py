@@ -1,5 +1,8 @@
 """CodecEngine: chunked, batched streaming decode equals the one-shot Mimi decode (RANDOM-WEIGHT codecs)."""
 
+import asyncio
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,3 +195,25 @@ def test_encode_voice_reuses_generate(tiny):
     engine = CodecEngine(codec, config, max_streams=1)
     voice = engine.encode_voice(torch.tensor([5, 6, 7]), torch.randn(4000) * 0.1)
     assert voice.codes.shape == (3, 8) and voice.valid_frames == 3
+
+
+async def test_a_reply_cancelled_while_its_stream_opens_leaves_no_stream(tiny):
+    """A caller who hangs up just as the codec opens its stream must not leave the stream open."""
+    from model.engines.codec_loop import CodecLoop
+
+    codec, config = tiny
+    loop = CodecLoop(CodecEngine(codec, config, max_streams=2))
+
+    async def no_frames():
+        return
+        yield
+
+    for _ in range(5):
+        reply = asyncio.ensure_future(anext(loop.decode("turn-x", no_frames()), None))
+        await asyncio.sleep(0)
+        reply.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reply
+        await loop.check()  # after the drop that followed the open
+        assert loop.stats()["open_streams"] == 0
+    await loop.close()

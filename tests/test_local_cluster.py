@@ -39,6 +39,24 @@ def test_a_rendered_profile_is_a_valid_serve_config(profile, tmp_path):
         assert d.ray_actor_options.num_cpus is not None, d.name  # Ray's default of 1 CPU each does not fit a small node
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_profile_routes_no_replica_more_turns_than_its_engine_holds(profile):
+    """Admission control counts the engines' places; Serve must route within them, and scale out before they
+    are all taken."""
+    (app,) = yaml.safe_load((PROFILES_DIR / f"{profile}.yaml").read_text())["applications"]
+    config = AppConfig.model_validate({**app["args"], "checkpoint": {**app["args"]["checkpoint"], "path": "/x"}})
+    deployments = {d["name"]: d for d in app["deployments"]}
+    places = {"SpeechStack": config.speech.max_slots + config.speech.max_queue, "Codec": config.codec.max_streams,
+              "Reasoner": config.reasoner.vllm.max_num_seqs}
+    for name, held in places.items():
+        assert held <= deployments[name]["max_ongoing_requests"] <= held + 8, name  # a few more for probes
+        scaling = deployments[name].get("autoscaling_config")
+        if scaling:
+            assert scaling["target_ongoing_requests"] < held, name
+    for d in deployments.values():
+        assert d["health_check_period_s"] <= 5, d["name"]  # a dead replica is noticed and replaced soon
+
+
 def test_profiles_differ_where_they_must():
     cpu = yaml.safe_load((PROFILES_DIR / "cpu-dev.yaml").read_text())["applications"][0]
     gpu = yaml.safe_load((PROFILES_DIR / "gpu.yaml").read_text())["applications"][0]

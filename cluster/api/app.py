@@ -19,16 +19,19 @@ the docs at /docs.
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import FastAPI
 
 from cluster.api import health, realtime, sessions, telephony, turns, voices
+from cluster.api.admission import Admission, AdmissionSettings
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services
 from cluster.api.settings import ApiSettings
-from cluster.calls.registry import LiveCalls
 from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnBackend
+from cluster.state.ledger import AdmissionLedger
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 
@@ -40,14 +43,24 @@ reply streams back in the cloned voice as it is generated. Authenticate with the
 
 def build_api(
     state: StateStore, tenants: TenantDirectory, backend: TurnBackend, settings: ApiSettings | None = None,
-    call_settings: CallSettings | None = None, telephony_settings: TelephonySettings | None = None,
+    admission: AdmissionSettings | None = None, call_settings: CallSettings | None = None,
+    telephony_settings: TelephonySettings | None = None,
 ) -> FastAPI:
-    settings, call_settings = settings or ApiSettings(), call_settings or CallSettings()
+    """Run it with its lifespan (Serve and uvicorn do): shutting down stops admission control's polling."""
+    settings = settings or ApiSettings()
     metrics = ApiMetrics()
-    app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION)
-    calls = LiveCalls(call_settings, metrics)
-    app.state.services = Services(state, tenants, backend, settings, metrics, call_settings, calls,
-                                  telephony_settings or TelephonySettings())
+    ledger = AdmissionLedger(state.redis, state.settings.key_prefix)
+    control = Admission(ledger, backend.stages, tenants, admission or AdmissionSettings(), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        control.start()
+        yield
+        await control.close()
+
+    app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = Services(state, tenants, backend, control, settings, metrics,
+                                  call_settings or CallSettings(), telephony_settings or TelephonySettings())
     for module in (voices, sessions, turns, health, realtime, telephony):
         app.include_router(module.router)
     install_error_handlers(app, metrics, settings.retry_after_s)

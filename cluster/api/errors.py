@@ -1,9 +1,10 @@
 """Error answers: one JSON shape everywhere, status and code by error class, a request id on every response.
 
 `{"error": {"code": "...", "message": "...", "request_id": "req_..."}}`. Caller mistakes (`CallerError`) answer
-with their own status; `Unavailable` (and Redis being away) answers 503 with Retry-After; anything else is an
-internal failure: 500 `internal_error`, the traceback in the server log under the request id, and nothing of it
-in the body.
+with their own status (429 `tenant_concurrency_limit` with Retry-After); `Unavailable` (and Redis being away)
+answers 503 with Retry-After; anything else is an internal failure: 500 `internal_error`, the traceback in the
+server log under the request id, and nothing of it in the body. A stream that fails after it started ends with
+the same body as an `error` event (`stream_error`), plus `retryable`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.api.metrics import ApiMetrics
-from model.errors import CallerError, ChromaError, QuotaExceeded, Unauthorized, Unavailable
+from model.errors import CallerError, ChromaError, TenantLimit, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable kind, e.g. not_found, invalid_audio, over_capacity")
     message: str = Field(description="what was wrong, for people")
     request_id: str | None = Field(None, description="quote it when reporting a problem")
+    retryable: bool = Field(False, description="the same request may succeed later (after Retry-After)")
 
 
 class ErrorBody(BaseModel):
@@ -44,7 +46,7 @@ def error_responses(*statuses: int) -> dict:
         400: "Malformed request", 401: "Missing or unknown API key", 404: "Unknown id (or another tenant's)",
         406: "No acceptable reply type", 409: "The session changed meanwhile", 413: "Body or audio over the limit",
         415: "Unsupported media type", 422: "Invalid request or audio",
-        429: "The tenant is at its concurrency quota: retry after Retry-After seconds",
+        429: "The tenant's concurrency quota is used up (tenant_concurrency_limit): retry after Retry-After seconds",
         503: "Over capacity, a stage or the state store unavailable: retry after Retry-After seconds",
     }
     return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
@@ -59,30 +61,51 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-def error_response(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, request_id=request_id(request) or None))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict | None = None, retryable: bool = False,
+) -> JSONResponse:
+    detail = ErrorDetail(code=code, message=message, request_id=request_id(request) or None, retryable=retryable)
+    return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=status, headers=headers)
+
+
+def stream_error(error: BaseException, rid: str) -> ErrorBody:
+    """The `error` event that ends a stream which failed after it started: the code and message its HTTP answer
+    would have carried. Internal failures are logged here, under the request id, and say nothing more."""
+    if isinstance(error, (CallerError, Unavailable)):
+        detail = ErrorDetail(code=error.code, message=error.message, retryable=error.retryable)
+    elif isinstance(error, RedisError):
+        log.warning("request %s: Redis unavailable mid-stream: %r", rid, error)
+        detail = ErrorDetail(code="state_unavailable", message="the state store is unavailable; retry shortly",
+                             retryable=True)
+    else:
+        log.error("request %s: the stream failed", rid, exc_info=error)
+        detail = ErrorDetail(code="internal_error", message=f"internal error; quote request id {rid} when reporting it")
+    detail.request_id = rid or None
+    return ErrorBody(error=detail)
 
 
 def install_error_handlers(app: FastAPI, metrics: ApiMetrics, retry_after_s: int) -> None:
     retry = {"Retry-After": str(retry_after_s)}
 
-    def answer(request: Request, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    def answer(
+        request: Request, status: int, code: str, message: str, headers: dict | None = None, retryable: bool = False,
+    ) -> JSONResponse:
         metrics.errors.labels(code).inc()
-        return error_response(request, status, code, message, headers)
+        return error_response(request, status, code, message, headers, retryable)
 
     async def chroma_error(request: Request, exc: ChromaError) -> JSONResponse:
         if isinstance(exc, CallerError):
             headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-            headers = retry if isinstance(exc, QuotaExceeded) else headers
-            return answer(request, exc.status, exc.code, exc.message, headers)
+            if isinstance(exc, TenantLimit):
+                headers = retry
+            return answer(request, exc.status, exc.code, exc.message, headers, exc.retryable)
         if isinstance(exc, Unavailable):
-            return answer(request, 503, exc.code, exc.message, retry)
+            return answer(request, 503, exc.code, exc.message, retry, True)
         return await internal_error(request, exc)
 
     async def state_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         log.warning("request %s: Redis unavailable: %r", request_id(request), exc)
-        return answer(request, 503, "state_unavailable", "the state store is unavailable; retry shortly", retry)
+        return answer(request, 503, "state_unavailable", "the state store is unavailable; retry shortly", retry, True)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return answer(request, 422, "invalid_request", validation_message(exc.errors()) or "invalid request")

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cluster.api.errors import error_response, error_responses
-from cluster.api.schemas import Health, Ready
+from cluster.api.schemas import Health, Ready, StageReport
 from cluster.api.services import ServicesDep
 
 router = APIRouter(tags=["health"])
@@ -21,21 +21,21 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503))
 async def readyz(request: Request, services: ServicesDep) -> Response | Ready:
-    """Redis and every stage can take turns; 503 names what is not ready."""
+    """Redis and every stage can take turns (with the capacity admission control sees); 503 names what is not."""
     problems = []
     try:
         with anyio.fail_after(2.0):
             await services.state.redis.ping()
     except Exception:
         problems.append("redis: unreachable")
-    try:
-        if not await services.backend.ready():
-            problems.append("backend: not ready")
-    except Exception:
-        problems.append("backend: not ready")
+    stages = await services.admission.stages()
+    problems += [f"{s.name}: {s.problem or 'not ready'}" for s in stages if not s.ready]
     if problems:
-        return error_response(request, 503, "not_ready", "; ".join(problems))
-    return Ready(status="ready")
+        return error_response(request, 503, "not_ready", "; ".join(problems), retryable=True)
+    return Ready(
+        status="ready", capacity=services.admission.capacity(),
+        stages=[StageReport(name=s.name, replicas=s.replicas, capacity=s.capacity) for s in stages],
+    )
 
 
 @router.get("/metrics", response_class=Response,

@@ -23,6 +23,14 @@ class ApiMetrics:
         )
         self.frames = Counter("chroma_frames", "Reply audio frames generated (12.5 per second)", registry=self.registry)
         self.turns = Counter("chroma_turns", "Turns by outcome", ["outcome"], registry=self.registry)
+        self.admissions = Counter(
+            "chroma_admissions", "Turns and calls admitted (outcome admitted, or queued: after a wait) or refused "
+            "(outcome: the error code)", ["kind", "outcome"], registry=self.registry,
+        )
+        self.capacity = Gauge(
+            "chroma_capacity", "Turns and calls the cluster holds at once (its smallest stage)", registry=self.registry,
+        )
+        self.queued = Gauge("chroma_admission_line", "Turns waiting for capacity", registry=self.registry)
         self.errors = Counter("chroma_errors", "Error responses and failed streams by kind", ["kind"], registry=self.registry)
         # Live calls (cluster.calls).
         self.calls_live = Gauge("chroma_calls_live", "Live calls now", ["protocol"], registry=self.registry)

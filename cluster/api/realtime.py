@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cluster.api.errors import validation_message
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
-from cluster.calls.registry import CallTicket
+from cluster.api.admission import Ticket
 from cluster.calls.session import (
     CallError,
     CallEvent,
@@ -49,7 +49,7 @@ from cluster.calls.session import (
     SpeechStoppedEvent,
 )
 from cluster.calls.vad import TurnDetection
-from model.errors import CallerError, ChromaError, QuotaExceeded
+from model.errors import CallerError, ChromaError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,19 @@ async def realtime(websocket: WebSocket, session_id: str | None = None) -> None:
     services: Services = websocket.app.state.services
     tenant = services.tenants.tenant_for(_bearer(websocket.headers.get("authorization")))
     if tenant is None:
-        services.metrics.calls_refused.labels("unauthorized").inc()
-        await _refuse(websocket, 401, "unauthorized", "missing or unknown API key (send 'Authorization: Bearer <key>')")
+        await _refuse(websocket, services, Unauthorized("missing or unknown API key (send 'Authorization: Bearer <key>')"))
         return
     try:
-        ticket = services.calls.admit(tenant, "realtime")
-    except (CallerError, ChromaError) as refusal:
-        status = 429 if isinstance(refusal, QuotaExceeded) else 503
-        await _refuse(websocket, status, refusal.code, refusal.message, services.settings.retry_after_s)
+        ticket = await services.admit_call(tenant, "realtime")
+    except ChromaError as refusal:
+        await _refuse(websocket, services, refusal)
         return
     try:
         await websocket.accept()
+        ticket.started()
         await RealtimeCall(websocket, services, tenant, ticket).run(session_id)
     finally:
-        ticket.release()
+        await services.release_call(ticket, "realtime")
 
 
 def _bearer(header: str | None) -> str | None:
@@ -152,23 +151,25 @@ def _bearer(header: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def _refuse(websocket: WebSocket, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
-    """Refuse at the handshake: an HTTP answer where the server can send one, else close with the matching code
-    (1008 policy violation, 1013 try again later) after an `error` event."""
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+async def _refuse(websocket: WebSocket, services: Services, refusal: ChromaError) -> None:
+    """Refuse at the handshake: an HTTP answer where the server can send one (401, 429 or 503 with Retry-After),
+    else close with the matching code (1008 policy violation, 1013 try again later) after an `error` event."""
+    services.metrics.calls_refused.labels(refusal.code).inc()
+    status = refusal.status if isinstance(refusal, CallerError) else 503
+    headers = None if isinstance(refusal, Unauthorized) else {"Retry-After": str(services.settings.retry_after_s)}
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        body = {"error": {"code": code, "message": message}}
+        body = {"error": {"code": refusal.code, "message": refusal.message}}
         await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
         return
     await websocket.accept()
-    await websocket.send_text(json.dumps(_error_event(code, message)))
-    await websocket.close(code=1008 if status == 401 else 1013, reason=code)
+    await websocket.send_text(json.dumps(_error_event(refusal.code, refusal.message)))
+    await websocket.close(code=1008 if status == 401 else 1013, reason=refusal.code)
 
 
 class RealtimeCall:
     """One connection: a reader (client events -> the CallSession) and a writer (CallEvents -> server events)."""
 
-    def __init__(self, websocket: WebSocket, services: Services, tenant: str, ticket: CallTicket):
+    def __init__(self, websocket: WebSocket, services: Services, tenant: str, ticket: Ticket):
         self.websocket, self.services, self.ticket = websocket, services, ticket
         self.settings = services.call_settings
         self.call = CallSession(tenant, services.state, services.backend, services.backend.processor, self.settings,

@@ -70,5 +70,13 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class StageReport(BaseModel):
+    name: str
+    replicas: int = Field(description="live replicas")
+    capacity: int | None = Field(description="turns and calls it holds at once across them (null: no bound)")
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
+    capacity: int | None = Field(description="turns and calls the cluster holds at once: its smallest stage's")
+    stages: list[StageReport]

@@ -1,4 +1,5 @@
-"""What the route handlers work with, one per app: state, tenants, the turn backend, settings, metrics."""
+"""What the route handlers work with, one per app: state, tenants, the turn backend, admission control, settings,
+metrics; and the admission of live calls."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from cluster.api.admission import Admission, Ticket
 from cluster.api.metrics import ApiMetrics
 from cluster.api.settings import ApiSettings
-from cluster.calls.registry import LiveCalls
 from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnBackend
 from cluster.state.store import StateStore
@@ -23,11 +24,22 @@ class Services:
     state: StateStore
     tenants: TenantDirectory
     backend: TurnBackend
+    admission: Admission
     settings: ApiSettings
     metrics: ApiMetrics
     call_settings: CallSettings
-    calls: LiveCalls
     telephony_settings: TelephonySettings
+
+    async def admit_call(self, tenant: str, protocol: str) -> Ticket:
+        """A live call's place in the cluster (the same admission control as turns: TenantLimit, CapacityError,
+        StageUnavailable); release it with `release_call`."""
+        ticket = await self.admission.admit(tenant, "call")
+        self.metrics.calls_live.labels(protocol).inc()
+        return ticket
+
+    async def release_call(self, ticket: Ticket, protocol: str) -> None:
+        self.metrics.calls_live.labels(protocol).dec()
+        await ticket.release()
 
 
 def services(request: Request) -> Services:

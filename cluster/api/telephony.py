@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
-from cluster.calls.registry import CallTicket
+from cluster.api.admission import Ticket
 from cluster.calls.settings import TelephonySettings
 from cluster.calls.vad import TurnDetection
 from cluster.calls.session import (
@@ -97,14 +97,8 @@ async def telnyx(websocket: WebSocket) -> None:
 
 
 async def _serve(websocket: WebSocket, dialect: Dialect) -> None:
-    services: Services = websocket.app.state.services
-    if services.calls.live >= services.call_settings.max_live_calls:  # full before the carrier says who calls
-        services.metrics.calls_refused.labels("over_capacity").inc()
-        log.warning("%s call refused at the handshake: over capacity", dialect.name)
-        await websocket.close(code=1013, reason="over_capacity")
-        return
     await websocket.accept()
-    await MediaStreamCall(websocket, services, dialect).run()
+    await MediaStreamCall(websocket, websocket.app.state.services, dialect).run()
 
 
 class MarkCursor(PlaybackCursor):
@@ -133,7 +127,7 @@ class MediaStreamCall:
         self.id = f"call_{uuid.uuid4().hex[:16]}"
         self.stream_id: str | None = None
         self.call: CallSession | None = None
-        self.ticket: CallTicket | None = None
+        self.ticket: Ticket | None = None
         self.inbound: InboundAudio | None = None
         self.line = LineFormat.PCMU
         self.outbox: deque[tuple[Reply, bytes]] = deque()  # encoded, not yet sent
@@ -173,7 +167,7 @@ class MediaStreamCall:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             if self.ticket is not None:
-                self.ticket.release()
+                await self.services.release_call(self.ticket, self.dialect.name)
             with contextlib.suppress(Exception):
                 await self.websocket.close()
 
@@ -212,7 +206,7 @@ class MediaStreamCall:
             return await self._refuse("unauthorized", "missing or unknown api_key parameter")
         try:
             self.line = self.dialect.line(start)
-            self.ticket = services.calls.admit(tenant, self.dialect.name)
+            self.ticket = await services.admit_call(tenant, self.dialect.name)
             call = CallSession(tenant, services.state, services.backend, services.backend.processor,
                                services.call_settings, services.metrics, MarkCursor)
             if session_id := parameters.get("session_id"):
@@ -228,6 +222,7 @@ class MediaStreamCall:
             return await self._refuse(code, str(error))
         self.call, self.stream_id = call, self.dialect.stream_id(message)
         self.inbound = InboundAudio(self.line)
+        self.ticket.started()
         log.info("%s call %s started: tenant %s, stream %s, session %s", self.dialect.name, self.id, tenant,
                  self.stream_id, call.session.id)
         return True

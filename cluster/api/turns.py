@@ -1,13 +1,17 @@
 """POST /v1/sessions/{id}/turns: caller audio in, the spoken reply streamed out (SSE or raw audio).
 
-The turn and its reply join the session's history atomically when the reply ends; a failed or abandoned turn
-leaves the session as it was.
+The turn is admitted or refused once, before anything runs (`cluster.api.admission`: 429 over the tenant's
+quota, 503 at capacity or while a stage is down). The turn and its reply join the session's history atomically
+when the reply ends; a failed or abandoned turn leaves the session as it was. A reply that fails after it started
+(a stage died) ends with an `error` event over SSE; a raw-audio body simply ends (the session's version says the
+turn did not join the history).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -18,13 +22,14 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from cluster.api.errors import error_responses
+from cluster.api.admission import Ticket
+from cluster.api.errors import error_responses, request_id, stream_error
 from cluster.api.media import caller_encoding, check_duration, negotiate_reply, read_body
 from cluster.api.schemas import TurnDoneEvent
 from cluster.api.services import Services, ServicesDep, TenantDep
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone, caller_message
 from cluster.state.store import Session
-from model.errors import Conflict, InternalError, NotFound
+from model.errors import Conflict, InternalError, NotFound, StageFailed, StageUnavailable
 from model.processing.audio import CODEC_RATE, REASONER_RATE, ReplyFormat, StreamingAudioEncoder, decode_audio
 from model.processing.audio import pcm16_bytes, resample
 
@@ -44,13 +49,15 @@ TURN_RESPONSES = {
     200: {
         "description": "The reply, streamed as it is generated. `text/event-stream` sends events `text` "
         '(`{"delta"}`), `audio` (`{"format", "data": base64}` in the session\'s format), then `done` (TurnDoneEvent) '
-        'or `error` (`{"error": {"code", "message"}}`); the audio types send the raw audio as a chunked body.',
+        'or `error` (`{"error": {"code", "message", "request_id", "retryable"}}`, e.g. code `stage_failed` when a '
+        "stage died mid-reply); the audio types send the raw audio as a chunked body, which just ends early when "
+        "the reply fails (the session's version then shows the turn was not added).",
         "content": {
             "text/event-stream": {"schema": TurnDoneEvent.model_json_schema()},
             **{kind.media_type: _AUDIO_BODY for kind in ReplyFormat},
         },
     },
-    **error_responses(400, 401, 404, 406, 409, 413, 415, 422, 503),
+    **error_responses(400, 401, 404, 406, 409, 413, 415, 422, 429, 503),
 }
 
 
@@ -65,11 +72,16 @@ async def create_turn(session_id: str, request: Request, tenant: TenantDep, serv
     check_duration(wave, rate, services.settings.max_audio_seconds, "caller audio")
     session = await services.state.get_session(tenant, session_id)
     sse, reply_format = negotiate_reply(request.headers.get("accept"), session)
-    voice, history_audio, user_audio = await asyncio.gather(  # independent: overlap them, TTFA counts from here
-        services.state.get_voice(tenant, session.voice_id), services.state.load_history_audio(session),
-        asyncio.to_thread(resample, wave, rate, REASONER_RATE),
-    )
-    turn = LiveTurn(services, tenant, session, user_audio, received)
+    ticket = await services.admission.admit(tenant, "turn")
+    try:
+        voice, history_audio, user_audio = await asyncio.gather(  # independent: overlap them
+            services.state.get_voice(tenant, session.voice_id), services.state.load_history_audio(session),
+            asyncio.to_thread(resample, wave, rate, REASONER_RATE),
+        )
+    except BaseException:
+        await ticket.release()
+        raise
+    turn = LiveTurn(services, tenant, session, user_audio, received, ticket, request_id(request))
     await turn.start(services.backend.run_turn(turn.id, voice, session, history_audio, caller_message(user_audio)))
     writer = ReplyWriter(sse, reply_format)
     headers = {"Cache-Control": "no-cache", "X-Turn-Id": turn.id, "X-Accel-Buffering": "no"}
@@ -102,11 +114,16 @@ def _sse(event: str, data: dict) -> bytes:
 
 
 class LiveTurn:
-    """One turn from its first reply event to the commit, with its metrics."""
+    """One admitted turn from its first reply event to the commit, with its metrics; it releases its ticket when
+    it ends, however it ends."""
 
-    def __init__(self, services: Services, tenant: str, session: Session, user_audio: np.ndarray, received: float):
+    def __init__(
+        self, services: Services, tenant: str, session: Session, user_audio: np.ndarray, received: float,
+        ticket: Ticket, request_id: str,
+    ):
         self.services, self.tenant, self.session = services, tenant, session
         self.user_audio, self.received = user_audio, received
+        self.ticket, self.request_id = ticket, request_id
         self.id = f"turn_{uuid.uuid4().hex}"
         self.outcome = "cancelled"
         self.waiting = True
@@ -117,19 +134,42 @@ class LiveTurn:
         services.metrics.waiting.inc()
 
     async def start(self, events: AsyncIterator[ReplyEvent]) -> None:
-        """Wait for the first event: a turn that fails before any reply is still a plain HTTP error."""
+        """Wait for the first event: a turn that fails before any reply is still a plain HTTP error. So is one
+        whose reply has not started when a stage goes down, or within `start_timeout_s`: it is not left waiting
+        for a replica to come back."""
         self.events = events
         try:
-            self.first = await anext(events)
+            self.first = await self._first_event(events)
+            self.ticket.started()
             if isinstance(self.first, TurnDone):  # nothing to stream: commit before answering
                 self.committed = await self.commit(self.first.text)
         except StopAsyncIteration:
             await self.close()
             raise InternalError("the backend ended the turn without a reply") from None
-        except BaseException:
+        except BaseException as error:
             self.outcome = "failed"
+            self._note_stage(error)
             await self.close()
             raise
+
+    async def _first_event(self, events: AsyncIterator[ReplyEvent]) -> ReplyEvent:
+        first = asyncio.ensure_future(anext(events))
+        stage_down = asyncio.ensure_future(self.ticket.stage_down.wait())
+        timeout = self.services.admission.settings.start_timeout_s
+        try:
+            await asyncio.wait({first, stage_down}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stage_down.cancel()
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
+        if not first.cancelled():
+            return first.result()
+        if self.ticket.stage_down.is_set():
+            self.services.admission.check_stages()  # names the stage that went down
+            raise StageUnavailable("a stage went down before the reply started; retry shortly")
+        raise StageUnavailable(f"the reply did not start within {timeout:g} s; retry shortly")
 
     async def commit(self, text: str) -> Session:
         return await self.services.state.append_turn(
@@ -140,21 +180,35 @@ class LiveTurn:
         """Time to first audio in ms, recorded once."""
         ttfa = time.perf_counter() - self.received
         self.services.metrics.ttfa.observe(ttfa)
+        self.ticket.first_audio(ttfa)
         self.services.metrics.waiting.dec()
         self.waiting = False
         return round(1000 * ttfa, 1)
 
     async def stream(self, writer: ReplyWriter) -> AsyncIterator[bytes]:
-        metrics = self.services.metrics
+        """The reply's bytes. A failure after the first byte ends the stream: with an `error` event over SSE, and
+        simply ends a raw-audio body (it cannot carry errors); either way nothing joins the history."""
+        try:
+            async for data in self._reply(writer):
+                yield data
+        except Exception as error:
+            self.outcome = "conflict" if isinstance(error, (Conflict, NotFound)) else "failed"
+            self._note_stage(error)
+            body = stream_error(error, self.request_id)
+            self.services.metrics.errors.labels(body.error.code).inc()
+            if data := writer.event("error", body.model_dump()):
+                yield data
+
+    def _note_stage(self, error: BaseException) -> None:
+        """A replica that died under this turn takes its stage out of admission until it answers again."""
+        if isinstance(error, StageFailed) and error.died:
+            self.services.admission.stage_failed(error.stage)
+
+    async def _reply(self, writer: ReplyWriter) -> AsyncIterator[bytes]:
         event, audio_samples, first_audio_ms = self.first, 0, None
         while not isinstance(event, TurnDone):
             if event is None:
-                self.outcome = "failed"
-                metrics.errors.labels("backend_error").inc()
-                if not writer.sse:
-                    raise InternalError(f"turn {self.id}: the backend ended the reply without finishing it")
-                yield writer.event("error", {"error": {"code": "backend_error", "message": "the reply ended early"}})
-                return
+                raise InternalError(f"turn {self.id}: the backend ended the reply without finishing it")
             if isinstance(event, TextDelta) and (data := writer.text(event.text)):
                 yield data
             elif isinstance(event, AudioChunk):
@@ -166,15 +220,7 @@ class LiveTurn:
             event = await anext(self.events, None)
         if tail := writer.audio(writer.encoder.flush()):
             yield tail
-        try:
-            saved = self.committed or await self.commit(event.text)
-        except (Conflict, NotFound) as error:  # another turn committed first, or the session expired meanwhile
-            self.outcome = "conflict"
-            metrics.errors.labels(error.code).inc()
-            if not writer.sse:
-                raise  # raw audio cannot say so in-band: the body is cut off, so the client sees it fail
-            yield writer.event("error", {"error": {"code": error.code, "message": error.message}})
-            return
+        saved = self.committed or await self.commit(event.text)  # Conflict: another turn committed first
         done = self._done(event, saved, audio_samples, first_audio_ms)
         if writer.sse:
             yield writer.event("done", done.model_dump())
@@ -198,8 +244,11 @@ class LiveTurn:
             self.waiting = False
         self.services.metrics.live.dec()
         self.services.metrics.turns.labels(self.outcome).inc()
-        if self.events is not None:
-            await self.events.aclose()
+        try:
+            if self.events is not None:
+                await self.events.aclose()
+        finally:
+            await self.ticket.release()
 
 
 class TurnResponse(StreamingResponse):

@@ -8,8 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 class CallSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_live_calls: int = Field(32, ge=0, description="live calls per Ingress replica; more are refused")
-    max_calls_per_tenant: int = Field(16, ge=1, description="live calls per tenant per Ingress replica")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="largest client message")
     idle_timeout_s: float = Field(60.0, gt=0, description="a call with no client message for this long is closed")
     max_call_s: float = Field(3600.0, gt=0, description="longest call")

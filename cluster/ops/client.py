@@ -20,10 +20,14 @@ from model.processing.audio import CODEC_RATE, encode_wav
 
 
 class ApiError(RuntimeError):
+    """An error answer (`status` 4xx/5xx), or an `error` event that ended a streamed reply (`status` 200)."""
+
     def __init__(self, status: int, body: str):
+        self.code, self.retryable = None, False
         try:
             error = json.loads(body)["error"]
             message = f"HTTP {status} {error['code']}: {error['message']}"
+            self.code, self.retryable = error["code"], bool(error.get("retryable"))
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {status}: {body[:500]}"
         super().__init__(message)

@@ -51,6 +51,11 @@ class LocalClusterSettings(BaseSettings):
     ready_timeout_s: float = 900.0  # vLLM on CPU alone takes about a minute to start
 
 
+def settings_env(settings: LocalClusterSettings) -> dict[str, str]:
+    """The environment that makes another process's LocalClusterSettings() these."""
+    return {f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+
+
 class ClusterInfo(BaseModel):
     url: str
     api_keys_path: str
@@ -94,8 +99,11 @@ def dotted(key: str, value) -> dict:
     return value
 
 
-def render_serve_config(profile: str | Path, settings: LocalClusterSettings, args: dict) -> dict:
-    """The profile's Serve config with the HTTP address filled in and `args` merged into its application args."""
+def render_serve_config(
+    profile: str | Path, settings: LocalClusterSettings, args: dict, deployments: dict[str, dict] | None = None,
+) -> dict:
+    """The profile's Serve config with the HTTP address filled in, `args` merged into its application args and
+    `deployments` ({name: options}) into its deployments' options."""
     path = Path(profile)
     if not path.is_file():
         path = PROFILES_DIR / f"{profile}.yaml"
@@ -106,6 +114,10 @@ def render_serve_config(profile: str | Path, settings: LocalClusterSettings, arg
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
     (app,) = [a for a in config["applications"] if a["name"] == APP_NAME]
     app["args"] = merge_args(app.get("args") or {}, args)
+    by_name = {d["name"]: d for d in app.get("deployments") or []}
+    for name, options in (deployments or {}).items():
+        by_name[name] = merge_args(by_name.get(name, {"name": name}), options)
+    app["deployments"] = list(by_name.values())
     return config
 
 
@@ -124,7 +136,8 @@ def _alive(pid: int) -> bool:
 
 
 def start_redis(settings: LocalClusterSettings) -> str:
-    """A daemonised redis-server (append-only file, fsync every second) that outlives this process."""
+    """A daemonised redis-server (append-only file, fsynced before every acknowledged write) that outlives this
+    process."""
     data_dir = settings.home / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"redis://127.0.0.1:{settings.redis_port}/0"
@@ -255,20 +268,34 @@ def application_status(settings: LocalClusterSettings) -> tuple[str, str]:
     return app["status"], "\n".join(m for m in messages if m)
 
 
-def engine_stats(settings: LocalClusterSettings) -> dict:
-    """Live work per engine, as one replica of each deployment reports it (joins the cluster as a driver)."""
+@contextlib.contextmanager
+def ray_driver(settings: LocalClusterSettings):
+    """This process joined to the cluster as a Ray driver (once per process: Ray reads its auth settings once, when
+    it is first imported, so nothing may import it before)."""
     os.environ.update(_ray_env(settings))  # before Ray reads its auth settings, i.e. before ray.init
     import ray
-    from ray import serve
 
     ray.init(address=f"127.0.0.1:{settings.ray_port}", log_to_driver=False, logging_level="ERROR")
     try:
-        return {
-            name: serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
-            for name in ("Reasoner", "SpeechStack", "Codec")
-        }
+        yield
     finally:
         ray.shutdown()
+
+
+def engine_stats(settings: LocalClusterSettings) -> dict:
+    """Live work per engine, as one replica of each deployment reports it (joins the cluster as a driver)."""
+    with ray_driver(settings):
+        return connected_engine_stats()
+
+
+def connected_engine_stats() -> dict:
+    """`engine_stats` from a process that is a driver of the cluster already (`ray_driver`)."""
+    from ray import serve  # after ray_driver: importing Ray reads its auth settings
+
+    return {
+        name: serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
+        for name in ("Reasoner", "SpeechStack", "Codec")
+    }
 
 
 def wait_until_ready(settings: LocalClusterSettings, progress=print) -> None:
@@ -294,10 +321,11 @@ def wait_until_ready(settings: LocalClusterSettings, progress=print) -> None:
 
 def up(
     checkpoint: str | Path, *, profile: str = "cpu-dev", redis_url: str | None = None,
-    api_keys_path: str | None = None, app_args: dict | None = None, settings: LocalClusterSettings | None = None,
-    progress=print,
+    api_keys_path: str | None = None, app_args: dict | None = None, deployments: dict[str, dict] | None = None,
+    settings: LocalClusterSettings | None = None, progress=print,
 ) -> ClusterInfo:
-    """`app_args` are merged into the profile's application args (e.g. {"turns": {"max_frames": 40}})."""
+    """`app_args` are merged into the profile's application args (e.g. {"turns": {"max_frames": 40}}), `deployments`
+    into its deployments' Serve options (e.g. {"Codec": {"autoscaling_config": {"upscale_delay_s": 2}}})."""
     settings = settings or LocalClusterSettings()
     settings.home.mkdir(parents=True, exist_ok=True)
     if redis_url is None:
@@ -311,7 +339,7 @@ def up(
         "checkpoint": {"path": str(Path(checkpoint).resolve())}, "state": {"redis_url": redis_url},
         "tenants": {"api_keys": api_keys_path},
     }
-    config = render_serve_config(profile, settings, merge_args(filled, app_args or {}))
+    config = render_serve_config(profile, settings, merge_args(filled, app_args or {}), deployments)
     config_path = settings.home / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -13,6 +13,7 @@ import numpy as np
 from cluster.config import AppConfig
 from cluster.pipeline.turn import (
     ReplyEvent,
+    StageStatus,
     TurnSettings,
     build_turn_request,
     clone_voice,
@@ -50,8 +51,13 @@ class LocalTurnBackend:
         codec = CodecLoop(CodecEngine.from_checkpoint(checkpoint, config.codec, model.dtype, model.device))
         return cls(reasoner, speech, codec, config.turns)
 
-    async def ready(self) -> bool:
-        return not self._closed
+    async def stages(self) -> list[StageStatus]:
+        problem = "closed" if self._closed else ""
+        return [
+            StageStatus.of("Reasoner", self.reasoner.max_streams, problem=problem),
+            StageStatus.of("SpeechStack", self.speech.settings.max_slots, problem=problem),
+            StageStatus.of("Codec", self.codec.engine.max_streams, problem=problem),
+        ]
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:
         return await clone_voice(self.processor, self._encode_voice, transcript, audio, sample_rate)

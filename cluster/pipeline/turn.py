@@ -196,6 +196,29 @@ async def reply_events(processor: ChromaProcessor, chunks: AsyncIterator[ReplyCh
     yield TurnDone(frames=frames, text=text.text, timings=timings)
 
 
+@dataclass
+class StageStatus:
+    """One stage as the API sees it: whether it takes new turns now, and how many it holds at once across its live
+    replicas (the engines' own slot counts; None: this stage sets no bound)."""
+
+    name: str
+    ready: bool
+    capacity: int | None = None
+    replicas: int = 1
+    problem: str = ""  # why it is not ready, in words fit for a client (no internals)
+
+    @classmethod
+    def of(cls, name: str, slots: int | None, replicas: int = 1, problem: str = "") -> StageStatus:
+        """`replicas` live replicas of `slots` each; not ready when there is a problem or no replica."""
+        problem = problem or ("" if replicas else "no live replica")
+        if problem:
+            return cls(name, False, 0, replicas, problem)
+        return cls(name, True, None if slots is None else slots * replicas, replicas)
+
+
+STAGES = ("Reasoner", "SpeechStack", "Codec")  # every turn holds one place in each
+
+
 @runtime_checkable
 class TurnBackend(Protocol):
     """What the API drives: `cluster.pipeline.local.LocalTurnBackend` in one process, the Ray deployments in the
@@ -214,5 +237,6 @@ class TurnBackend(Protocol):
         cancels the turn and frees its engine slots. CapacityError when full."""
         ...
 
-    async def ready(self) -> bool:
+    async def stages(self) -> list[StageStatus]:
+        """Every stage's readiness and capacity, as of now (fast: the API polls it)."""
         ...

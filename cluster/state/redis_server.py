@@ -11,11 +11,12 @@ from typing import Literal
 import redis
 
 
-def redis_server_argv(data_dir: Path, port: int, appendfsync: Literal["always", "everysec"] = "everysec") -> list[str]:
+def redis_server_argv(data_dir: Path, port: int, appendfsync: Literal["always", "everysec"] = "always") -> list[str]:
     """redis-server on 127.0.0.1:`port` with its append-only file and log in `data_dir` (no RDB snapshots).
 
-    A data dir that already holds an AOF is loaded back. "everysec" may lose the last second of writes on a
-    crash (not on a clean stop); "always" loses none."""
+    A data dir that already holds an AOF is loaded back. "always" acknowledges a write only once it is fsynced and
+    loses none on a crash (what the state store requires, see cluster.state.store); "everysec" may lose the last
+    second of writes on a crash (not on a clean stop)."""
     return [
         "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--logfile", str(data_dir / "redis.log"),
@@ -51,7 +52,7 @@ def wait_for_redis(
 
 
 def start_local_redis(
-    data_dir: str | Path, port: int, appendfsync: Literal["always", "everysec"] = "everysec", timeout_s: float = 10.0
+    data_dir: str | Path, port: int, appendfsync: Literal["always", "everysec"] = "always", timeout_s: float = 10.0
 ) -> subprocess.Popen:
     """Run redis-server as a child process (see `redis_server_argv`); return once it answers."""
     data_dir = Path(data_dir)

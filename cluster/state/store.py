@@ -8,7 +8,11 @@ not there; the braces are Redis Cluster hash tags that keep each transaction's k
   chroma:acme:session:{sess_<hex>}:audio   hash: history index -> caller's 16 kHz PCM16 audio of that user turn
 Voices never expire; both session keys share the session TTL, refreshed whenever the session is read or written.
 
-Durability comes from Redis itself: `cluster.state.redis_server` runs redis-server with the append-only file on.
+Durability comes from Redis itself: a voice or a committed turn is acknowledged only once it is on disk. Redis
+answers a write after fsyncing it when it runs with `appendonly yes` and `appendfsync always` (WAITAOF, which
+could make single writes durable on an `everysec` server, needs Redis 7.2); the store checks that the server
+runs so (CONFIG GET, once a minute) before it writes a voice or a turn, and refuses with 503 `state_not_durable`
+when it does not. `cluster.state.redis_server` and the Helm chart run redis-server that way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Literal
@@ -27,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import WatchError
 
 from model.chroma.sampling import SamplingParams
-from model.errors import Conflict, InternalError, NotFound
+from model.errors import Conflict, InternalError, NotFound, StateUnavailable
 from model.processing.audio import ReplyFormat
 
 
@@ -39,6 +44,10 @@ class StateSettings(BaseModel):
     session_ttl_s: int = Field(3600, ge=1)
     key_prefix: str = "chroma"
     connection_retries: int = Field(3, ge=0, description="per command, on a dropped connection (Redis restarted)")
+    require_fsync: bool = Field(
+        True, description="acknowledge voices and turns only if Redis fsyncs every write (appendonly yes, appendfsync "
+        "always; checked with CONFIG GET). false: trust the server as it is (e.g. where CONFIG is disabled)",
+    )
 
     def url(self) -> str:
         if self.redis_url_env:
@@ -139,9 +148,25 @@ def redis_client(settings: StateSettings) -> redis.asyncio.Redis:
 class StateStore:
     """Voices and sessions of every tenant. `client` must not decode responses (see `redis_client`)."""
 
+    DURABILITY_RECHECK_S = 60.0
+
     def __init__(self, client: redis.asyncio.Redis, settings: StateSettings | None = None):
         self.redis = client
         self.settings = settings or StateSettings()
+        self._durable_until = 0.0
+
+    async def _require_durable(self) -> None:
+        """StateUnavailable unless the server acknowledges writes only once they are fsynced."""
+        if not self.settings.require_fsync or time.monotonic() < self._durable_until:
+            return
+        config = await self.redis.config_get("append*")
+        if config.get("appendonly") != "yes" or config.get("appendfsync") != "always":
+            raise StateUnavailable(
+                "the state store does not write every change to disk before acknowledging it (Redis needs appendonly "
+                "yes and appendfsync always), so voices and turns are not accepted",
+                code="state_not_durable",
+            )
+        self._durable_until = time.monotonic() + self.DURABILITY_RECHECK_S
 
     # keys
     def _voices_key(self, tenant: str) -> str:
@@ -171,6 +196,7 @@ class StateStore:
             transcript_ids=[int(t) for t in transcript_ids], num_frames=array.shape[0], num_codebooks=array.shape[1],
             valid_frames=valid_frames, created_at=_now(), codes=array.astype("<i2").tobytes(),
         )
+        await self._require_durable()
         async with self.redis.pipeline(transaction=True) as pipe:
             fields = {"meta": voice.model_dump_json(), "codes": voice.codes}
             pipe.hset(self._voice_key(tenant, voice.id), mapping=fields)
@@ -312,6 +338,7 @@ class StateStore:
         if not _SESSION_ID.fullmatch(session_id):
             raise NotFound("session", session_id)
         key, _ = self._session_keys(tenant, session_id)
+        await self._require_durable()
         async with self.redis.pipeline(transaction=True) as pipe:
             # WATCH makes EXEC fail if another writer changes the document between our read and our commit.
             await pipe.watch(key)

@@ -1,4 +1,4 @@
-"""Tenants: which API key names which tenant."""
+"""Tenants: which API key names which tenant, and how many turns and calls each may have live at once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,24 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Kind = Literal["turn", "call"]  # what admission control admits: one turn over HTTP, or a live call
+
+
+class TenantQuota(BaseModel):
+    """Live work one tenant may hold at once (None: only the cluster's capacity bounds it). Past it: 429."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int | None = Field(None, ge=0, description="concurrent turns (POST .../turns)")
+    max_calls: int | None = Field(None, ge=0, description="concurrent live calls")
+
+    def limit(self, kind: Kind) -> int | None:
+        return self.max_turns if kind == "turn" else self.max_calls
 
 
 class TenantSettings(BaseSettings):
@@ -18,26 +34,35 @@ class TenantSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHROMA_", extra="forbid")
 
     api_keys: str = Field("", description='JSON {"api-key": "tenant"}, or the path of a file holding that JSON')
+    default_quota: TenantQuota = Field(default_factory=TenantQuota, description="for tenants not in `quotas`")
+    quotas: dict[str, TenantQuota] = Field(default_factory=dict, description="per tenant name")
 
 
 class TenantDirectory:
     """API key -> tenant. Keys are compared as SHA-256 digests, in constant time, against every entry."""
 
-    def __init__(self, keys: Mapping[str, str]):
+    def __init__(self, keys: Mapping[str, str], quotas: Mapping[str, TenantQuota] | None = None,
+                 default_quota: TenantQuota | None = None):
         for key, tenant in keys.items():
             if not key or not tenant:
                 raise ValueError("API keys and tenant names must be non-empty")
         self._entries = [(_digest(key), tenant) for key, tenant in keys.items()]
+        self._quotas = dict(quotas or {})
+        self._default_quota = default_quota or TenantQuota()
 
     @classmethod
     def from_settings(cls, settings: TenantSettings | None = None) -> TenantDirectory:
-        text = (settings or TenantSettings()).api_keys.strip()
+        settings = settings or TenantSettings()
+        text = settings.api_keys.strip()
         if text and text[0] not in "{[":
             text = Path(text).read_text()
         keys = json.loads(text) if text else {}
         if not isinstance(keys, dict):
             raise ValueError('tenants.api_keys must be a JSON object {"api-key": "tenant"} or a file holding one')
-        return cls(keys)
+        return cls(keys, settings.quotas, settings.default_quota)
+
+    def quota(self, tenant: str) -> TenantQuota:
+        return self._quotas.get(tenant, self._default_quota)
 
     def tenant_for(self, api_key: str | None) -> str | None:
         if not api_key:

@@ -18,7 +18,8 @@ from model.errors import InvalidInput
 # One Reasoner step: (text token id, its last-layer hidden state after the final norm [hidden]).
 ReasonerPair = tuple[int, torch.Tensor]
 
-DEFAULT_MAX_FRAMES = 750  # 60 s of reply audio at 12.5 frames/s
+FRAME_SECONDS = 0.08  # audio per frame: Mimi runs at 12.5 frames/s
+DEFAULT_MAX_FRAMES = 750  # 60 s of reply audio
 DEFAULT_MAX_TOKENS = 256  # Reasoner tokens per reply; the frame budget usually bounds them first
 
 

@@ -42,7 +42,11 @@ class CodecLoop:
         """A reply's text and audio as its frame groups arrive. `groups` is iterated only once a codec stream is
         open (CapacityError when none is free), and closed however the reply ends, which stops the stages
         upstream; leaving early drops the stream."""
-        await self._on_worker(self.engine.open_stream, turn_id)
+        try:
+            await self._on_worker(self.engine.open_stream, turn_id)
+        except asyncio.CancelledError:  # the open may run anyway: the drop queued after it closes it again
+            self._worker.submit(self._drop, turn_id)
+            raise
         queue = self._replies[turn_id] = asyncio.Queue()
         feeder = asyncio.create_task(self._feed(turn_id, groups, queue))
         if self._stepper is None or self._stepper.done():
@@ -62,6 +66,11 @@ class CodecLoop:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def check(self) -> None:
+        """Returns once the worker thread has run a no-op (after the work queued before it); raises once closed.
+        A wedged worker never returns: callers bound this with a timeout."""
+        await self._on_worker(int)
 
     async def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -41,6 +41,7 @@ class ReasonerEngineError(InternalError):
 @runtime_checkable
 class Reasoner(Protocol):
     processor: ChromaProcessor
+    max_streams: int | None  # conversations it serves at once without queueing them; None: no fixed bound
 
     def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
         """(token id, hidden state [hidden] float32 CPU) per generated token; see the module docstring."""
@@ -48,6 +49,10 @@ class Reasoner(Protocol):
 
     def num_unfinished_requests(self) -> int:
         """Streams the engine still holds (a cancelled one must leave at once)."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise ReasonerEngineError when the engine cannot serve any more (its processes died)."""
         ...
 
     async def close(self) -> None:

@@ -19,7 +19,13 @@ import torch
 
 from model.chroma.turn import ReasonerPair
 from model.processing.processor import ChromaProcessor, Conversation, ReasonerInputs
-from model.reasoner.base import check_reasoner_dir, encode_for_reasoner, load_reasoner_processor, token_budget
+from model.reasoner.base import (
+    ReasonerEngineError,
+    check_reasoner_dir,
+    encode_for_reasoner,
+    load_reasoner_processor,
+    token_budget,
+)
 
 
 class ReasonerSession:
@@ -115,6 +121,8 @@ def load_hf_thinker(path: str | Path, dtype: torch.dtype = torch.float32, device
 class HFReasoner:
     """The Reasoner on transformers (see the module docstring)."""
 
+    max_streams = None  # conversations take turns on one module: no slots to run out of
+
     def __init__(self, thinker, processor: ChromaProcessor):
         self.thinker = thinker
         self.processor = processor
@@ -124,6 +132,7 @@ class HFReasoner:
         self._lock = threading.Lock()  # one forward at a time through the shared module
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-reasoner")
         self._live = 0
+        self._closed = False
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> HFReasoner:
@@ -156,5 +165,10 @@ class HFReasoner:
     def num_unfinished_requests(self) -> int:
         return self._live
 
+    async def check_health(self) -> None:
+        if self._closed:
+            raise ReasonerEngineError("the transformers Reasoner was closed")
+
     async def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)

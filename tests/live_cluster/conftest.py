@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from cluster.ops.client import ChromaClient
-from cluster.ops.local import LocalClusterSettings, down, ray_running, up
+from cluster.ops.local import LocalClusterSettings, down, ray_running, settings_env, up
 from model.processing.audio import decode_audio, encode_wav
 from model.testing.speech import synthetic_speech
 from tests.conftest import free_port
 
 KEYS = {"key-acme": "acme", "key-other": "other"}
 MAX_SLOTS = 4
-MAX_QUEUE = 8
+MAX_QUEUE = 1
 MAX_FRAMES = 40
 CALL_LIMIT_PER_TENANT = 3
 
@@ -36,8 +36,9 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     )
     keys_path = home / "keys.json"
     keys_path.write_text(json.dumps(KEYS))
-    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64},
-                "calls": {"max_calls_per_tenant": CALL_LIMIT_PER_TENANT}}
+    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "codec": {"max_streams": MAX_SLOTS + MAX_QUEUE},
+                "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64},
+                "tenants": {"quotas": {"other": {"max_calls": CALL_LIMIT_PER_TENANT}}}}
     try:
         info = up(tiny_checkpoint, api_keys_path=str(keys_path), app_args=app_args, settings=settings)
     except BaseException:
@@ -76,14 +77,14 @@ async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
 
 def slots_in_use(cluster) -> dict:
     """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
-    settings = cluster["settings"]
-    env = {**os.environ, **{f"CHROMA_LOCAL_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
+    env = {**os.environ, **settings_env(cluster["settings"])}
     done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     engines = json.loads(done.stdout)["engines"]
     return {
         "speech_live_slots": engines["SpeechStack"]["live_slots"],
         "speech_busy_slots": MAX_SLOTS - engines["SpeechStack"]["free_slots"],
+        "speech_queued": engines["SpeechStack"]["queued"],
         "codec_streams": engines["Codec"]["open_streams"],
         "reasoner_requests": engines["Reasoner"]["unfinished_requests"],
     }

@@ -139,6 +139,7 @@ class VLLMReasoner:
         self.processor = load_reasoner_processor(path)
         self.version = check_vllm_version()
         self.row_timeout_s = settings.row_timeout_s
+        self.max_streams = settings.max_num_seqs
         self.max_audio_seconds = settings.max_audio_seconds
         if settings.cpu_kvcache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)  # GiB, read by the engine processes
@@ -218,6 +219,16 @@ class VLLMReasoner:
 
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise ReasonerEngineError("the vLLM Reasoner was shut down")
+        if self._reader_error is not None:
+            raise ReasonerEngineError("the hidden-state channel from vLLM's worker failed")
+        try:
+            await self.engine.check_health()
+        except Exception as error:  # EngineDeadError: vLLM's engine-core process is gone
+            raise ReasonerEngineError(f"the vLLM engine is dead ({type(error).__name__})") from error
 
     async def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
         from vllm import SamplingParams

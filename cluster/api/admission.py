@@ -1,0 +1,311 @@
+"""Admission control: a turn (or a live call) is admitted only if the cluster can serve it in real time. It is
+admitted or refused once, at its start, and never slowed down later.
+
+- **Capacity** is the smallest stage's: the engines' own slot counts across each stage's live replicas, as the
+  backend reports them (`TurnBackend.stages`, read every `stage_poll_s`), so replicas that autoscaling adds
+  add capacity as soon as they answer.
+- **The count of live turns and calls** is the Redis ledger (`cluster.state.ledger`), shared by every Ingress
+  replica; the tenant's quota (`TenantQuota`) is checked in the same atomic step: over it, 429.
+- **At capacity a turn may wait, but only as long as it can still hear its first audio within
+  `ttfa_budget_s`**: it joins the line if the expected wait for its place (how long tickets are held, over the
+  capacity, times its place) plus the usual time to first audio fits the budget, and is refused at once (503
+  over_capacity) otherwise. The line is bounded by time, not by a count; one that waits past its share of the
+  budget is refused then.
+- **A stage that is not ready** (no live replica, failing its probe, or it just failed a live turn) refuses new
+  turns at once (503 stage_unavailable) until the backend reports it ready again. Turns admitted but not started
+  when it goes down are stopped too, instead of waiting for the replica to come back.
+
+Live calls use the same controller: `ticket = await admission.admit(tenant, "call")` when a call is accepted and
+`await ticket.release()` when it ends (or `async with ticket:`). A call holds one place in every stage for its
+whole length; call `ticket.started()` once it has been set up so a stage going down no longer stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from cluster.api.metrics import ApiMetrics
+from cluster.pipeline.turn import StageStatus
+from cluster.state.ledger import AdmissionLedger, Verdict
+from cluster.state.tenants import Kind, TenantDirectory
+from model.errors import CapacityError, ChromaError, StageUnavailable, TenantLimit
+
+log = logging.getLogger(__name__)
+
+UNBOUNDED = 2**31 - 1  # the ledger's capacity when no stage sets one
+_LINE_POLL_S = 0.05  # a waiting turn also looks again this often: other Ingress replicas release without telling us
+
+
+class AdmissionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttfa_budget_s: float = Field(
+        1.0, gt=0, description="time to first audio a turn that waits for capacity must still meet: the only bound "
+        "of the line; past it the turn is refused",
+    )
+    start_timeout_s: float = Field(
+        10.0, gt=0, description="an admitted turn whose reply has not started by then is stopped (503 stage_unavailable)",
+    )
+    stage_poll_s: float = Field(0.5, gt=0, description="how often the stages' readiness and capacity are read")
+    probe_timeout_s: float = Field(2.0, gt=0, description="a stage whose probe is not answered within this is not ready")
+    lease_s: float = Field(
+        15.0, ge=1, description="a ticket's lease in the ledger, renewed every third of it: what an Ingress that dies "
+        "holds is free again after this",
+    )
+
+
+class _Average:
+    """Exponentially weighted mean of recent samples (None before the first)."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight, self.value = weight, None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.weight * (sample - self.value)
+
+
+class Ticket:
+    """An admitted turn's or call's place in the cluster. Release it when the turn or call ends (idempotent)."""
+
+    def __init__(self, admission: Admission, tenant: str, kind: Kind):
+        self.admission, self.tenant, self.kind = admission, tenant, kind
+        self.id = f"{kind}_{uuid.uuid4().hex}"
+        self.queued_s = 0.0
+        self.admitted_at: float | None = None
+        self.is_started = False
+        self.stage_down = asyncio.Event()  # set when a stage goes down before the turn started
+        self._released = False
+
+    def started(self) -> None:
+        """The reply (or the call) is under way: from now on a stage failure shows in its own stream."""
+        self.is_started = True
+
+    def first_audio(self, ttfa_s: float) -> None:
+        """Time to first audio as the API measured it; the line's estimate learns from it."""
+        self.admission._ttfa.add(max(ttfa_s - self.queued_s, 0.0))
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        await self.admission._release(self)
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.release()
+
+
+class Admission:
+    def __init__(
+        self, ledger: AdmissionLedger, read_stages: Callable[[], Awaitable[list[StageStatus]]],
+        tenants: TenantDirectory, settings: AdmissionSettings, metrics: ApiMetrics,
+    ):
+        self.ledger, self._read_stages, self.tenants = ledger, read_stages, tenants
+        self.settings, self.metrics = settings, metrics
+        self._stages: dict[str, StageStatus] | None = None
+        self._failed_at: dict[str, float] = {}  # stage -> when it failed a live turn
+        self._held: dict[str, Ticket] = {}
+        self._line: deque[object] = deque()
+        self._released = asyncio.Event()  # replaced on every release: waiters wait on the one they saw
+        self._poll_now = asyncio.Event()
+        self._hold = _Average()  # seconds a ticket is held
+        self._ttfa = _Average()  # seconds to first audio, not counting time in line
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start polling the stages and renewing leases (idempotent; admit() starts it when needed)."""
+        if not self._tasks or any(t.done() for t in self._tasks):
+            for task in self._tasks:
+                task.cancel()
+            self._tasks = [asyncio.create_task(self._poll(), name="admission-poll"),
+                           asyncio.create_task(self._renew(), name="admission-renew")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # ---- stages ----------------------------------------------------------------------------------------------
+    async def stages(self) -> list[StageStatus]:
+        """Every stage as last read (read now the first time)."""
+        self.start()
+        if self._stages is None:
+            await self.refresh()
+        return list(self._stages.values())
+
+    def capacity(self) -> int | None:
+        """Turns and calls the cluster holds at once: its smallest stage's (None: no stage sets a bound)."""
+        bounds = [s.capacity for s in (self._stages or {}).values() if s.capacity is not None]
+        return min(bounds) if bounds else None
+
+    async def refresh(self) -> None:
+        started = time.monotonic()
+        try:
+            statuses = await self._read_stages()
+        except Exception:
+            log.exception("reading the stages' status failed")
+            names = list(self._stages or {}) or ["backend"]
+            statuses = [StageStatus(name, False, 0, 0, "status unknown") for name in names]
+        stages = {}
+        for status in statuses:
+            failed_at = self._failed_at.get(status.name)
+            if failed_at is not None and status.ready:
+                if failed_at < started:  # this reading began after the failure: it is ready again
+                    del self._failed_at[status.name]
+                else:
+                    status = replace(status, ready=False, capacity=0, problem="failed a live turn")
+            stages[status.name] = status
+        self._stages = stages
+        self.metrics.capacity.set(self.capacity() or 0)
+        if any(not s.ready for s in stages.values()):
+            self._stop_unstarted()
+
+    def stage_failed(self, stage: str) -> None:
+        """A stage died or failed during a live turn: take it as down until a reading that starts after now."""
+        self._failed_at[stage] = time.monotonic()
+        if self._stages is not None and stage in self._stages:
+            self._stages[stage] = replace(self._stages[stage], ready=False, capacity=0, problem="failed a live turn")
+            self.metrics.capacity.set(self.capacity() or 0)
+        self._stop_unstarted()
+        self._poll_now.set()
+
+    def _stop_unstarted(self) -> None:
+        for ticket in self._held.values():
+            if not ticket.is_started:
+                ticket.stage_down.set()
+
+    def check_stages(self) -> None:
+        """StageUnavailable naming every stage that is not ready, if any."""
+        down = [s for s in (self._stages or {}).values() if not s.ready]
+        if down:
+            names = ", ".join(f"{s.name} ({s.problem})" if s.problem else s.name for s in down)
+            raise StageUnavailable(f"not ready: {names}; retry shortly")
+
+    async def _poll(self) -> None:
+        while True:
+            await self.refresh()
+            self._poll_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), self.settings.stage_poll_s)
+
+    # ---- admission -------------------------------------------------------------------------------------------
+    async def admit(self, tenant: str, kind: Kind = "turn") -> Ticket:
+        """A ticket for one turn or call of `tenant`, or TenantLimit (429), CapacityError or StageUnavailable (503),
+        RedisError when the ledger is away."""
+        arrived = time.monotonic()
+        ticket = Ticket(self, tenant, kind)
+        try:
+            await self.stages()
+            self.check_stages()
+            if not self._line and await self._acquire(ticket):
+                return self._admitted(ticket, arrived, "admitted")
+            allowance = self._line_allowance(len(self._line) + 1)
+            if allowance is None:
+                raise self._over_capacity()
+            return await self._wait_in_line(ticket, arrived, arrived + allowance)
+        except ChromaError as refusal:
+            self.metrics.admissions.labels(kind, refusal.code).inc()
+            raise
+
+    def _line_allowance(self, place: int) -> float | None:
+        """How long a turn at `place` in line may wait for capacity, or None when it should be refused at once."""
+        capacity, hold, ttfa = self.capacity(), self._hold.value, self._ttfa.value
+        if not capacity or hold is None or ttfa is None:
+            return None  # nothing known yet about how soon a place frees up
+        allowance = self.settings.ttfa_budget_s - ttfa
+        if allowance <= 0 or place * hold / capacity > allowance:
+            return None
+        return allowance
+
+    async def _wait_in_line(self, ticket: Ticket, arrived: float, deadline: float) -> Ticket:
+        place = object()
+        self._line.append(place)
+        self.metrics.queued.inc()
+        try:
+            while True:
+                released = self._released
+                if self._line[0] is place:
+                    self.check_stages()
+                    if await self._acquire(ticket):
+                        return self._admitted(ticket, arrived, "queued")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._over_capacity()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), min(remaining, _LINE_POLL_S))
+        finally:
+            self._line.remove(place)
+            self.metrics.queued.dec()
+            self._wake_line()
+
+    async def _acquire(self, ticket: Ticket) -> bool:
+        limit = self.tenants.quota(ticket.tenant).limit(ticket.kind)
+        try:
+            verdict = await self.ledger.acquire(
+                ticket.id, ticket.tenant, ticket.kind, self.capacity() or UNBOUNDED, limit, self.settings.lease_s
+            )
+        except asyncio.CancelledError:  # the script may have run: take the ticket back out
+            asyncio.get_running_loop().create_task(self._forget(ticket))
+            raise
+        if verdict is Verdict.TENANT_LIMIT:
+            raise TenantLimit(
+                f"tenant {ticket.tenant!r} already has {limit} live {ticket.kind}s, as many as its quota allows"
+            )
+        return verdict is Verdict.ADMITTED
+
+    def _admitted(self, ticket: Ticket, arrived: float, outcome: str) -> Ticket:
+        ticket.admitted_at = time.monotonic()
+        ticket.queued_s = ticket.admitted_at - arrived
+        self._held[ticket.id] = ticket
+        self.metrics.admissions.labels(ticket.kind, outcome).inc()
+        return ticket
+
+    def _over_capacity(self) -> CapacityError:
+        return CapacityError(f"the cluster is at capacity ({self.capacity()} live turns and calls); retry shortly")
+
+    async def _release(self, ticket: Ticket) -> None:
+        if self._held.pop(ticket.id, None) is not None:
+            self._hold.add(time.monotonic() - ticket.admitted_at)
+        await self._forget(ticket)
+        self._wake_line()
+
+    async def _forget(self, ticket: Ticket) -> None:
+        try:
+            await self.ledger.release(ticket.id, ticket.tenant, ticket.kind)
+        except RedisError as error:  # its lease runs out instead
+            log.warning("releasing %s failed (%r): its lease runs out in %.0f s", ticket.id, error, self.settings.lease_s)
+
+    def _wake_line(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            held = [(t.id, t.tenant, t.kind) for t in self._held.values()]
+            try:
+                await self.ledger.renew(held, self.settings.lease_s)
+            except RedisError as error:
+                log.warning("renewing %d admission leases failed: %r", len(held), error)
+
+    def held(self) -> int:
+        """Tickets this Ingress holds now."""
+        return len(self._held)
+
+    def in_line(self) -> int:
+        """Turns waiting here for capacity now."""
+        return len(self._line)
