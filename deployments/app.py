@@ -7,7 +7,7 @@
 
 Every replica that is scaled down or replaced waits for its live turns to end before it stops: the graceful
 shutdown timeout is the longest turn the config allows (`AppConfig.longest_turn_s`) plus a margin, so no
-admitted turn is cut off.
+admitted turn is cut off; an Ingress replica, which holds live calls, waits for the longest call.
 """
 
 from __future__ import annotations
@@ -32,4 +32,5 @@ def build_app(args: dict):
     reasoner = ReasonerDeployment.options(**options).bind(config=config)
     speech = SpeechStackDeployment.options(**options).bind(config=config, reasoner=reasoner)
     codec = CodecDeployment.options(**options).bind(config=config, speech=speech)
-    return IngressDeployment.options(**options).bind(config=config, codec=codec, speech=speech, reasoner=reasoner)
+    ingress = {**options, "graceful_shutdown_timeout_s": max(config.longest_turn_s(), config.calls.max_call_s) + DRAIN_MARGIN_S}
+    return IngressDeployment.options(**ingress).bind(config=config, codec=codec, speech=speech, reasoner=reasoner)
