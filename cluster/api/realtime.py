@@ -340,7 +340,8 @@ class RealtimeCall:
         if isinstance(event, CallError):
             return [_error_event(event.code, event.message, event.event_id)]
         if isinstance(event, PlaybackStopped):
-            return []  # the client stops its own playback on speech_started, then truncates
+            event.reply.cursor.stopped.set()  # the client stops its own playback on speech_started, then truncates
+            return []
         raise TypeError(f"no Realtime event for {type(event).__name__}")
 
     def _audio_events(self, reply: Reply, data: bytes) -> list[dict]:

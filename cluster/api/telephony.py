@@ -352,6 +352,7 @@ class MediaStreamCall:
         self.acked_ms = self.sent_ms  # its queue is empty now
         self.marks_arrived.set()
         await self._send({"event": "clear", self.dialect.stream_key: self.stream_id})
+        reply.cursor.stopped.set()
 
     async def _send(self, message: dict) -> None:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):

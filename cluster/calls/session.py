@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FRAME_MS = 80  # one Mimi frame
 MIN_COMMIT_MS = 100
+PLAYBACK_STOP_WAIT_S = 1.0  # how long a barge-in waits for the protocol to stop the far end's playback
 
 
 # ---- playback ---------------------------------------------------------------------------------------------
@@ -58,6 +59,7 @@ class PlaybackCursor:
         self.first_sent_at: float | None = None
         self.reported_ms: float | None = None
         self.underruns = 0
+        self.stopped = asyncio.Event()  # set by the protocol once playback was stopped for a barge-in
 
     def sent(self, ms: float) -> None:
         now = self.clock()
@@ -133,6 +135,7 @@ class Reply:
     committed_version: int | None = None  # the session version its turn was committed as
     committed_text: str | None = None
     settled: bool = False  # over for the caller: no more history changes but a truncation's
+    barged_in: bool = False
 
     @property
     def audio_ms(self) -> int:
@@ -236,6 +239,7 @@ class CallSession:
         self.last_item_id: str | None = None
         self.reply: Reply | None = None  # generating or playing, not yet settled
         self.speculative: Reply | None = None
+        self._interrupting: asyncio.Task | None = None  # a barge-in still settling its reply
         self.replies: dict[str, Reply] = {}  # assistant item id -> reply, for truncation
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
@@ -284,8 +288,9 @@ class CallSession:
         if isinstance(event, SpeechStarted):
             self.speech_item_id = _item_id()
             self.emit(SpeechStartedEvent(self.speech_item_id, event.audio_start_ms))
-            if self.reply is not None and detection.interrupt_response:
-                await self._barge_in(self.reply)
+            if self.reply is not None and not self.reply.barged_in and detection.interrupt_response:
+                # Its own task: the protocol keeps reading (telephony marks say what was played until it stopped).
+                self._interrupting = self._spawn(self._barge_in(self.reply))
         elif isinstance(event, SilenceStarted) and detection.early_start and detection.create_response:
             await self._start_speculative(event.audio)
         elif isinstance(event, SpeechResumed):
@@ -372,6 +377,7 @@ class CallSession:
 
     async def _answer(self) -> None:
         """Start the reply to the pending turn, or take over the one started in the silence window."""
+        await self._finish_barge_in()  # the interrupted turn joins the history before the next one reads it
         if self.voice is None:
             self.emit(CallError("no_voice", "no voice: set session.audio.output.voice to a voice id from /v1/voices"))
             await self._drop_speculative()
@@ -479,11 +485,20 @@ class CallSession:
             self.metrics.call_underruns.inc()
 
     async def _barge_in(self, reply: Reply) -> None:
-        started = time.monotonic()
+        """Stop the reply and its playback, then commit what was heard up to the moment playback stopped."""
+        started, reply.barged_in = time.monotonic(), True
         await self._halt(reply, "turn_detected")
-        self.emit(PlaybackStopped(reply))  # before the commit: what is queued at the far end goes at once
+        self.emit(PlaybackStopped(reply))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reply.cursor.stopped.wait(), PLAYBACK_STOP_WAIT_S)
         self.metrics.barge_in.observe(time.monotonic() - started)
         await self._settle(reply)
+
+    async def _finish_barge_in(self) -> None:
+        task, self._interrupting = self._interrupting, None
+        if task is not None:
+            with contextlib.suppress(Exception):  # its own errors were reported as it ran
+                await asyncio.wait_for(asyncio.shield(task), PLAYBACK_STOP_WAIT_S + 10)
 
     async def _stop(self, reply: Reply, reason: str) -> None:
         """Stop a reply now (client cancel, truncation, hang-up) and commit the turn with what the caller heard."""
@@ -549,6 +564,7 @@ class CallSession:
         """The call ended (hang-up, disconnect, a limit): stop everything, free every slot, and commit what the
         caller heard of the last reply."""
         await self._drop_speculative()
+        await self._finish_barge_in()
         if self.reply is not None:
             await self._stop(self.reply, "call_ended")
         for task in list(self._tasks):
