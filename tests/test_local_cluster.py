@@ -87,3 +87,12 @@ def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
     assert done.returncode == 2
     assert "chroma-serve: error: profile 'gpu' needs a GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "home").exists()
+
+
+def test_demo_against_no_cluster_is_a_clear_error(tmp_path):
+    from tests.conftest import free_port
+
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
+                           "--api-key", "k", "--out", str(tmp_path / "r.wav")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "chroma-serve: error: the cluster did not answer (ConnectError" in done.stderr and "Traceback" not in done.stderr

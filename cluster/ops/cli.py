@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import httpx
     from transformers.utils import logging as hf_logging
 
     from model.errors import ChromaError
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ChromaError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as error:
         print(f"chroma-serve: error: {error}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:  # the cluster unreachable, or no answer in time: say so, without a traceback
+        detail = f": {error}" if str(error) else ""
+        print(f"chroma-serve: error: the cluster did not answer ({type(error).__name__}{detail})", file=sys.stderr)
         return 2
 
 
