@@ -1,12 +1,19 @@
-"""The Helm chart (helm/chroma-serve): lint and offline render with the real Helm v4 library (helm-python-sdk).
+"""The Helm chart (helm/chroma-serve): lint and offline render with the real Helm v4 library (helm-python-sdk), and
+every rendered object validated: Kubernetes' own kinds with kubernetes-validate (strict: unknown fields are errors),
+the RayService against KubeRay v1.7.0's CRD schema (tests/fixtures/kuberay).
 
 No cluster and no helm binary are involved: `helm_python` binds to Helm's Go SDK through a shared library.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import json
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -18,6 +25,8 @@ CHART = Path(__file__).resolve().parents[1] / "helm" / "chroma-serve"
 CPU_DEV = yaml.safe_load((CHART / "values-cpu-dev.yaml").read_text())
 RELEASE, NAMESPACE = "chroma", "voice"
 REDIS_HOST_PORT = f"{RELEASE}-chroma-serve-redis.{NAMESPACE}.svc:6379"
+KUBERAY_CRD = Path(__file__).resolve().parent / "fixtures" / "kuberay" / "ray.io_rayservices.yaml"
+KUBERNETES_VERSION = "1.30.0"  # within the chart's kubeVersion (>= 1.25)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +265,10 @@ def test_external_redis_tls_address(chart):
 
 def test_existing_secrets_are_used_not_created(chart):
     r = render(chart, {"apiKeys": {"existingSecret": "my-keys", "secretKey": "keys.json"},
-                       "redis": {"auth": {"existingSecret": "my-redis", "passwordKey": "pw"}}})
+                       "redis": {"auth": {"existingSecret": "my-redis", "passwordKey": "pw"}},
+                       "rayAuth": {"existingSecret": "my-ray-token"}})
     assert r.all("Secret") == []
+    assert r.rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": "my-ray-token"}
     env = env_of(r.ray_containers()[0])
     assert env["CHROMA_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "my-keys", "key": "keys.json"}
     assert env["CHROMA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
@@ -277,8 +288,10 @@ def test_existing_secrets_are_used_not_created(chart):
     ({"gpuWorkers": {"minReplicas": 5, "maxReplicas": 2}}, "gpuWorkers: minReplicas (5) must not exceed maxReplicas (2)"),
     ({"gpuWorkers": {"enabled": False}}, "nothing could host the Serve replicas"),
     ({"redis": {"auth": {"password": "p@ss/word"}}}, "/redis/auth/password"),
+    ({"image": {"device": "tpu"}}, "/image/device"),
+    ({"probes": {"readiness": {"path": "readyz"}}}, "/probes/readiness/path"),
 ], ids=["negative-maxReplicas", "no-checkpoint", "redis-off-no-url", "negative-gpus", "codec-min-gt-max",
-        "workers-min-gt-max", "no-capacity", "url-unsafe-password"])
+        "workers-min-gt-max", "no-capacity", "url-unsafe-password", "unknown-image-device", "relative-probe-path"])
 def test_bad_values_fail_clearly(chart, values, message):
     with pytest.raises(helm.HelmError) as excinfo:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -294,3 +307,212 @@ def test_cpu_dev_overrides_compose(chart):
     r = render(chart, merge_args(CPU_DEV, {"faultTolerance": {"enabled": True}}))
     assert r.rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == REDIS_HOST_PORT
     assert all("nvidia.com/gpu" not in text for text in r.text.values())
+
+
+# --- safe by default -------------------------------------------------------------------------------------------------
+
+def test_ray_token_auth_is_on_with_a_chart_secret(chart):
+    r = render(chart)
+    auth = r.rayservice["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": f"{RELEASE}-chroma-serve-ray-auth"}
+    secret = r.one("Secret", "-ray-auth")
+    assert len(base64.b64decode(secret["data"]["auth_token"])) >= 32  # the key KubeRay reads
+    assert "authOptions" not in render(chart, {"rayAuth": {"enabled": False}}).rayservice["spec"]["rayClusterConfig"]
+
+
+def _policy_rules(policy: dict) -> list[dict]:
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    return policy["spec"]["ingress"]
+
+
+def test_network_policy_opens_only_the_serve_port_beyond_the_release(chart):
+    r = render(chart)
+    ray_pods = {"app.kubernetes.io/name": "chroma-serve", "app.kubernetes.io/instance": RELEASE}
+    ray = r.one("NetworkPolicy", "-ray")
+    selector = ray["spec"]["podSelector"]
+    assert selector["matchLabels"] == ray_pods
+    assert {"ray-head", "ray-worker-gpu"} <= set(selector["matchExpressions"][0]["values"])
+    open_rules = [rule for rule in _policy_rules(ray) if "from" not in rule]
+    assert open_rules == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]  # the only port open to anyone
+    for rule in _policy_rules(ray):
+        if "from" in rule and "ports" not in rule:  # every port: only the release's own Ray pods
+            assert rule["from"] == [{"podSelector": selector}]
+    operator = next(rule for rule in _policy_rules(ray) if "from" in rule and "ports" in rule)
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+
+    redis = r.one("NetworkPolicy", "-redis")
+    assert redis["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert _policy_rules(redis) == [{"from": [{"podSelector": selector}], "ports": [{"port": 6379, "protocol": "TCP"}]}]
+    # the pods the policies select are the pods the chart makes
+    cluster = r.rayservice["spec"]["rayClusterConfig"]
+    components = [cluster["headGroupSpec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]] + [
+        g["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for g in cluster["workerGroupSpecs"]]
+    assert set(components) <= set(selector["matchExpressions"][0]["values"])
+    assert r.one("StatefulSet", "-redis")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"
+    assert render(chart, {"networkPolicy": {"enabled": False}}).all("NetworkPolicy") == []
+
+
+@pytest.mark.parametrize("values", [None, CPU_DEV], ids=["default", "cpu-dev"])
+def test_pods_have_probes_resources_and_no_root(chart, values):
+    r = render(chart, values)
+    cluster = r.rayservice["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        worker = group["template"]["spec"]["containers"][0]
+        assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+        assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+        assert worker["startupProbe"]["httpGet"]["path"] == "/healthz"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in head  # KubeRay's own: it deploys the app only once the head is ready
+    pods = r.ray_pod_specs() + [r.one("StatefulSet", "-redis")["spec"]["template"]["spec"], r.one("Pod", "-test-turn")["spec"]]
+    for spec in pods:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert {"requests", "limits"} <= set(container["resources"]), container["name"]
+            assert container["resources"]["limits"].get("memory"), container["name"]
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_a_pod_disruption_budget_per_worker_group(chart):
+    budgets = render(chart, {"cpuWorkers": {"enabled": True}}).all("PodDisruptionBudget")
+    assert {b["metadata"]["name"]: b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for b in budgets} == {
+        f"{RELEASE}-chroma-serve-gpu": "ray-worker-gpu", f"{RELEASE}-chroma-serve-cpu": "ray-worker-cpu"}
+    assert all(b["spec"]["maxUnavailable"] == 1 for b in budgets)
+
+
+def test_redis_always_has_a_password(chart):
+    args = render(chart).one("StatefulSet", "-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    with pytest.raises(helm.HelmError, match="redis.externalUrl has no password"):
+        chart.render({"redis": {"enabled": False, "externalUrl": "redis://cache:6379/0"}}, name=RELEASE, namespace=NAMESPACE)
+    # an external Redis whose password is in a Secret: the chart puts it into the URL
+    r = render(chart, {"redis": {"enabled": False, "externalUrl": "redis://cache:6379/0",
+                                 "externalPasswordSecret": {"name": "cache-pw", "key": "password"}}})
+    for container in r.ray_containers():
+        env = env_of(container)
+        assert env["CHROMA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "cache-pw", "key": "password"}
+        assert env["REDIS_URL"]["value"] == "redis://:$(CHROMA_REDIS_PASSWORD)@cache:6379/0"
+    assert r.app["args"]["state"]["redis_url"] == "redis://cache:6379/0"
+
+
+def test_helm_test_hook_answers_a_turn_against_the_service(chart):
+    pod = render(chart, {"apiKeys": {"keys": {"k1": "ops"}}}).one("Pod", "-test-turn")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "chroma-serve:0.1.0-cuda"
+    env = env_of(container)
+    assert env["CHROMA_URL"]["value"] == f"http://{RELEASE}-chroma-serve-serve.{NAMESPACE}.svc:8000"
+    assert env["KEYS_FILE"]["value"] == "/etc/chroma-serve/api-keys/api-keys.json"
+    assert "exec chroma-serve demo --url \"$CHROMA_URL\"" in container["args"][0]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == f"{RELEASE}-chroma-serve-api-keys"
+
+
+def test_default_images_are_what_make_image_builds(chart):
+    assert {c["image"] for c in render(chart).ray_containers()} == {"chroma-serve:0.1.0-cuda"}  # make image DEVICE=cuda
+    assert {c["image"] for c in render(chart, CPU_DEV).ray_containers()} == {"chroma-serve:0.1.0"}  # make image
+    chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'version = "{chart_yaml["appVersion"]}"' in project  # the Makefile tags images with the package version
+
+
+# --- checkpoint delivery and observability -------------------------------------------------------------------------
+
+def test_checkpoint_download_init_container_into_an_emptydir(chart):
+    r = render(chart, {"checkpoint": {"existingClaim": "", "download": {"enabled": True, "tokenSecret": {"name": "hf"}}}})
+    for spec in r.ray_pod_specs():
+        (init,) = spec["initContainers"]
+        assert init["command"] == ["hf", "download", "FlashLabs/Chroma-4B", "--revision", "main",
+                                   "--local-dir", "/models/Chroma-4B"]
+        assert env_of(init)["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
+        assert init["volumeMounts"] == [{"name": "checkpoint", "mountPath": "/models"}]  # writable here only
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoint"] == {"name": "checkpoint", "emptyDir": {"sizeLimit": "40Gi"}}
+    for container in r.ray_containers():
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["checkpoint"] == {"name": "checkpoint", "mountPath": "/models", "readOnly": True}
+
+
+def test_checkpoint_download_into_an_existing_claim(chart):
+    r = render(chart, {"checkpoint": {"download": {"enabled": True}}})
+    for spec in r.ray_pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoint"]["persistentVolumeClaim"] == {"claimName": "chroma-checkpoint", "readOnly": False}
+        assert "env" in spec["initContainers"][0] and "HF_TOKEN" not in env_of(spec["initContainers"][0])
+    with pytest.raises(helm.HelmError, match="must lie under checkpoint.mountPath"):
+        chart.render({"checkpoint": {"path": "/data/c", "download": {"enabled": True}}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_observability_options(chart):
+    r = render(chart, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                   "scrapeAnnotations": True, "grafanaDashboard": {"enabled": True}}})
+    monitor = r.one("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    service = r.one("Service", "-serve")
+    assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "8000",
+                                                  "prometheus.io/path": "/metrics"}
+    dashboard = json.loads(r.one("ConfigMap", "-dashboard")["data"]["chroma-serve.json"])
+    assert dashboard["uid"] == "chroma-serve" and dashboard["panels"]
+    assert render(chart).all("ServiceMonitor") == [] and render(chart).all("ConfigMap") == []
+
+
+# --- every rendered object validates -------------------------------------------------------------------------------
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused wherever it lists the fields, as `kubectl apply` (field validation
+    Strict) refuses them."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayservice_validator():
+    crd = yaml.safe_load(KUBERAY_CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
+
+
+EVERYTHING_ON = {
+    "checkpoint": {"download": {"enabled": True, "tokenSecret": {"name": "hf"}}},
+    "faultTolerance": {"enabled": True}, "cpuWorkers": {"enabled": True},
+    "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["chroma.example.com"], "secretName": "tls"}]},
+    "metrics": {"scrapeAnnotations": True, "grafanaDashboard": {"enabled": True}},
+    "networkPolicy": {"extraIngress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]},
+    "apiKeys": {"keys": {"k": "t"}},
+}
+
+
+@pytest.mark.parametrize("values", [None, CPU_DEV, EVERYTHING_ON], ids=["default", "cpu-dev", "everything-on"])
+def test_every_rendered_object_validates(chart, rayservice_validator, values):
+    objects = render(chart, values).objects
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("RayService") == 1
+    for obj in objects:
+        if obj["kind"] == "RayService":
+            errors = sorted(rayservice_validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+            assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+        else:  # strict: a misspelt or misplaced field fails here rather than being dropped by the API server
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validators_refuse_what_the_api_server_would(chart, rayservice_validator):
+    r = render(chart)
+    bad_rayservice = copy.deepcopy(r.rayservice)
+    bad_rayservice["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "password"
+    bad_rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartparams"] = {}
+    messages = [e.message for e in rayservice_validator.iter_errors(bad_rayservice)]
+    assert any("'password' is not one of" in m for m in messages)
+    assert any("rayStartparams" in m for m in messages)
+    bad_policy = copy.deepcopy(r.one("NetworkPolicy", "-ray"))
+    bad_policy["spec"]["ingress"][0]["port"] = 8000  # misplaced: belongs in ports
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad_policy, KUBERNETES_VERSION, strict=True)

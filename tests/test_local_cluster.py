@@ -1,10 +1,14 @@
 """The local cluster's Serve config profiles (cluster/profiles) and their rendering by `chroma-serve up`; the
 cluster itself is exercised in test_cluster.py."""
 
+import subprocess
+import sys
+
 import pytest
+import torch
 import yaml
 
-from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, render_serve_config
+from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, gpu_needs, render_serve_config, up
 from cluster.config import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -70,3 +74,43 @@ def test_profiles_differ_where_they_must():
 def test_an_unknown_profile_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown profile 'tpu'.*cpu-dev"):
         render_serve_config("tpu", LocalClusterSettings(home=tmp_path), {"checkpoint": {"path": "/x"}})
+
+
+def test_gpu_needs_name_what_asks_for_a_gpu(tmp_path):
+    settings = LocalClusterSettings(home=tmp_path)
+    assert gpu_needs(render_serve_config("cpu-dev", settings, {})) == []
+    assert gpu_needs(render_serve_config("gpu", settings, {})) == [
+        "checkpoint.device cuda", "Reasoner num_gpus 0.5", "SpeechStack num_gpus 0.25", "Codec num_gpus 0.25"]
+    assert gpu_needs(render_serve_config("cpu-dev", settings, {"checkpoint": {"device": "cuda:1"}})) == [
+        "checkpoint.device cuda:1"]
+
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@needs_no_cuda
+def test_up_refuses_a_gpu_profile_without_cuda_before_starting_anything(tmp_path):
+    home = tmp_path / "home"
+    with pytest.raises(ValueError, match=r"profile 'gpu' needs a GPU \(checkpoint.device cuda, Reasoner num_gpus 0.5.*"
+                                         r"is a CPU build.*--profile cpu-dev.*make setup DEVICE=cuda"):
+        up(tmp_path / "ckpt", profile="gpu", settings=LocalClusterSettings(home=home))
+    assert not home.exists()  # no Redis, no Ray, no key file
+
+
+@needs_no_cuda
+def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "up", "--profile", "gpu", "--checkpoint",
+                           str(tmp_path / "ckpt"), "--home", str(tmp_path / "home")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "chroma-serve: error: profile 'gpu' needs a GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_demo_against_no_cluster_is_a_clear_error(tmp_path):
+    from tests.conftest import free_port
+
+    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
+                           "--api-key", "k", "--out", str(tmp_path / "r.wav")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "chroma-serve: error: the cluster did not answer (ConnectError" in done.stderr and "Traceback" not in done.stderr

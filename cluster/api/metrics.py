@@ -49,3 +49,10 @@ class ApiMetrics:
         )
         self.call_underruns = Counter("chroma_call_underruns", "Reply audio that reached the caller after what was "
                                       "sent before it had played out (a gap)", registry=self.registry)
+        # Every series a dashboard panel reads exists from the start, at 0.
+        for protocol in ("realtime", "twilio", "telnyx"):
+            self.calls_live.labels(protocol)
+        for reason in ("unauthorized", "tenant_concurrency_limit", "over_capacity", "stage_unavailable", "not_found"):
+            self.calls_refused.labels(reason)
+        for window in ("included", "excluded"):
+            self.voice_to_voice.labels(window)

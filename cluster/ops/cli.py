@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def _local_settings(args):
 def cmd_up(args) -> int:
     import yaml
 
-    from cluster.ops.local import dotted, merge_args, up
+    from cluster.ops.local import dotted, down, merge_args, up
     from model.testing.tiny import RANDOM_WEIGHTS_NOTICE, ensure_tiny_checkpoint, uses_random_weights
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_tiny_checkpoint()
@@ -128,7 +129,14 @@ def cmd_up(args) -> int:
     print(f"chroma-serve is up at {info.url}")
     print(f"  serve config: {info.serve_config}")
     print(f"  API keys:     {info.api_keys_path}" + (f" (tenant 'local': {info.api_key})" if info.api_key else ""))
-    print("  try:         chroma-serve demo;  stop with: chroma-serve down")
+    if not args.foreground:
+        print("  try:         chroma-serve demo;  stop with: chroma-serve down")
+        return 0
+    print("  try:         chroma-serve demo;  stop with Ctrl-C (SIGINT) or SIGTERM", flush=True)
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # wait for them here, also as a container's PID 1
+    signal.sigwait(stop)
+    down(settings)
     return 0
 
 
@@ -287,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override an app arg of the profile, e.g. --set turns.max_frames=50 (repeatable)")
     up.add_argument("--port", type=int, help="HTTP port (default 8000)")
     up.add_argument("--home", help="data dir (default ~/.cache/chroma-serve/local)")
+    up.add_argument("--foreground", action="store_true",
+                    help="stay in the foreground and stop the cluster on SIGINT/SIGTERM (the container image's command)")
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the local cluster and the redis-server `up` started")
     down.add_argument("--home")
@@ -328,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import httpx
     from transformers.utils import logging as hf_logging
 
     from model.errors import ChromaError
@@ -337,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ChromaError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as error:
         print(f"chroma-serve: error: {error}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:  # the cluster unreachable, or no answer in time: say so, without a traceback
+        detail = f": {error}" if str(error) else ""
+        print(f"chroma-serve: error: the cluster did not answer ({type(error).__name__}{detail})", file=sys.stderr)
         return 2
 
 

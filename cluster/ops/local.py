@@ -121,6 +121,34 @@ def render_serve_config(
     return config
 
 
+def gpu_needs(config: dict) -> list[str]:
+    """What in a Serve config asks for a GPU: a CUDA checkpoint device or deployments with num_gpus."""
+    needs = []
+    for app in config.get("applications", []):
+        device = str(((app.get("args") or {}).get("checkpoint") or {}).get("device") or "cpu")
+        if device.startswith("cuda"):
+            needs.append(f"checkpoint.device {device}")
+        needs += [f"{d['name']} num_gpus {gpus}" for d in app.get("deployments", [])
+                  if (gpus := (d.get("ray_actor_options") or {}).get("num_gpus"))]
+    return needs
+
+
+def require_devices(config: dict, profile: str | Path) -> None:
+    """Refuse a Serve config that needs a GPU on a machine where this torch sees none (it would deploy and then
+    wait forever for GPUs Ray does not have)."""
+    needs = gpu_needs(config)
+    if not needs:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+    raise ValueError(
+        f"profile {str(profile)!r} needs a GPU ({', '.join(needs)}), but {why} on this machine: use --profile "
+        "cpu-dev here, or set a GPU host up with `make setup DEVICE=cuda`")
+
+
 # --- Redis ------------------------------------------------------------------------------------------------------
 
 def _redis_pidfile(settings: LocalClusterSettings) -> Path:
@@ -327,6 +355,7 @@ def up(
     """`app_args` are merged into the profile's application args (e.g. {"turns": {"max_frames": 40}}), `deployments`
     into its deployments' Serve options (e.g. {"Codec": {"autoscaling_config": {"upscale_delay_s": 2}}})."""
     settings = settings or LocalClusterSettings()
+    require_devices(render_serve_config(profile, settings, app_args or {}), profile)  # before anything starts
     settings.home.mkdir(parents=True, exist_ok=True)
     if redis_url is None:
         redis_url = start_redis(settings)

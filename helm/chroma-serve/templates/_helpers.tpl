@@ -35,8 +35,28 @@ app.kubernetes.io/name: {{ include "chroma-serve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The image `make image` builds: <appVersion> for the CPU image, <appVersion>-cuda for the GPU one. */}}
 {{- define "chroma-serve.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $tag := .Values.image.tag | default (printf "%s%s" .Chart.AppVersion (eq .Values.image.device "cuda" | ternary "-cuda" "")) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* ---- Ray token auth ---- */}}
+{{- define "chroma-serve.rayAuth.secretName" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-auth" (include "chroma-serve.fullname" .)) }}
+{{- end }}
+
+{{/* The release's Ray pods (head and every worker group), as a label selector. */}}
+{{- define "chroma-serve.rayPodSelector" -}}
+matchLabels:
+  {{- include "chroma-serve.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values:
+      - ray-head
+      - ray-worker-{{ .Values.gpuWorkers.groupName }}
+      - ray-worker-{{ .Values.cpuWorkers.groupName }}
 {{- end }}
 
 {{/* ---- checkpoint ---- */}}
@@ -70,6 +90,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $url := required "redis.externalUrl is required when redis.enabled is false (e.g. redis://redis.example:6379/0)" .Values.redis.externalUrl }}
 {{- regexReplaceAll "^(rediss?://)[^@/]*@" $url "${1}" }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the external Redis URL has no credentials and its password comes from externalPasswordSecret. */}}
+{{- define "chroma-serve.redis.externalUrlNeedsPassword" -}}
+{{- if and (not .Values.redis.enabled) (not (contains "@" .Values.redis.externalUrl)) .Values.redis.externalPasswordSecret.name }}true{{ end }}
 {{- end }}
 
 {{/* GCS fault-tolerance Redis address (host:port, or rediss://host:port for TLS). */}}
@@ -111,6 +136,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail (printf "%s: minReplicas (%v) must not exceed maxReplicas (%v)" $group $w.minReplicas $w.maxReplicas) }}
 {{- end }}
 {{- end }}
+{{- if and (not .Values.redis.enabled) (not (contains "@" .Values.redis.externalUrl)) (not .Values.redis.externalPasswordSecret.name) }}
+{{- fail "redis.externalUrl has no password and redis.externalPasswordSecret names none: voices and sessions live in Redis, so give one (redis://:PASSWORD@host:port/db, or externalPasswordSecret: {name, key})" }}
+{{- end }}
+{{- if and .Values.checkpoint.download.enabled .Values.checkpoint.hostPath (not .Values.checkpoint.existingClaim) }}
+{{- fail "checkpoint.download and checkpoint.hostPath exclude each other: download into existingClaim or a per-pod emptyDir" }}
+{{- end }}
+{{- if and .Values.checkpoint.download.enabled (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.checkpoint.mountPath)) .Values.checkpoint.path)) }}
+{{- fail (printf "checkpoint.download: checkpoint.path (%s) must lie under checkpoint.mountPath (%s), where the download volume is mounted" .Values.checkpoint.path .Values.checkpoint.mountPath) }}
+{{- end }}
 {{- if and (not .Values.gpuWorkers.enabled) (not .Values.cpuWorkers.enabled) (not .Values.head.schedulable) }}
 {{- fail "no worker group is enabled and head.schedulable is false: nothing could host the Serve replicas" }}
 {{- end }}
@@ -126,6 +160,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       key: {{ .Values.redis.auth.passwordKey }}
 - name: REDIS_URL
   value: {{ printf "redis://:$(CHROMA_REDIS_PASSWORD)@%s/%v" (include "chroma-serve.redis.hostPort" .) .Values.redis.db | quote }}
+{{- else if include "chroma-serve.redis.externalUrlNeedsPassword" . }}
+- name: CHROMA_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.externalPasswordSecret.name }}
+      key: {{ .Values.redis.externalPasswordSecret.key | default "redis-password" }}
+- name: REDIS_URL
+  value: {{ regexReplaceAll "^(rediss?://)" .Values.redis.externalUrl "${1}:$(CHROMA_REDIS_PASSWORD)@" | quote }}
 {{- else }}
 - name: REDIS_URL
   value: {{ .Values.redis.externalUrl | quote }}
@@ -157,7 +199,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: checkpoint
   persistentVolumeClaim:
     claimName: {{ $.Values.checkpoint.existingClaim }}
-    readOnly: true
+    readOnly: {{ not $.Values.checkpoint.download.enabled }}
+{{- else if $.Values.checkpoint.download.enabled }}
+- name: checkpoint
+  emptyDir:
+    sizeLimit: {{ $.Values.checkpoint.download.sizeLimit }}
 {{- else if $.Values.checkpoint.hostPath }}
 - name: checkpoint
   hostPath:
@@ -172,10 +218,50 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   readOnly: true
 - name: dshm
   mountPath: /dev/shm
-{{- if or .Values.checkpoint.existingClaim .Values.checkpoint.hostPath }}
+{{- if or .Values.checkpoint.existingClaim .Values.checkpoint.hostPath .Values.checkpoint.download.enabled }}
 - name: checkpoint
   mountPath: {{ .Values.checkpoint.mountPath }}
   readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The checkpoint download init container of a Ray pod (checkpoint.download). */}}
+{{- define "chroma-serve.checkpointDownload" -}}
+{{- $dl := .Values.checkpoint.download }}
+- name: checkpoint-download
+  image: {{ include "chroma-serve.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["hf", "download", {{ $dl.repo | quote }}, "--revision", {{ $dl.revision | quote }}, "--local-dir", {{ include "chroma-serve.checkpointPath" . | quote }}]
+  env:
+    - name: HF_HUB_DISABLE_TELEMETRY
+      value: "1"
+    {{- with $dl.tokenSecret }}
+    - name: HF_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ .name }}
+          key: {{ .key | default "HF_TOKEN" }}
+    {{- end }}
+  resources:
+    {{- toYaml $dl.resources | nindent 4 }}
+  {{- with .Values.containerSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: checkpoint
+      mountPath: {{ .Values.checkpoint.mountPath }}
+{{- end }}
+
+{{/* Probes of a worker's Ray container: the app's health routes through the pod's Serve proxy. */}}
+{{- define "chroma-serve.workerProbes" -}}
+{{- range $kind := list "startup" "readiness" "liveness" }}
+{{- $p := index $.Values.probes $kind }}
+{{ $kind }}Probe:
+  httpGet:
+    path: {{ $p.path }}
+    port: {{ $.Values.serve.port }}
+  {{- toYaml (omit $p "path") | nindent 2 }}
 {{- end }}
 {{- end }}
 
