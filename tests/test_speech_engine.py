@@ -1,8 +1,10 @@
 """SpeechEngine: continuous batching gives every turn exactly its offline frames (tiny RANDOM-WEIGHT model)."""
 
 import asyncio
+import threading
 
 import pytest
+import torch
 
 from model.offline import generate_turn
 from model.reasoner.hf import ReasonerSession
@@ -181,3 +183,50 @@ async def test_compiled_decoder_path_gives_the_same_frames(chroma, voices):
     frames = await collect(await engine.submit("c", voices[0], reasoner_stream(chroma.thinker, inputs), max_frames=8))
     assert codes_of(frames) == expected
     await engine.close()
+
+
+class BlockingStack(torch.nn.Module):
+    """The backbone stack, except that a voice-prompt prefill (a forward over more than one frame plus a Reasoner
+    pair) waits for `release`: the engine thread is then inside that forward for as long as the test wants."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def allocate_cache(self, rows, capacity=None):
+        return self.stack.allocate_cache(rows, capacity)
+
+    def forward(self, x, cache, step):
+        if x.shape[1] > 3:
+            self.entered.set()
+            self.release.wait()
+        return self.stack(x, cache, step)
+
+
+async def test_submit_and_cancel_return_while_a_voice_prompt_is_prefilled(chroma, voices):
+    inputs = conversation(chroma, 2, 1.0)
+    expected = reference(chroma, inputs, voices[1], 6).frames.tolist()
+    speech = chroma.speech
+    blocking = BlockingStack(speech.backbone.model)
+    speech.backbone.model = blocking
+    watchdog = threading.Timer(30, blocking.release.set)  # a regression fails the test instead of hanging it
+    watchdog.start()
+    try:
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=2))
+        first = await engine.submit("first", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
+        assert await asyncio.to_thread(blocking.entered.wait, 30)
+        # On the event loop, as the deployments call them, while the engine thread is inside the prefill forward:
+        second = await engine.submit("second", voices[1], reasoner_stream(chroma.thinker, inputs), max_frames=6)
+        cancelled = engine.cancel("first")
+        assert not blocking.release.is_set(), "submit() or cancel() waited for the voice-prompt prefill"
+        assert cancelled
+        blocking.release.set()
+        assert codes_of(await collect(first)) == []
+        assert codes_of(await collect(second)) == expected
+        assert engine.stats()["free_slots"] == 2
+        await engine.close()
+    finally:
+        blocking.release.set()
+        watchdog.cancel()
+        speech.backbone.model = blocking.stack

@@ -89,6 +89,18 @@ class _Turn:
     error: BaseException | None = None
 
 
+@dataclass
+class _Row:
+    """One turn's part of a step, fixed under the lock when the step is collected."""
+
+    turn: _Turn
+    embeds: torch.Tensor  # [L, H] the step's new backbone inputs
+    slot: int
+    start: int  # cache column of the first new position; on a first step, set once the voice prefix is loaded
+    first_step: bool = False
+    prefix: VoicePrefix | None = None  # first step: the voice prompt's cached keys/values (None: prefill it)
+
+
 _END = object()
 
 
@@ -294,12 +306,13 @@ class SpeechEngine:
                         return
                     self._lock.wait()
                     batch = self._collect_ready()
-                # Cancel() may change a turn while the step runs: read its addressing now, free its slot after.
-                rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
-                self._in_flight = {t.turn_id for t, _ in batch}
+                # cancel() may end a turn while the step runs; its slot is freed only after the step.
+                self._in_flight = {row.turn.turn_id for row in batch}
             started = time.perf_counter()
             try:
-                frames, embeddings = self._forward(batch, rows, starts)
+                # Outside the lock: a voice-cache miss costs a backbone forward, and submit()/cancel() must not wait for it.
+                new_voices = self._load_voice_prefixes([row for row in batch if row.first_step])
+                frames, embeddings = self._forward(batch)
                 error = None
             except Exception as failure:  # a failed step fails the turns in it, not the engine
                 error = failure
@@ -308,18 +321,19 @@ class SpeechEngine:
                 while self._slots_to_free:
                     self._free_slot(self._slots_to_free.pop())
                 if error is not None:
-                    for turn, _ in batch:
-                        if turn.turn_id in self.turns:
-                            turn.error = error
-                            self._finish(turn)
+                    for row in batch:
+                        if row.turn.turn_id in self.turns:
+                            row.turn.error = error
+                            self._finish(row.turn)
                     continue
+                self._remember_voices(new_voices)
                 self.step_times.append(time.perf_counter() - started)
                 self.steps += 1
                 self._apply(batch, frames, embeddings)
 
     @torch.inference_mode()
-    def _collect_ready(self) -> list[tuple[_Turn, torch.Tensor]]:
-        """Turns with a slot whose next input is complete, each with that input [L, H]."""
+    def _collect_ready(self) -> list[_Row]:
+        """Under the lock: the turns with a slot whose next input is complete, each with that input."""
         ready = []
         for turn in list(self.turns.values()):
             if turn.slot is None:
@@ -331,7 +345,12 @@ class SpeechEngine:
             if turn.error is not None:
                 self._finish(turn)
             elif embeds is not None:
-                ready.append((turn, embeds))
+                row = _Row(turn, embeds, turn.slot, turn.length, first_step=turn.progress.steps == 0)
+                if row.first_step:
+                    row.prefix = self.voice_cache.get(turn.voice_key)
+                    if row.prefix is not None:
+                        self.voice_cache.move_to_end(turn.voice_key)
+                ready.append(row)
         return ready
 
     def _next_input(self, turn: _Turn) -> torch.Tensor | None:
@@ -351,23 +370,34 @@ class SpeechEngine:
             else:
                 return None
         if progress.steps == 0:
-            self._load_voice_prefix(turn)
-            return pair
+            return pair  # the voice prefix comes first: loaded into the slot when the step runs
         return turn.next_frame_embedding[None] if pair is None else torch.cat([turn.next_frame_embedding[None], pair])
 
-    def _load_voice_prefix(self, turn: _Turn) -> None:
-        prefix = self.voice_cache.get(turn.voice_key)
-        if prefix is None:
-            prefix = self._prefill_voice(turn.voice)
-            self.voice_cache[turn.voice_key] = prefix
+    @torch.inference_mode()
+    def _load_voice_prefixes(self, first_steps: list[_Row]) -> dict[str, VoicePrefix]:
+        """Engine thread, without the lock (the rows' slots are in flight): copy each first-step turn's voice
+        prefix into its slot, prefilling voices the cache lacks. Returns the prefixes made."""
+        made: dict[str, VoicePrefix] = {}
+        for row in first_steps:
+            key = row.turn.voice_key
+            prefix = row.prefix or made.get(key)
+            if prefix is None:
+                prefix = made[key] = self._prefill_voice(row.turn.voice)
+            slot, length = row.slot, prefix.length
+            self.cache.keys[slot, :, :, :length] = prefix.keys
+            self.cache.values[slot, :, :, :length] = prefix.values
+            self.cache.visible[slot] = False
+            self.cache.visible[slot, :length] = prefix.visible
+            row.start = length
+        return made
+
+    def _remember_voices(self, prefixes: dict[str, VoicePrefix]) -> None:
+        """Under the lock."""
+        for key, prefix in prefixes.items():
+            self.voice_cache[key] = prefix
+            self.voice_cache.move_to_end(key)
+        if prefixes:
             self._evict_voices()
-        self.voice_cache.move_to_end(turn.voice_key)
-        slot, length = turn.slot, prefix.length
-        self.cache.keys[slot, :, :, :length] = prefix.keys
-        self.cache.values[slot, :, :, :length] = prefix.values
-        self.cache.visible[slot] = False
-        self.cache.visible[slot, :length] = prefix.visible
-        turn.length = length
 
     @torch.inference_mode()
     def _prefill_voice(self, voice: VoicePrompt) -> VoicePrefix:
@@ -390,32 +420,34 @@ class SpeechEngine:
             self.voice_cache.popitem(last=False)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]], rows: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone forward + one decoder pass for the batch -> (frames [B, 8] on the host, next-step
         frame embeddings [B, H]). The only host sync is reading the frames back."""
         speech = self.speech
-        lengths = [embeds.shape[0] for _, embeds in batch]
+        lengths = [row.embeds.shape[0] for row in batch]
         width = max(lengths)
         inputs = torch.zeros(len(batch), width, speech.config.backbone_config.hidden_size, device=speech.device, dtype=speech.dtype)
-        for row, (_, embeds) in enumerate(batch):
-            inputs[row, : embeds.shape[0]] = embeds
-        step = StepInputs.contiguous(rows, starts, lengths, speech.device)
+        for index, row in enumerate(batch):
+            inputs[index, : row.embeds.shape[0]] = row.embeds
+        step = StepInputs.contiguous([row.slot for row in batch], [row.start for row in batch], lengths, speech.device)
         last = torch.tensor([n - 1 for n in lengths], device=speech.device)
-        sampling = [t.sampling for t, _ in batch]
+        sampling = [row.turn.sampling for row in batch]
         x, logits = speech.backbone_step(inputs, self.cache, step, last)
         frames = speech.complete_frames(x, speech.sample(logits, sampling), sampling, self._decoder_stack)
         return frames.cpu(), speech.frame_embeddings(frames)
 
-    def _apply(self, batch, frames: torch.Tensor, embeddings: torch.Tensor) -> None:
-        for row, ((turn, embeds), codes) in enumerate(zip(batch, frames.tolist())):
+    def _apply(self, batch: list[_Row], frames: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Under the lock."""
+        for index, (row, codes) in enumerate(zip(batch, frames.tolist())):
+            turn = row.turn
             if turn.turn_id not in self.turns:  # cancelled while the step ran
                 continue
-            turn.length += embeds.shape[0]
+            turn.length = row.start + row.embeds.shape[0]
             if turn.progress.add_frame(codes):
                 self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
                 turn.unsent_text = []
                 self.frames_out += 1
-            turn.next_frame_embedding = embeddings[row]
+            turn.next_frame_embedding = embeddings[index]
             if turn.progress.finished:
                 self._finish(turn)
 
