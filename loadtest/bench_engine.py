@@ -125,22 +125,40 @@ def sync(device: str) -> None:
 
 # ---- offline baselines ---------------------------------------------------------------------------------------
 
-def speak_turn_frames_per_s(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> tuple[float, list]:
-    """generate_turn's speech loop alone, fed the synthetic pairs -> (frames/s, the frames)."""
+class Clock:
+    """Wall and process CPU seconds of a region. On a shared machine the CPU figure (frames per CPU-second, all
+    threads together) moves less with other load than the wall one."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rates(self, frames: int) -> dict:
+        return {"frames_per_s": frames / self.wall, "frames_per_cpu_s": frames / self.cpu}
+
+
+def speak_turn_rates(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> tuple[dict, list]:
+    """generate_turn's speech loop alone, fed the synthetic pairs -> (rates, the frames)."""
     voice = random_voice(0)
     pairs = iter(synthetic_pairs(speech, 0, text_tokens))
     speak_turn(speech, voice, lambda _: next(pairs), 4)  # warm-up
     pairs = iter(synthetic_pairs(speech, 0, text_tokens))
-    sync(device)
-    started = time.perf_counter()
-    progress = speak_turn(speech, voice, lambda _: next(pairs), frames)
-    sync(device)
-    return len(progress.frames) / (time.perf_counter() - started), progress.frames
+    with Clock(device) as clock:
+        progress = speak_turn(speech, voice, lambda _: next(pairs), frames)
+    return clock.rates(len(progress.frames)), progress.frames
 
 
-def upstream_style_frames_per_s(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> tuple[float, list]:
+def upstream_style_rates(speech: SpeechModel, frames: int, text_tokens: int, device: str) -> tuple[dict, list]:
     """The reference's structure on transformers: Backbone and Decoder as `LlamaModel`s (our weights) with a
-    `DynamicCache`; per frame a fresh decoder cache stepped one codebook at a time. Greedy -> (frames/s, frames)."""
+    `DynamicCache`; per frame a fresh decoder cache stepped one codebook at a time. Greedy -> (rates, frames)."""
     from transformers import DynamicCache
 
     backbone, decoder = hf_llama(speech.backbone.model), hf_llama(speech.decoder.model)
@@ -182,11 +200,9 @@ def upstream_style_frames_per_s(speech: SpeechModel, frames: int, text_tokens: i
         return out
 
     run(4)  # warm-up
-    sync(device)
-    started = time.perf_counter()
-    out = run(frames)
-    sync(device)
-    return len(out) / (time.perf_counter() - started), out
+    with Clock(device) as clock:
+        out = run(frames)
+    return clock.rates(len(out)), out
 
 
 def hf_llama(stack):
@@ -204,7 +220,7 @@ def hf_llama(stack):
     return hf.to(stack.norm.weight.device, stack.norm.weight.dtype).eval()
 
 
-def generate_turn_frames_per_s(args, dtype: torch.dtype, frames: int) -> float | None:
+def generate_turn_rates(args, dtype: torch.dtype, frames: int) -> dict | None:
     """`generate_turn` end to end (thinker prefill and steps, speech loop, one-shot codec decode) on a text-only
     conversation of random token ids; None for `--size full` (no thinker)."""
     if not (args.checkpoint or args.size == "tiny"):
@@ -221,8 +237,9 @@ def generate_turn_frames_per_s(args, dtype: torch.dtype, frames: int) -> float |
     audio = 0.1 * torch.randn(1, 1, 40 * checkpoint.config.audio_frame_freq, generator=generator)
     voice = encode_voice(codec, checkpoint.config, ids[0, :12], audio.to(args.device, dtype))
     generate_turn(thinker, speech, codec, conversation, voice, max_frames=4)  # warm-up
-    result = generate_turn(thinker, speech, codec, conversation, voice, max_frames=frames)
-    return result.frames.shape[0] / result.timings["total_s"]
+    with Clock(args.device) as clock:
+        result = generate_turn(thinker, speech, codec, conversation, voice, max_frames=frames)
+    return clock.rates(result.frames.shape[0])
 
 
 # ---- the engine --------------------------------------------------------------------------------------------------
@@ -279,16 +296,15 @@ async def run_level(speech: SpeechModel, codec, args, step_mode: str, concurrenc
     engine.step_times.clear()
     sync(args.device)
     reset_peak_memory(args.device)
-    started = time.perf_counter()
-    turns = await level(concurrency)
-    wall = time.perf_counter() - started
+    with Clock(args.device) as clock:
+        turns = await level(concurrency)
     stats = engine.stats()
     await engine.close()
     rtfs = [t["rtf"] for t in turns]
     record = {
         "step_mode": stats["step_mode"],
         "concurrency": concurrency,
-        "frames_per_s": sum(t["frames"] for t in turns) / wall,
+        **clock.rates(sum(t["frames"] for t in turns)),
         "rtf_p50": statistics.median(rtfs),
         "rtf_max": max(rtfs),
         "first_frame_ms_p50": statistics.median(t["first_frame_ms"] for t in turns),
@@ -342,17 +358,18 @@ def main() -> None:
     baselines = {}
     wanted = [b for b in args.baselines.split(",") if b]
     if "upstream" in wanted:
-        baselines["upstream_style_frames_per_s"], upstream_frames = upstream_style_frames_per_s(speech, args.frames, args.text_tokens, args.device)
+        baselines["upstream_style"], upstream_frames = upstream_style_rates(speech, args.frames, args.text_tokens, args.device)
     if "speak_turn" in wanted:
-        baselines["speak_turn_frames_per_s"], ours = speak_turn_frames_per_s(speech, args.frames, args.text_tokens, args.device)
+        baselines["speak_turn"], ours = speak_turn_rates(speech, args.frames, args.text_tokens, args.device)
         if "upstream" in wanted:
             baselines["upstream_style_frames_equal_speak_turn"] = upstream_frames == ours
     if "generate_turn" in wanted:
-        baselines["generate_turn_frames_per_s"] = generate_turn_frames_per_s(args, dtype, args.frames)
+        baselines["generate_turn"] = generate_turn_rates(args, dtype, args.frames)
     for name, value in baselines.items():
-        print(f"baseline {name}: {value if not isinstance(value, float) else round(value, 1)}")
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in value.items()) if isinstance(value, dict) else value
+        print(f"baseline {name}: {shown}")
 
-    header = (f"{'mode':>11} {'conc':>4} {'frames/s':>9} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} "
+    header = (f"{'mode':>11} {'conc':>4} {'frames/s':>9} {'/cpu s':>7} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} "
               f"{'step p50':>9} {'step p95':>9} {'peak MB':>8}" + (f" {'1st audio ms':>13}" if codec is not None else ""))
     print(header)
     records = []
@@ -360,7 +377,7 @@ def main() -> None:
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
             record = asyncio.run(run_level(speech, codec, args, step_mode, concurrency))
             records.append(record)
-            print(f"{record['step_mode']:>11} {concurrency:>4} {record['frames_per_s']:>9.1f} {record['rtf_p50']:>8.3f} "
+            print(f"{record['step_mode']:>11} {concurrency:>4} {record['frames_per_s']:>9.1f} {record['frames_per_cpu_s']:>7.1f} {record['rtf_p50']:>8.3f} "
                   f"{record['rtf_max']:>8.3f} {record['first_frame_ms_p50']:>13.1f} {record['step_ms_p50']:>9.2f} "
                   f"{record['step_ms_p95']:>9.2f} {record['peak_mem_mb']:>8.0f}"
                   + (f" {record['first_audio_ms_p50']:>13.1f}" if codec is not None else ""), flush=True)

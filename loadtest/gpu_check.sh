@@ -3,7 +3,7 @@
 # no vLLM, Ray, Redis or internet), sized to finish in under 8 minutes. Everything lands under $OUT.
 #
 #   bash loadtest/gpu_check.sh prepare     # here, with PyPI: the wheels the engine imports beyond torch/transformers
-#                                          # (pydantic and its parts) into .whl/ (git-ignored), for Python 3.12 x86-64
+#                                          # (pydantic, soxr, soundfile) into .whl/ (git-ignored), for Python 3.12 x86-64
 #   bash loadtest/gpu_check.sh             # there (the device tool: carry [".whl"]), or on any CUDA machine
 #   bash loadtest/gpu_check.sh --dry-run   # anywhere: the same steps on the CPU at toy sizes, to check the script
 #
@@ -16,7 +16,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"
+# pydantic for the settings; soxr and soundfile (with cffi) for model.processing, which the offline loop imports.
+WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+  soxr==1.1.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12"
 
 case "${1:-run}" in
   prepare)
