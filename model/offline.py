@@ -18,7 +18,7 @@ import torch
 from model.chroma.checkpoint import Checkpoint, load_codec, load_speech, load_thinker, resolve_dtype
 from model.chroma.codec import decode_frames, encode_voice
 from model.chroma.layers import KVCache, StepInputs
-from model.chroma.sampling import SamplingParams, SamplingState
+from model.chroma.sampling import SamplingBatch, SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import ReasonerPair, TurnProgress, VoicePrompt, turn_frame_budget, voice_prompt_attend
 from model.processing.processor import ChromaProcessor, Conversation, ReasonerInputs
@@ -72,7 +72,8 @@ def speak_turn(
 ) -> TurnProgress:
     """The speech side of one turn, batch of one: backbone step + decoder frame completion per frame, asking
     `next_pair(previous token)` (None first) for a Reasoner (token, hidden state) pair once per two frames."""
-    sampling_state = [SamplingState(sampling or SamplingParams(), speech.device)]
+    params = sampling or SamplingParams()
+    seed = params.turn_seed()
     progress = TurnProgress(speech.config, turn_frame_budget(speech.config, voice, max_frames))
     backbone = SingleTurnBackbone(speech)
     token, hidden = next_pair(None)
@@ -82,7 +83,7 @@ def speak_turn(
     while True:
         x, logits = backbone.step(embeds, attend)
         attend = None
-        frame = speech.complete_frames(x, speech.sample(logits, sampling_state), sampling_state)
+        frame = speech.sample_frames(x, logits, SamplingBatch.of([params], [seed], [progress.steps], speech.device))
         progress.add_frame(frame[0].tolist())
         if progress.finished:
             return progress

@@ -10,6 +10,7 @@ from transformers import MimiModel
 
 from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CapacityError, CodecEngine
+from model.engines.graphs import bucket_for
 from model.chroma.codec import decode_frames
 
 FRAME = 1920
@@ -81,9 +82,8 @@ def test_single_stream_equals_one_shot(codec_and_config, chunk, length):
     assert_matches(stream(engine, "turn", codes), decode_frames(codec, codes))
 
 
-def test_streams_joining_at_different_times_are_batched(codec_and_config):
-    codec, config = codec_and_config
-    engine = CodecEngine(codec, config, max_streams=3, chunk_frames=2)
+def joining_streams(engine: CodecEngine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+    """Three turns joining at different ticks, one frame per tick each -> (audio, frames, batch size per step)."""
     turns = {"a": (0, frames(9, 1)), "b": (2, frames(5, 2)), "c": (4, frames(12, 3))}  # id: (start tick, frames)
     audio: dict[str, list[torch.Tensor]] = {turn_id: [] for turn_id in turns}
     batch_sizes = []
@@ -101,9 +101,29 @@ def test_streams_joining_at_different_times_are_batched(codec_and_config):
         batch_sizes.append(len(out))
         for turn_id, pcm in out.items():
             audio[turn_id].append(pcm)
+    return {t: torch.cat(a) for t, a in audio.items()}, {t: codes for t, (_, codes) in turns.items()}, batch_sizes
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded"])
+def test_streams_joining_at_different_times_are_batched(codec_and_config, mode):
+    codec, config = codec_and_config
+    engine = CodecEngine(codec, config, max_streams=3, chunk_frames=2, decode_mode=mode)
+    audio, codes, batch_sizes = joining_streams(engine)
     assert max(batch_sizes) == 3  # all three were decoded in one forward at least once
-    for turn_id, (_, codes) in turns.items():
-        assert_matches(torch.cat(audio[turn_id]), decode_frames(codec, codes))
+    for turn_id in codes:
+        assert_matches(audio[turn_id], decode_frames(codec, codes[turn_id]))
+
+
+def test_compiled_chunk_decode_has_no_graph_break_and_equals_eager(tiny):
+    """The chunk decode a CUDA graph captures, per batch bucket (1, 2, 3 here), compiles with fullgraph=True and
+    decodes exactly what the eager engine decodes."""
+    codec, config = tiny
+    eager, _, _ = joining_streams(CodecEngine(codec, config, max_streams=3, chunk_frames=2, decode_mode="eager"))
+    compiled_engine = CodecEngine(codec, config, max_streams=3, chunk_frames=2, decode_mode="compiled", compile_backend="eager")
+    compiled, _, batch_sizes = joining_streams(compiled_engine)
+    assert {bucket_for(n, compiled_engine.batch_buckets) for n in batch_sizes if n} == {1, 2, 3}
+    for turn_id, pcm in eager.items():
+        assert torch.equal(compiled[turn_id], pcm), turn_id
 
 
 def test_turn_longer_than_the_sliding_window(small_window):

@@ -1,8 +1,11 @@
 """SpeechEngine: continuous batching gives every turn exactly its offline frames (tiny RANDOM-WEIGHT model)."""
 
 import asyncio
+import copy
+import threading
 
 import pytest
+import torch
 
 from model.offline import generate_turn
 from model.reasoner.hf import ReasonerSession
@@ -173,11 +176,89 @@ async def test_a_failing_thinker_fails_only_its_turn(chroma, voices):
     await engine.close()
 
 
-async def test_compiled_decoder_path_gives_the_same_frames(chroma, voices):
-    # The "eager" backend exercises graph capture without inductor's C++ build (minutes on this CPU).
-    inputs = conversation(chroma, 1, 1.0)
-    expected = reference(chroma, inputs, voices[0], 8).frames.tolist()
-    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=2, compile_mode="default", compile_backend="eager"))
-    frames = await collect(await engine.submit("c", voices[0], reasoner_stream(chroma.thinker, inputs), max_frames=8))
-    assert codes_of(frames) == expected
-    await engine.close()
+def one_layer_copy(speech):
+    """The speech model with one layer per stack: torch.compile traces every op of a step, so the compile tests
+    trace half as many with it (tiny RANDOM weights either way)."""
+    speech = copy.deepcopy(speech)
+    for stack in (speech.backbone.model, speech.decoder.model):
+        stack.layers = stack.layers[:1]
+        stack.config = stack.config.model_copy(update={"num_hidden_layers": 1})
+    return speech
+
+
+async def test_compiled_step_has_no_graph_break_and_gives_the_same_frames(chroma, voices):
+    """What a CUDA graph captures (the padded decode step per bucket) compiles with fullgraph=True: no graph break,
+    so no host sync and no data-dependent Python. Its frames equal generate_turn's and the eager engine's."""
+    speech = one_layer_copy(chroma.speech)
+    plans = [(2, 1, 1.0, 12), (2, 3, 0.6, 6)]  # (voice, conversation seed, seconds, frames): short, one kv bucket
+    inputs = [conversation(chroma, seed, seconds) for _, seed, seconds, _ in plans]
+    expected = [
+        generate_turn(chroma.thinker, speech, chroma.codec, inputs[i], voices[v], max_frames=n).frames.tolist()
+        for i, (v, _, _, n) in enumerate(plans)
+    ]
+    im_end = chroma.config.im_end_token_id
+
+    async def run(settings):
+        engine = SpeechEngine(speech, settings)
+        streams = [
+            await engine.submit(f"t{i}", voices[v], reasoner_stream(chroma.thinker, inputs[i], im_end=im_end), max_frames=n)
+            for i, (v, _, _, n) in enumerate(plans)
+        ]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.close()
+        return [codes_of(r) for r in results], engine.decode_steps.bucket_steps
+
+    eager, _ = await run(SpeechEngineSettings(max_slots=2, step_mode="eager"))
+    compiled, buckets = await run(SpeechEngineSettings(max_slots=2, step_mode="compiled", compile_backend="eager"))
+    assert eager == expected
+    assert compiled == expected
+    # Both batch buckets (both turns, then the longer one alone) and both widths (frame alone, frame + pair) ran.
+    assert {batch for batch, _, _ in buckets} == {1, 2}
+    assert {width for _, width, _ in buckets} == {1, 3}
+
+
+class BlockingStack(torch.nn.Module):
+    """The backbone stack, except that a voice-prompt prefill (a forward over more than one frame plus a Reasoner
+    pair) waits for `release`: the engine thread is then inside that forward for as long as the test wants."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def allocate_cache(self, rows, capacity=None):
+        return self.stack.allocate_cache(rows, capacity)
+
+    def forward(self, x, cache, step):
+        if x.shape[1] > 3:
+            self.entered.set()
+            self.release.wait()
+        return self.stack(x, cache, step)
+
+
+async def test_submit_and_cancel_return_while_a_voice_prompt_is_prefilled(chroma, voices):
+    inputs = conversation(chroma, 2, 1.0)
+    expected = reference(chroma, inputs, voices[1], 6).frames.tolist()
+    speech = chroma.speech
+    blocking = BlockingStack(speech.backbone.model)
+    speech.backbone.model = blocking
+    watchdog = threading.Timer(60, blocking.release.set)  # a regression fails the test instead of hanging it
+    try:
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=2))
+        first = await engine.submit("first", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
+        assert await asyncio.to_thread(blocking.entered.wait, 300)
+        watchdog.start()
+        # On the event loop, as the deployments call them, while the engine thread is inside the prefill forward:
+        second = await engine.submit("second", voices[1], reasoner_stream(chroma.thinker, inputs), max_frames=6)
+        cancelled = engine.cancel("first")
+        assert not blocking.release.is_set(), "submit() or cancel() waited for the voice-prompt prefill"
+        assert cancelled
+        blocking.release.set()
+        assert codes_of(await collect(first)) == []
+        assert codes_of(await collect(second)) == expected
+        assert engine.stats()["free_slots"] == 2
+        await engine.close()
+    finally:
+        blocking.release.set()
+        watchdog.cancel()
+        speech.backbone.model = blocking.stack

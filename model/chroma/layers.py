@@ -103,7 +103,8 @@ class StepInputs:
     write_index:  [B, L] cache column of each new position, -1 for padding
     positions:    [B, L] rotary position of each new position
     attend:       [B, L] whether later positions may attend to this one (upstream's attention_mask)
-    kv_len:       1 + the largest write index, known on the host so the forward needs no device sync
+    kv_len:       cache columns attention reads, at least 1 + the largest write index; known on the host so
+                  the forward needs no device sync
     row_range:    (first, last + 1) when `rows` are consecutive, so attention can read the cache as a view
                   instead of gathering a copy of every row's keys per layer
     """
@@ -125,11 +126,7 @@ class StepInputs:
     def contiguous(cls, rows: list[int], starts: list[int], lengths: list[int], device, attend=None, positions=None) -> "StepInputs":
         """Row i writes `lengths[i]` new positions from cache column `starts[i]`; rotary positions equal the
         cache columns unless given. Shorter rows are padded to the longest."""
-        width = max(lengths)
-        offsets = torch.arange(width)
-        starts_t, lengths_t = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
-        real = offsets[None] < lengths_t
-        write_index = torch.where(real, starts_t + offsets[None], -1)
+        write_index, real = _write_index(torch.tensor(starts), torch.tensor(lengths), max(lengths))
         return cls(
             rows=torch.tensor(rows, device=device),
             write_index=write_index.to(device),
@@ -139,11 +136,34 @@ class StepInputs:
             row_range=(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else None,
         )
 
-    def attention_mask(self, cache: KVCache) -> torch.Tensor:
-        """[B, 1, L, kv_len] bool: a query sees every visible column up to its own (causal)."""
+    @classmethod
+    def first_rows(cls, starts: torch.Tensor, lengths: torch.Tensor, width: int, kv_len: int) -> "StepInputs":
+        """Addressing built on the device, with no host data: batch row i is cache row i, writes `lengths[i]`
+        (0..width) new positions from column `starts[i]`, and attention reads columns [0, kv_len) of rows
+        [0, B) as a view. Static shapes for a given (B, width, kv_len): what a CUDA graph replays."""
+        write_index, real = _write_index(starts, lengths, width)
+        return cls(
+            rows=torch.arange(starts.shape[0], device=starts.device),
+            write_index=write_index,
+            positions=write_index.clamp(min=0),
+            attend=real,
+            kv_len=kv_len,
+            row_range=(0, starts.shape[0]),
+        )
+
+    def attention_mask(self, cache: KVCache, groups: int = 1) -> torch.Tensor:
+        """[B, 1, groups * L, kv_len] bool: a query sees every visible column up to its own (causal); repeated for
+        the `groups` query heads that attention folds into each kv head's query rows."""
         columns = torch.arange(self.kv_len, device=self.write_index.device)
         causal = columns[None, None, :] <= self.write_index[:, :, None]
-        return (causal & cache.visible[self.rows, None, : self.kv_len])[:, None]
+        return (causal & cache.visible[self.rows, None, : self.kv_len]).repeat(1, groups, 1)[:, None]
+
+
+def _write_index(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] starts and lengths -> (cache column of each new position [B, width], -1 for padding; which are real)."""
+    offsets = torch.arange(width, device=starts.device)
+    real = offsets[None] < lengths[:, None]
+    return torch.where(real, starts[:, None] + offsets[None], -1), real
 
 
 class Attention(nn.Module):
@@ -173,11 +193,12 @@ class Attention(nn.Module):
         cache.values[rows, layer, :, columns] = v.transpose(1, 2).to(cache.values.dtype)
         keys, values = step.cached(cache.keys, layer), step.cached(cache.values, layer)
 
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
+        # Grouped-query attention: the query heads of one kv head are folded into its query rows ([B, heads, L, d]
+        # -> [B, kv_heads, groups * L, d]; `mask` is repeated to match), so attention reads the cache once, never
+        # a copy repeated per query head.
+        q = q.reshape(batch, self.n_kv_heads, -1, self.head_dim)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        out = out.view(batch, self.n_heads, length, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -229,7 +250,8 @@ class TransformerStack(nn.Module):
         rows = step.rows[:, None]
         columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
         cache.visible[rows, columns] = step.attend & (step.write_index >= 0)
-        mask = step.attention_mask(cache)
+        attention = self.layers[0].self_attn
+        mask = step.attention_mask(cache, attention.n_heads // attention.n_kv_heads)
         cos, sin = self.rotary(step.positions, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, index, cache, step, mask)

@@ -1,13 +1,20 @@
-"""Per-turn sampling: greedy, or temperature + top-k with the turn's own seeded generator.
+"""Per-turn sampling: greedy, or temperature + top-k, batched as tensors so a whole step samples without a host
+sync (and inside a CUDA graph).
 
-Each turn draws its noise from its own generator, so a seeded turn samples the same codes whatever else
-shares the batch.
+The noise is counter-based: a hash of (the turn's seed, which code of the turn it is, the vocabulary entry). A
+seeded turn therefore samples the same codes whatever else shares the batch, and a step needs no per-turn
+generator state, which a captured graph could not carry.
 """
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
+
 import torch
 from pydantic import BaseModel, Field
+
+_MASK32 = 0xFFFFFFFF
 
 
 class SamplingParams(BaseModel):
@@ -21,29 +28,70 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-
-class SamplingState:
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
-        self.params = params
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=device)
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed)
+    def turn_seed(self) -> int:
+        """The seed a turn draws its noise from: the given one, else a fresh random one (63 bits)."""
+        return secrets.randbits(63) if self.seed is None else self.seed % 2**63
 
 
-def sample_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """logits [B, V] float -> token ids [B]."""
-    tokens = logits.argmax(dim=-1)
-    for row, state in enumerate(states):
-        if state.generator is None:
-            continue
-        scores = logits[row] / state.params.temperature
-        kth = torch.topk(scores, min(state.params.top_k, scores.shape[-1])).values[-1]
-        probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
-        # Exponential-race sampling: argmax(p / q), q ~ Exp(1), draws from p without a host sync.
-        noise = torch.empty_like(probs).exponential_(1, generator=state.generator)
-        tokens[row] = torch.argmax(probs / noise)
-    return tokens
+@dataclass
+class SamplingBatch:
+    """How each row of a step samples: [B] tensors on the model's device.
+
+    frame: the row's turn's frame index (its steps so far); with the codebook it names each draw of the turn.
+    greedy_only: known on the host; lets an eager step skip the sampling arithmetic (graphs always carry it).
+    noise: [B, codebooks, vocab] Exp(1) draws of one frame, made by `for_frame`."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] long
+    seed: torch.Tensor  # [B] long
+    frame: torch.Tensor  # [B] long
+    greedy_only: bool = False
+    noise: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], seeds: list[int], frames: list[int], device) -> SamplingBatch:
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], device=device),
+            seed=torch.tensor(seeds, device=device),
+            frame=torch.tensor(frames, device=device),
+            greedy_only=all(p.greedy for p in params),
+        )
+
+    def for_frame(self, codebooks: int, vocab: int) -> SamplingBatch:
+        """This batch with the noise of every draw of the frame, made at once (one hash, not one per codebook)."""
+        if self.greedy_only:
+            return self
+        uniform = _uniform(self.seed, self.frame, codebooks, vocab)
+        return SamplingBatch(self.temperature, self.top_k, self.seed, self.frame, noise=-torch.log(uniform))
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingBatch, codebook: int) -> torch.Tensor:
+    """logits [B, V] float -> token ids [B]: argmax for greedy rows, top-k/temperature draws for the others."""
+    greedy = logits.argmax(dim=-1)
+    if sampling.greedy_only:
+        return greedy
+    vocab = logits.shape[-1]
+    scores = logits / sampling.temperature.clamp(min=1e-6)[:, None]
+    kth = scores.sort(dim=-1, descending=True).values.gather(1, (sampling.top_k.clamp(1, vocab) - 1)[:, None])
+    probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+    # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) draws from p.
+    drawn = torch.argmax(probs / sampling.noise[:, codebook], dim=-1)
+    return torch.where(sampling.temperature > 0, drawn, greedy)
+
+
+def _uniform(seed: torch.Tensor, frame: torch.Tensor, codebooks: int, size: int) -> torch.Tensor:
+    """[B] seeds and frame indices -> [B, codebooks, size] float32 uniform in (0, 1), a pure function of them."""
+    key = _mix32(_mix32(seed & _MASK32) ^ (seed >> 32))
+    key = _mix32(key ^ (frame & _MASK32))  # [B]
+    draw = _mix32(torch.arange(codebooks * size, device=seed.device)).view(codebooks, size)
+    bits = _mix32(key[:, None, None] ^ draw[None])
+    return ((bits >> 8).float() + 0.5) * 2.0**-24
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche, on int64 tensors holding values < 2**32 (the products stay
+    below 2**63, so nothing overflows)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x

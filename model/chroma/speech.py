@@ -6,12 +6,14 @@ Every method takes a batch of turns, so the offline generator and the batched en
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from model.chroma.config import ChromaConfig, SpeechTransformerConfig
 from model.chroma.layers import KVCache, StepInputs, TransformerStack
-from model.chroma.sampling import SamplingState, sample_tokens
+from model.chroma.sampling import SamplingBatch, sample_tokens
 
 
 class AudioEmbedding(nn.Module):
@@ -56,6 +58,22 @@ class Decoder(nn.Module):
         self.audio_embedding = AudioEmbedding(
             config.audio_num_codebooks, config.vocab_size, config.audio_embedding_dim
         )
+
+
+@dataclass
+class DecodeInputs:
+    """What one batched decode step feeds cache rows [0, B): [B] tensors on the model's device.
+
+    length: the row's new backbone positions: 1 = its previous frame, 3 = that frame and a Reasoner pair, 2 = a
+            Reasoner pair alone (a turn's first step, right after its voice prefix), 0 = a padding row, which
+            writes only the cache's scratch column and whose outputs nobody reads.
+    """
+
+    start: torch.Tensor  # [B] long: cache column of the row's first new position
+    length: torch.Tensor  # [B] long
+    token: torch.Tensor  # [B] long: the Reasoner pair's token (any value on rows without a pair)
+    hidden: torch.Tensor  # [B, H] float32: the pair's hidden state
+    sampling: SamplingBatch
 
 
 class SpeechModel(nn.Module):
@@ -112,24 +130,52 @@ class SpeechModel(nn.Module):
         x = out[torch.arange(out.shape[0], device=out.device), last]
         return x, self.backbone.codebook0_head(x)
 
-    def complete_frames(
-        self, x: torch.Tensor, codebook0: torch.Tensor, sampling: list[SamplingState], decoder_stack=None
+    def decode_step(
+        self, cache: KVCache, frame_embedding: torch.Tensor, inputs: DecodeInputs, width: int, kv_len: int
     ) -> torch.Tensor:
+        """One step of every turn in cache rows [0, B), gpt-fast style (batch row i is cache row i): the backbone
+        over each row's new positions, then the decoder's frame completion -> frames [B, 8].
+
+        frame_embedding [rows >= B, H]: each row's previous frame embedded, the input of its next step; real rows
+        get their new frame's. width (new positions per row, padded) and kv_len (cache columns attention reads)
+        are host ints: with them the shapes are static and there is no host sync, so one CUDA graph per
+        (B, width, kv_len) replays the whole step."""
+        batch = inputs.start.shape[0]
+        previous = frame_embedding[:batch, None]  # [B, 1, H]
+        if width == 1:
+            embeds = previous
+        else:
+            pair = torch.stack([inputs.hidden.to(self.dtype), self.text_embedding(inputs.token)], dim=1)  # [B, 2, H]
+            with_frame = torch.cat([previous, pair], dim=1)  # [B, 3, H]
+            pair_alone = torch.cat([pair, previous], dim=1)  # a first step: its third position is padding
+            embeds = torch.where((inputs.length == 2)[:, None, None], pair_alone, with_frame)[:, :width]
+        step = StepInputs.first_rows(inputs.start, inputs.length, width, kv_len)
+        x, logits = self.backbone_step(embeds, cache, step, (inputs.length - 1).clamp(min=0))
+        frames = self.sample_frames(x, logits, inputs.sampling)
+        real = (inputs.length > 0)[:, None]
+        frame_embedding[:batch] = torch.where(real, self.frame_embeddings(frames), frame_embedding[:batch])
+        return frames
+
+    def sample_frames(self, x: torch.Tensor, logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
+        """Backbone outputs x [B, H] and codebook-0 logits [B, V] -> frames [B, 8]: codebook 0 sampled from the
+        logits, then the decoder's codebooks 1..7."""
+        sampling = sampling.for_frame(self.config.audio_num_codebooks, logits.shape[-1])
+        return self.complete_frames(x, self.sample(logits, sampling, 0), sampling)
+
+    def complete_frames(self, x: torch.Tensor, codebook0: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
         """SPEC step 5 for a batch: backbone outputs x [B, H] and codebook-0 codes [B] -> frames [B, 8].
 
         The decoder gets a fresh 8-position cache per frame. Rotary positions follow upstream: both inputs of
-        sub-step 1 sit at position 0, sub-step k >= 2 at position k - 1. `decoder_stack` may replace the
-        decoder's transformer call (e.g. a torch.compile'd one)."""
+        sub-step 1 sit at position 0, sub-step k >= 2 at position k - 1."""
         decoder = self.decoder
-        decoder_stack = decoder.model if decoder_stack is None else decoder_stack
         batch = x.shape[0]
         cache = decoder.model.allocate_cache(batch, capacity=self.config.audio_num_codebooks)
         inputs = torch.stack([x, decoder.audio_embedding.codebook(codebook0, 0)], dim=1)
         codes = [codebook0]
         for codebook, step in enumerate(self._decoder_steps(batch, x.device), start=1):
-            out = decoder_stack(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
+            out = decoder.model(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
             logits = out @ decoder.codebook_head.weight[codebook - 1]
-            code = self.sample(logits, sampling)
+            code = self.sample(logits, sampling, codebook)
             codes.append(code)
             inputs = decoder.audio_embedding.codebook(code, codebook)[:, None]
         return torch.stack(codes, dim=1)
@@ -149,9 +195,9 @@ class SpeechModel(nn.Module):
             self._decoder_step_cache[key] = steps
         return self._decoder_step_cache[key]
 
-    def sample(self, logits: torch.Tensor, sampling: list[SamplingState]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, sampling: SamplingBatch, codebook: int) -> torch.Tensor:
         # Codes the codec cannot decode (the pad/eos extension of the vocab) are never produced: upstream
         # would crash in the codec on them, so masking them keeps parity for every decodable output.
         logits = logits.float()
         logits[:, self.config.codec_codebook_size:] = float("-inf")
-        return sample_tokens(logits, sampling)
+        return sample_tokens(logits, sampling, codebook)

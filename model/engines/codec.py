@@ -17,9 +17,11 @@ of the earlier frames:
   may attend to) and the count of positions seen (its RoPE position). Per-chunk cost is therefore constant
   in the turn's length.
 
-State lives in per-slot tensors preallocated for `max_streams` turns; a step gathers the ready turns' rows,
-runs the forward and scatters the rows back. Not thread-safe: one owner drives it (`CodecLoop`, on its own
-worker thread).
+State lives in per-slot tensors preallocated for `max_streams` turns (plus one scratch slot for padding rows); a
+step gathers the ready turns' rows, runs the forward and scatters the rows back. Every chunk has the same shape,
+so `decode_mode` (`model.engines.graphs`) can pad a step's batch to a bucket and replay one CUDA graph per bucket;
+a closing turn's flush (any number of frames) always runs eagerly. Not thread-safe: one owner drives it
+(`CodecLoop`, on its own worker thread).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from model.chroma.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
 from model.chroma.turn import VoicePrompt
+from model.engines.graphs import BucketedStep, CompileBackend, StepMode, bucket_for, power_of_two_buckets, resolve_step_mode
 from model.errors import CapacityError
 
 DEFAULT_CHUNK_FRAMES = 2  # 160 ms of audio per streamed chunk
@@ -50,6 +53,11 @@ class CodecSettings(BaseModel):
 
     max_streams: int = Field(64, ge=1, description="replies decoding at once per replica")
     chunk_frames: int = Field(DEFAULT_CHUNK_FRAMES, ge=1, description="frames per streamed audio chunk (2 = 160 ms)")
+    decode_mode: StepMode = Field(
+        "auto", description='how a batched chunk decode runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
+        '"eager", "padded", "cuda_graphs", "compiled" (see model/engines/graphs.py)',
+    )
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of decode_mode "compiled"')
 
 
 @dataclass
@@ -67,9 +75,15 @@ class CodecEngine:
         cls, checkpoint: Checkpoint, settings: CodecSettings, dtype: str = "float32", device: str = "cpu"
     ) -> CodecEngine:
         codec = load_codec(checkpoint, resolve_dtype(dtype), device)
-        return cls(codec, checkpoint.config, max_streams=settings.max_streams, chunk_frames=settings.chunk_frames)
+        return cls(
+            codec, checkpoint.config, max_streams=settings.max_streams, chunk_frames=settings.chunk_frames,
+            decode_mode=settings.decode_mode, compile_backend=settings.compile_backend,
+        )
 
-    def __init__(self, codec, config: ChromaConfig, max_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES):
+    def __init__(
+        self, codec, config: ChromaConfig, max_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+        decode_mode: StepMode = "auto", compile_backend: CompileBackend = "inductor",
+    ):
         mimi = codec.config
         if not mimi.use_causal_conv or mimi.trim_right_ratio != 1.0:
             raise ValueError("streaming decode needs Mimi's causal convs with trim_right_ratio=1.0")
@@ -84,21 +98,34 @@ class CodecEngine:
         self.window = mimi.sliding_window
         device, dtype = codec.device, codec.dtype
 
-        # One state tensor per conv, [slot, channels, context], indexed by module.
+        # One state tensor per conv, [slot, channels, context], indexed by module. Slot `max_streams` is scratch:
+        # the padding rows of a bucketed step read and write it.
+        slots = max_streams + 1
         convs = ([codec.upsample] if codec.upsample is not None else []) + [
             m for m in codec.decoder.modules() if isinstance(m, (MimiConv1d, MimiConvTranspose1d))
         ]
         self._conv_index = {m: i for i, m in enumerate(convs)}
-        self._conv_state = [torch.zeros(max_streams, *_context_shape(m), device=device, dtype=dtype) for m in convs]
+        self._conv_state = [torch.zeros(slots, *_context_shape(m), device=device, dtype=dtype) for m in convs]
         transformer = codec.decoder_transformer
         attn = transformer.layers[0].self_attn
         self._kv = torch.zeros(  # [slot, layer, k/v, kv head, window - 1, head dim], keys rotated, oldest first
-            max_streams, len(transformer.layers), 2, attn.num_key_value_heads, self.window - 1, attn.head_dim,
+            slots, len(transformer.layers), 2, attn.num_key_value_heads, self.window - 1, attn.head_dim,
             device=device, dtype=dtype,
         )
-        self._positions = torch.zeros(max_streams, dtype=torch.long, device=device)  # transformer positions seen
+        self._positions = torch.zeros(slots, dtype=torch.long, device=device)  # transformer positions seen
         self._streams: dict[object, _Stream] = {}
         self._free = list(range(max_streams - 1, -1, -1))
+
+        # A step's chunk decode at static shapes: codes [B, chunk_frames, K] and the streams' slots [B].
+        self.decode_mode = resolve_step_mode(decode_mode, device)
+        self.batch_buckets = power_of_two_buckets(max_streams)
+        self._step_codes = torch.zeros(max_streams, chunk_frames, self.num_codebooks, dtype=torch.long, device=device)
+        self._step_slots = torch.full((max_streams,), max_streams, dtype=torch.long, device=device)
+        self._decode_step = BucketedStep(self._decode_rows, self.decode_mode, compile_backend)
+        if self.decode_mode == "cuda_graphs":
+            with torch.no_grad():
+                for batch in reversed(self.batch_buckets):  # padding rows only: scratch state alone changes
+                    self._decode_step.capture((batch,), self._step_codes[:batch], self._step_slots[:batch])
 
     def encode_voice(
         self, transcript_ids: torch.Tensor, audio_24k: torch.Tensor, num_samples: int | None = None
@@ -139,7 +166,8 @@ class CodecEngine:
         codes = torch.stack([s.pending[: self.chunk_frames] for _, s in ready])
         for _, s in ready:
             s.pending = s.pending[self.chunk_frames :]
-        audio = self._decode(codes, [s.slot for _, s in ready])
+        slots = [s.slot for _, s in ready]
+        audio = self._decode(codes, slots) if self.decode_mode == "eager" else self._decode_bucketed(codes, slots)
         return {turn_id: pcm for (turn_id, _), pcm in zip(ready, audio.unbind())}
 
     def close(self, turn_id, flush: bool = True) -> torch.Tensor | None:
@@ -158,7 +186,7 @@ class CodecEngine:
 
     def stats(self) -> dict:
         state = [*self._conv_state, self._kv, self._positions]
-        state_bytes = sum(t.numel() * t.element_size() for t in state)
+        state_bytes = sum(t[: self.max_streams].numel() * t.element_size() for t in state)
         return {
             "open_streams": len(self._streams),
             "max_streams": self.max_streams,
@@ -166,6 +194,8 @@ class CodecEngine:
             "state_bytes": state_bytes,  # preallocated for every slot
             "state_bytes_per_stream": state_bytes // self.max_streams,
             "kv_positions_per_stream": self._kv.shape[-2],  # the sliding window's, whatever the turn's length
+            "decode_mode": self.decode_mode,
+            "cuda_graphs": len(self._decode_step.graphs),
         }
 
     def _stream(self, turn_id) -> _Stream:
@@ -177,15 +207,32 @@ class CodecEngine:
 
     @torch.no_grad()
     def _decode(self, codes: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """codes [B, L, K] for the streams in `slots` -> PCM [B, L * frame_size] float32 on the host."""
+        """codes [B, L, K] for the streams in `slots` -> PCM [B, L * frame_size] float32 on the host, eagerly."""
         rows = torch.tensor(slots, device=self._kv.device)
+        return self._decode_rows(codes.to(rows.device), rows).float().cpu()  # the one sync: PCM leaves for the client
+
+    @torch.no_grad()
+    def _decode_bucketed(self, codes: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """`_decode` of one chunk per stream, padded to a batch bucket: the static buffers' first B rows, the rows
+        past the real ones on the scratch slot."""
+        count = len(slots)
+        batch = bucket_for(count, self.batch_buckets)
+        self._step_codes[:count].copy_(codes)
+        self._step_slots[:count].copy_(torch.tensor(slots))
+        self._step_slots[count:batch] = self.max_streams
+        audio = self._decode_step((batch,), self._step_codes[:batch], self._step_slots[:batch])
+        return audio[:count].float().cpu()
+
+    def _decode_rows(self, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """codes [B, L, K] of the streams in slots `rows` [B] (device tensors) -> PCM [B, L * frame_size] on the
+        device; the streams' state is gathered, carried through the forward and scattered back."""
         conv_state = [s[rows] for s in self._conv_state]
         kv, positions = self._kv[rows], self._positions[rows]
-        audio = self._forward(codes.to(rows.device).transpose(1, 2), conv_state, kv, positions)
+        audio = self._forward(codes.transpose(1, 2), conv_state, kv, positions)
         for state, rows_state in zip(self._conv_state, conv_state):
             state[rows] = rows_state
         self._kv[rows], self._positions[rows] = kv, positions
-        return audio.float().cpu()  # the one sync: PCM leaves for the client
+        return audio
 
     def _forward(
         self, codes: torch.Tensor, conv_state: list[torch.Tensor], kv: torch.Tensor, positions: torch.Tensor

@@ -3,9 +3,10 @@
 Each live turn owns one slot: a row of a preallocated (static, gpt-fast style) backbone KV cache. Every step
 runs ONE batched backbone forward over all turns that are ready, whatever each needs (its first Reasoner pair
 after the cached voice prompt, one frame, or a frame plus a Reasoner pair), then ONE batched decoder pass that
-completes their frames. A turn joins at the next step and leaves (finished, failed or cancelled) freeing its
-slot at once. Reasoner pairs arrive asynchronously per turn; a turn whose next step needs a pair that has not
-arrived sits the step out without holding back the others.
+completes their frames (`model.engines.decode_steps`: eagerly, or one CUDA graph per batch bucket). A turn joins
+at the next step and leaves (finished, failed or cancelled) freeing its slot at once; live turns are kept in the
+lowest slots, so a step reads cache rows [0, B) as a view. Reasoner pairs arrive asynchronously per turn; a turn
+whose next step needs a pair that has not arrived sits the step out without holding back the others.
 
 The math is `SpeechModel`'s, the same as the offline `generate_turn`, so greedy frames are identical.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import threading
 import time
 from collections import OrderedDict, deque
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.chroma.checkpoint import Checkpoint, load_speech, resolve_dtype
 from model.chroma.layers import KVCache, StepInputs
-from model.chroma.sampling import SamplingParams, SamplingState
+from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import (
     DEFAULT_MAX_FRAMES,
@@ -36,6 +38,8 @@ from model.chroma.turn import (
     turn_frame_budget,
     voice_prompt_attend,
 )
+from model.engines.decode_steps import DecodeSteps, RowInput
+from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
 from model.errors import CapacityError
 
 
@@ -46,11 +50,11 @@ class SpeechEngineSettings(BaseModel):
     max_queue: int = Field(48, ge=0, description="turns waiting for a slot before submit refuses")
     voice_cache_mb: float = Field(256.0, ge=0, description="memory bound of the voice-prompt KV cache (LRU)")
     max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="frame limit per turn (60 s at 12.5 frames/s)")
-    # torch.compile of the decoder's 7-sub-step transformer calls, the per-frame hot loop. On CUDA,
-    # "reduce-overhead" captures them as CUDA graphs. Off by default: on CPU the compiled path measured slower
-    # (tiny model: ~14 vs ~45 frames/s) after a ~70 s compile.
-    compile_mode: str | None = Field(None, description='None (eager), "default", "reduce-overhead", "max-autotune"')
-    compile_backend: str = "inductor"
+    step_mode: StepMode = Field(
+        "auto", description='how the batched decode step runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
+        '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile)',
+    )
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of step_mode "compiled"')
 
 
 @dataclass
@@ -75,18 +79,31 @@ class _Turn:
     turn_id: str
     voice: VoicePrompt
     voice_key: str
-    sampling: SamplingState
+    sampling: SamplingParams
+    seed: int
     progress: TurnProgress
     output: asyncio.Queue
     pairs: deque = field(default_factory=deque)
     reasoner_ended: bool = False
     slot: int | None = None
     length: int = 0  # positions in the slot's cache
-    next_frame_embedding: torch.Tensor | None = None  # input of the next step, once a frame exists
     unsent_text: list[int] = field(default_factory=list)
     pump: asyncio.Task | None = None
     cancelled: bool = False
     error: BaseException | None = None
+
+
+@dataclass
+class _Row:
+    """One turn's part of a step, fixed under the lock when the step is collected."""
+
+    turn: _Turn
+    slot: int
+    start: int  # cache column of the first new position; on a first step, set once the voice prefix is loaded
+    length: int  # new positions: the previous frame (1) and/or a Reasoner pair (2)
+    pair: ReasonerPair | None
+    first_step: bool
+    prefix: VoicePrefix | None = None  # first step: the voice prompt's cached keys/values (None: prefill it)
 
 
 _END = object()
@@ -107,7 +124,7 @@ class SpeechEngine:
         self.speech = speech
         self.settings = settings or SpeechEngineSettings()
         self.cache: KVCache = speech.allocate_backbone_cache(rows=self.settings.max_slots)
-        self.free_slots = list(range(self.settings.max_slots - 1, -1, -1))
+        self.free_slots = list(range(self.settings.max_slots))  # a heap: a new turn takes the lowest
         self.turns: dict[str, _Turn] = {}
         self.waiting: deque[_Turn] = deque()
         self.voice_cache: OrderedDict[str, VoicePrefix] = OrderedDict()
@@ -121,11 +138,8 @@ class SpeechEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
-        self._decoder_stack = None
-        if self.settings.compile_mode is not None:
-            self._decoder_stack = torch.compile(
-                speech.decoder.model, mode=self.settings.compile_mode, backend=self.settings.compile_backend, dynamic=True
-            )
+        mode = resolve_step_mode(self.settings.step_mode, speech.device)
+        self.decode_steps = DecodeSteps(speech, self.cache, mode, self.settings.compile_backend)
 
     # ---- public API (event loop thread) -----------------------------------------------------------------
     async def submit(
@@ -138,11 +152,13 @@ class SpeechEngine:
     ) -> AsyncIterator[GeneratedFrame]:
         """Start a turn; returns its frames as they are produced. Closing the iterator cancels the turn."""
         frames = turn_frame_budget(self.speech.config, voice, min(max_frames or self.settings.max_frames, self.settings.max_frames))
+        sampling = sampling or SamplingParams()
         turn = _Turn(
             turn_id=turn_id,
             voice=voice,
             voice_key=_voice_key(voice),
-            sampling=SamplingState(sampling or SamplingParams(), self.speech.device),
+            sampling=sampling,
+            seed=sampling.turn_seed(),
             progress=TurnProgress(self.speech.config, frames),
             output=asyncio.Queue(),
         )
@@ -183,6 +199,9 @@ class SpeechEngine:
                 "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
                 "voice_cache_entries": len(self.voice_cache),
                 "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
+                "step_mode": self.decode_steps.mode,
+                "cuda_graphs": self.decode_steps.graphs,
+                "graph_capture_s": self.decode_steps.capture_s,
             }
 
     def clear_voice_cache(self) -> None:
@@ -243,7 +262,7 @@ class SpeechEngine:
 
     def _admit_or_queue(self, turn: _Turn) -> None:
         if self.free_slots:
-            turn.slot = self.free_slots.pop()
+            turn.slot = heapq.heappop(self.free_slots)
         else:
             self.waiting.append(turn)
 
@@ -268,8 +287,8 @@ class SpeechEngine:
         self._lock.notify()
 
     def _free_slot(self, slot: int) -> None:
-        self.cache.visible[slot] = False
-        self.free_slots.append(slot)
+        # Under the lock, possibly on the event loop: no device work here (a turn's first step resets its row).
+        heapq.heappush(self.free_slots, slot)
         if self.waiting:
             self._admit_or_queue(self.waiting.popleft())
 
@@ -288,18 +307,21 @@ class SpeechEngine:
     def _step_until_stopped(self) -> None:
         while True:
             with self._lock:
+                self._compact_slots()
                 batch = self._collect_ready()
                 while not batch:
                     if self._stopping:
                         return
                     self._lock.wait()
+                    self._compact_slots()
                     batch = self._collect_ready()
-                # Cancel() may change a turn while the step runs: read its addressing now, free its slot after.
-                rows, starts = [t.slot for t, _ in batch], [t.length for t, _ in batch]
-                self._in_flight = {t.turn_id for t, _ in batch}
+                # cancel() may end a turn while the step runs; its slot is freed only after the step.
+                self._in_flight = {row.turn.turn_id for row in batch}
             started = time.perf_counter()
             try:
-                frames, embeddings = self._forward(batch, rows, starts)
+                # Outside the lock: a voice-cache miss costs a backbone forward, and submit()/cancel() must not wait for it.
+                new_voices = self._load_voice_prefixes([row for row in batch if row.first_step])
+                frames = self.decode_steps.run([self._row_input(row) for row in batch])
                 error = None
             except Exception as failure:  # a failed step fails the turns in it, not the engine
                 error = failure
@@ -308,18 +330,29 @@ class SpeechEngine:
                 while self._slots_to_free:
                     self._free_slot(self._slots_to_free.pop())
                 if error is not None:
-                    for turn, _ in batch:
-                        if turn.turn_id in self.turns:
-                            turn.error = error
-                            self._finish(turn)
+                    for row in batch:
+                        if row.turn.turn_id in self.turns:
+                            row.turn.error = error
+                            self._finish(row.turn)
                     continue
+                self._remember_voices(new_voices)
                 self.step_times.append(time.perf_counter() - started)
                 self.steps += 1
-                self._apply(batch, frames, embeddings)
+                self._apply(batch, frames)
 
-    @torch.inference_mode()
-    def _collect_ready(self) -> list[tuple[_Turn, torch.Tensor]]:
-        """Turns with a slot whose next input is complete, each with that input [L, H]."""
+    def _compact_slots(self) -> None:
+        """Under the lock, between steps: move the turn in the highest slot to the lowest free one while that is
+        lower, so the live turns fill slots [0, n) and a step's batch is the first rows of the cache."""
+        live = sorted((t for t in self.turns.values() if t.slot is not None), key=lambda t: t.slot)
+        while live and self.free_slots and self.free_slots[0] < live[-1].slot:
+            turn = live.pop()
+            target = heapq.heappop(self.free_slots)
+            self.decode_steps.move_row(turn.slot, target, turn.length)
+            heapq.heappush(self.free_slots, turn.slot)
+            turn.slot = target
+
+    def _collect_ready(self) -> list[_Row]:
+        """Under the lock: the turns with a slot whose next input is complete."""
         ready = []
         for turn in list(self.turns.values()):
             if turn.slot is None:
@@ -327,22 +360,25 @@ class SpeechEngine:
             if turn.error is not None:
                 self._finish(turn)
                 continue
-            embeds = self._next_input(turn)
+            row = self._next_row(turn)
             if turn.error is not None:
                 self._finish(turn)
-            elif embeds is not None:
-                ready.append((turn, embeds))
+            elif row is not None:
+                if row.first_step:
+                    row.prefix = self.voice_cache.get(turn.voice_key)
+                    if row.prefix is not None:
+                        self.voice_cache.move_to_end(turn.voice_key)
+                ready.append(row)
         return ready
 
-    def _next_input(self, turn: _Turn) -> torch.Tensor | None:
-        speech, progress = self.speech, turn.progress
+    def _next_row(self, turn: _Turn) -> _Row | None:
+        progress = turn.progress
         pair = None
         if progress.wants_reasoner_pair():
             if turn.pairs:
-                token, hidden = turn.pairs.popleft()
-                progress.add_text(token)
-                turn.unsent_text.append(token)
-                pair = speech.reasoner_pair(token, hidden)
+                pair = turn.pairs.popleft()
+                progress.add_text(pair[0])
+                turn.unsent_text.append(pair[0])
             elif turn.reasoner_ended:
                 progress.reasoner_done = True  # the Reasoner stopped without im_end (token limit)
                 if progress.steps == 0:
@@ -350,24 +386,40 @@ class SpeechEngine:
                     return None
             else:
                 return None
-        if progress.steps == 0:
-            self._load_voice_prefix(turn)
-            return pair
-        return turn.next_frame_embedding[None] if pair is None else torch.cat([turn.next_frame_embedding[None], pair])
+        # A first step feeds the pair alone: the voice prefix comes first, loaded into the slot when the step runs.
+        first_step = progress.steps == 0
+        length = (0 if first_step else 1) + (2 if pair is not None else 0)
+        return _Row(turn, turn.slot, turn.length, length, pair, first_step)
 
-    def _load_voice_prefix(self, turn: _Turn) -> None:
-        prefix = self.voice_cache.get(turn.voice_key)
-        if prefix is None:
-            prefix = self._prefill_voice(turn.voice)
-            self.voice_cache[turn.voice_key] = prefix
+    def _row_input(self, row: _Row) -> RowInput:
+        turn = row.turn
+        return RowInput(row.slot, row.start, row.length, row.pair, turn.sampling, turn.seed, turn.progress.steps)
+
+    @torch.inference_mode()
+    def _load_voice_prefixes(self, first_steps: list[_Row]) -> dict[str, VoicePrefix]:
+        """Engine thread, without the lock (the rows' slots are in flight): copy each first-step turn's voice
+        prefix into its slot, prefilling voices the cache lacks. Returns the prefixes made."""
+        made: dict[str, VoicePrefix] = {}
+        for row in first_steps:
+            key = row.turn.voice_key
+            prefix = row.prefix or made.get(key)
+            if prefix is None:
+                prefix = made[key] = self._prefill_voice(row.turn.voice)
+            slot, length = row.slot, prefix.length
+            self.cache.keys[slot, :, :, :length] = prefix.keys
+            self.cache.values[slot, :, :, :length] = prefix.values
+            self.cache.visible[slot] = False
+            self.cache.visible[slot, :length] = prefix.visible
+            row.start = length
+        return made
+
+    def _remember_voices(self, prefixes: dict[str, VoicePrefix]) -> None:
+        """Under the lock."""
+        for key, prefix in prefixes.items():
+            self.voice_cache[key] = prefix
+            self.voice_cache.move_to_end(key)
+        if prefixes:
             self._evict_voices()
-        self.voice_cache.move_to_end(turn.voice_key)
-        slot, length = turn.slot, prefix.length
-        self.cache.keys[slot, :, :, :length] = prefix.keys
-        self.cache.values[slot, :, :, :length] = prefix.values
-        self.cache.visible[slot] = False
-        self.cache.visible[slot, :length] = prefix.visible
-        turn.length = length
 
     @torch.inference_mode()
     def _prefill_voice(self, voice: VoicePrompt) -> VoicePrefix:
@@ -389,33 +441,18 @@ class SpeechEngine:
         while len(self.voice_cache) > 1 and sum(p.nbytes for p in self.voice_cache.values()) > budget:
             self.voice_cache.popitem(last=False)
 
-    @torch.inference_mode()
-    def _forward(self, batch: list[tuple[_Turn, torch.Tensor]], rows: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone forward + one decoder pass for the batch -> (frames [B, 8] on the host, next-step
-        frame embeddings [B, H]). The only host sync is reading the frames back."""
-        speech = self.speech
-        lengths = [embeds.shape[0] for _, embeds in batch]
-        width = max(lengths)
-        inputs = torch.zeros(len(batch), width, speech.config.backbone_config.hidden_size, device=speech.device, dtype=speech.dtype)
-        for row, (_, embeds) in enumerate(batch):
-            inputs[row, : embeds.shape[0]] = embeds
-        step = StepInputs.contiguous(rows, starts, lengths, speech.device)
-        last = torch.tensor([n - 1 for n in lengths], device=speech.device)
-        sampling = [t.sampling for t, _ in batch]
-        x, logits = speech.backbone_step(inputs, self.cache, step, last)
-        frames = speech.complete_frames(x, speech.sample(logits, sampling), sampling, self._decoder_stack)
-        return frames.cpu(), speech.frame_embeddings(frames)
-
-    def _apply(self, batch, frames: torch.Tensor, embeddings: torch.Tensor) -> None:
-        for row, ((turn, embeds), codes) in enumerate(zip(batch, frames.tolist())):
+    def _apply(self, batch: list[_Row], frames: dict[int, list[int]]) -> None:
+        """Under the lock."""
+        for row in batch:
+            turn = row.turn
             if turn.turn_id not in self.turns:  # cancelled while the step ran
                 continue
-            turn.length += embeds.shape[0]
+            turn.length = row.start + row.length
+            codes = frames[row.slot]
             if turn.progress.add_frame(codes):
                 self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
                 turn.unsent_text = []
                 self.frames_out += 1
-            turn.next_frame_embedding = embeddings[row]
             if turn.progress.finished:
                 self._finish(turn)
 
