@@ -10,7 +10,7 @@ audio, greedy) twice:
 Overhead per frame = cluster time per frame / engine time per frame - 1 (targets: <= 15 %, and <= 50 ms of
 extra TTFA). Weights are RANDOM (tiny checkpoint): timings only, the audio is noise.
 
-    chroma-serve up --set max_frames=50
+    chroma-serve up --set turns.max_frames=50
     python loadtest/bench_cluster.py [--concurrency 1,2,4,8] [--rounds 2] [--json PATH]
 """
 
@@ -32,10 +32,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.api.app import AudioChunk, TurnDone  # noqa: E402
+from cluster.config import AppConfig  # noqa: E402
 from cluster.ops.client import ChromaClient, TurnReply  # noqa: E402
 from cluster.ops.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
-from cluster.pipeline.local import LocalBackendSettings, LocalTurnBackend  # noqa: E402
+from cluster.pipeline.local import LocalTurnBackend  # noqa: E402
+from cluster.pipeline.turn import AudioChunk, TurnDone, caller_message  # noqa: E402
 from cluster.state.store import Session, Voice  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
@@ -64,7 +65,7 @@ async def engine_turn(backend: LocalTurnBackend, voice: Voice, caller: np.ndarra
     now = datetime.now(timezone.utc)
     session = Session(id=f"sess_{uuid.uuid4().hex}", tenant="bench", voice_id=voice.id, created_at=now, updated_at=now)
     started, first, frames = time.perf_counter(), None, 0
-    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, [], caller):
+    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, [], caller_message(caller)):
         if isinstance(event, AudioChunk) and first is None:
             first = time.perf_counter() - started
         elif isinstance(event, TurnDone):
@@ -99,24 +100,12 @@ def summary(timings: list[TurnTiming]) -> dict:
     }
 
 
-async def run_engines(args, serve_args: dict, caller: np.ndarray, voice_audio: np.ndarray) -> dict:
-    from model.reasoner.vllm.engine import VLLMReasoner
-
-    checkpoint = serve_args["checkpoint"]
-    speech = serve_args.get("speech_engine", {})
-    settings = LocalBackendSettings(
-        max_slots=speech.get("max_slots", 16), max_queue=speech.get("max_queue", 64),
-        max_frames=serve_args.get("max_frames", 750), max_tokens=serve_args.get("max_tokens", 256),
-    )
-    reasoner = VLLMReasoner(serve_args.get("thinker") or f"{checkpoint}/thinker", **serve_args.get("reasoner_kwargs", {}))
-    backend = LocalTurnBackend.from_checkpoint(checkpoint, settings, reasoner=reasoner)
+async def run_engines(args, config: AppConfig, caller: np.ndarray, voice_audio: np.ndarray) -> dict:
+    backend = LocalTurnBackend.from_config(config)  # the Reasoner the config names: vLLM in the CPU-dev profile
     try:
-        ids, codes, valid = await backend.encode_voice(VOICE_TEXT, voice_audio, 24000)
-        voice = Voice(
-            id="voice_bench", tenant="bench", name="bench", transcript=VOICE_TEXT, transcript_ids=ids,
-            num_frames=codes.shape[0], num_codebooks=codes.shape[1], valid_frames=valid,
-            created_at=datetime.now(timezone.utc), codes=codes.astype("<i2").tobytes(),
-        )
+        prompt = await backend.clone_voice(VOICE_TEXT, voice_audio, 24000)
+        voice = Voice.new("bench", "bench", VOICE_TEXT, prompt.transcript_ids.tolist(), prompt.codes.numpy(),
+                          prompt.valid_frames)
         await engine_turn(backend, voice, caller)  # warm-up
         return {c: summary(await measure(lambda: engine_turn(backend, voice, caller), c, args.rounds)) for c in args.concurrency}
     finally:
@@ -150,11 +139,12 @@ def main() -> None:
     url = f"http://{local.host}:{local.port}"
     caller = synthetic_speech(16000, args.caller_seconds, seed=1)
     voice_audio = synthetic_speech(24000, 2.0, seed=2)
-    print(f"RANDOM WEIGHTS ({app['args']['checkpoint']}): timings only. cluster {url}; concurrency {args.concurrency}, "
-          f"{args.rounds} rounds, max_frames {app['args'].get('max_frames')}", flush=True)
+    config = AppConfig.model_validate(app["args"])
+    print(f"RANDOM WEIGHTS ({config.checkpoint.path}): timings only. cluster {url}; concurrency {args.concurrency}, "
+          f"{args.rounds} rounds, max_frames {config.turns.max_frames}", flush=True)
 
     cluster = asyncio.run(run_cluster(args, url, local_api_key(local), caller, voice_audio))
-    engines = asyncio.run(run_engines(args, app["args"], caller, voice_audio))
+    engines = asyncio.run(run_engines(args, config, caller, voice_audio))
 
     header = ("conc", "TTFA eng p50", "TTFA clu p50", "p95", "+TTFA ms", "ms/frame eng", "ms/frame clu",
               "overhead", "RTF clu p50", "RTF clu max")

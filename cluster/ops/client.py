@@ -105,7 +105,7 @@ class ChromaClient:
             elif event == "done":
                 reply.done = data
             elif event == "error":
-                raise ApiError(200, json.dumps({"error": data}))
+                raise ApiError(200, json.dumps(data))  # the event data is already the error body
         return reply
 
     async def turn_events(self, session_id: str, audio: np.ndarray, sample_rate: int) -> AsyncIterator[tuple[str, dict, float]]:

@@ -80,6 +80,23 @@ class Voice(BaseModel):
     # Mimi codes [num_frames, num_codebooks] as little-endian int16; left out of dumps (API bodies, the meta JSON).
     codes: bytes = Field(exclude=True, repr=False)
 
+    @classmethod
+    def new(cls, tenant: str, name: str, transcript: str, transcript_ids, codes, valid_frames: int) -> Voice:
+        """A fresh voice with a new id. `codes`: the reference audio's Mimi codes, a CPU torch tensor or numpy
+        array [F, K] of integers. ValueError names what is wrong with them."""
+        array = np.asarray(codes)
+        if array.ndim != 2 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"voice codes must be a non-empty integer array [frames, codebooks], got {array.shape}")
+        if array.min() < 0 or array.max() > _INT16.max:
+            raise ValueError(f"voice codes must lie in 0..{_INT16.max}")
+        if not 0 < valid_frames <= array.shape[0]:
+            raise ValueError(f"valid_frames must be in 1..{array.shape[0]}, got {valid_frames}")
+        return cls(
+            id=f"voice_{uuid.uuid4().hex}", tenant=tenant, name=name, transcript=transcript,
+            transcript_ids=[int(t) for t in transcript_ids], num_frames=array.shape[0], num_codebooks=array.shape[1],
+            valid_frames=valid_frames, created_at=_now(), codes=array.astype("<i2").tobytes(),
+        )
+
     def codes_array(self) -> np.ndarray:
         """[num_frames, num_codebooks] int64, as the speech stack takes them."""
         return np.frombuffer(self.codes, dtype="<i2").reshape(self.num_frames, self.num_codebooks).astype(np.int64)
@@ -184,18 +201,7 @@ class StateStore:
         self, tenant: str, name: str, transcript: str, transcript_ids: list[int], codes, valid_frames: int
     ) -> Voice:
         """`codes`: the reference audio's Mimi codes, a CPU torch tensor or numpy array [F, K] of integers."""
-        array = np.asarray(codes)
-        if array.ndim != 2 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"voice codes must be a non-empty integer array [frames, codebooks], got {array.shape}")
-        if array.min() < 0 or array.max() > _INT16.max:
-            raise ValueError(f"voice codes must lie in 0..{_INT16.max}")
-        if not 0 < valid_frames <= array.shape[0]:
-            raise ValueError(f"valid_frames must be in 1..{array.shape[0]}, got {valid_frames}")
-        voice = Voice(
-            id=f"voice_{uuid.uuid4().hex}", tenant=tenant, name=name, transcript=transcript,
-            transcript_ids=[int(t) for t in transcript_ids], num_frames=array.shape[0], num_codebooks=array.shape[1],
-            valid_frames=valid_frames, created_at=_now(), codes=array.astype("<i2").tobytes(),
-        )
+        voice = Voice.new(tenant, name, transcript, transcript_ids, codes, valid_frames)
         await self._require_durable()
         async with self.redis.pipeline(transaction=True) as pipe:
             fields = {"meta": voice.model_dump_json(), "codes": voice.codes}

