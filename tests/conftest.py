@@ -6,6 +6,8 @@ import socket
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+import redis.asyncio
 
 from cluster.ops.local import LocalClusterSettings
 from model.testing.speech import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
@@ -63,3 +65,11 @@ def redis_port(tmp_path_factory):
     proc = start_local_redis(tmp_path_factory.mktemp("redis"), port)
     yield port
     stop_local_redis(proc)
+
+
+@pytest_asyncio.fixture
+async def redis_db(redis_port):
+    """A client of the module's redis-server, closed after the test."""
+    client = redis.asyncio.Redis(port=redis_port)
+    yield client
+    await client.aclose()

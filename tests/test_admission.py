@@ -7,7 +7,6 @@ import asyncio
 import uuid
 
 import pytest
-import pytest_asyncio
 import redis.asyncio
 from redis.exceptions import RedisError
 
@@ -33,16 +32,9 @@ class Stages:
                 StageStatus.of("SpeechStack", self.slots, self.replicas)]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def client(redis_port):
-    client = redis.asyncio.Redis(port=redis_port)
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
-def ledger(client) -> AdmissionLedger:
-    return AdmissionLedger(client, key_prefix=f"t{uuid.uuid4().hex[:8]}")  # a ledger of its own per test
+def ledger(redis_db) -> AdmissionLedger:
+    return AdmissionLedger(redis_db, key_prefix=f"t{uuid.uuid4().hex[:8]}")  # a ledger of its own per test
 
 
 def controller(ledger, stages: Stages, quotas: dict | None = None, **settings) -> Admission:

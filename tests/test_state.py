@@ -9,7 +9,6 @@ import uuid
 import numpy as np
 import pydantic
 import pytest
-import pytest_asyncio
 import redis.asyncio
 import torch
 
@@ -25,17 +24,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 TTL_S = 5
 
 
-@pytest_asyncio.fixture
-async def client(redis_port):
-    client = redis.asyncio.Redis(port=redis_port)
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
-def store(client) -> StateStore:
+def store(redis_db) -> StateStore:
     # A fresh key prefix per test keeps the tests apart on the shared server.
-    return StateStore(client, StateSettings(session_ttl_s=TTL_S, key_prefix=f"t{uuid.uuid4().hex[:8]}"))
+    return StateStore(redis_db, StateSettings(session_ttl_s=TTL_S, key_prefix=f"t{uuid.uuid4().hex[:8]}"))
 
 
 def make_codes(frames: int = 13, seed: int = 0) -> np.ndarray:
@@ -50,7 +42,7 @@ async def new_voice(store: StateStore, tenant: str = "acme", seed: int = 0):
     return await store.create_voice(tenant, "Ada", "Hello there.", [9, 8, 7], make_codes(seed=seed), valid_frames=12)
 
 
-async def test_voice_round_trip(store, client):
+async def test_voice_round_trip(store, redis_db):
     codes = make_codes()
     first = await store.create_voice("acme", "Ada", "Hello there.", [9, 8, 7], torch.from_numpy(codes), 12)
     second = await new_voice(store, seed=1)
@@ -62,7 +54,7 @@ async def test_voice_round_trip(store, client):
     assert (got.name, got.transcript, got.transcript_ids, got.valid_frames) == ("Ada", "Hello there.", [9, 8, 7], 12)
     assert got.created_at == first.created_at
     assert "codes" not in got.model_dump()  # API bodies stay small
-    assert await client.ttl(store._voice_key("acme", first.id)) == -1  # voices never expire
+    assert await redis_db.ttl(store._voice_key("acme", first.id)) == -1  # voices never expire
 
     assert [v.id for v in await store.list_voices("acme")] == [first.id, second.id]
     assert await store.list_voices("other") == []
@@ -82,7 +74,7 @@ async def test_voice_codes_are_checked(store):
             await store.create_voice("acme", "Ada", "Hi.", [1], codes, valid)
 
 
-async def test_session_create_get_delete(store, client):
+async def test_session_create_get_delete(store, redis_db):
     voice = await new_voice(store)
     sampling = SessionSampling(temperature=0.7, top_k=20, seed=3)
     session = await store.create_session("acme", voice.id, "Be brief.", ReplyFormat.MULAW_8K, sampling)
@@ -152,7 +144,7 @@ async def test_append_turn_keeps_history_and_audio(store):
         await store.append_turn("acme", session.id, b"\x00\x01\x02", "odd", expected_version=2)
 
 
-async def test_concurrent_appends_exactly_one_wins(store, client):
+async def test_concurrent_appends_exactly_one_wins(store, redis_db):
     session = await store.create_session("acme", (await new_voice(store)).id)
     results = await asyncio.gather(
         *(store.append_turn("acme", session.id, pcm(0.2, seed=i), f"reply {i}", expected_version=0) for i in range(4)),
@@ -167,14 +159,14 @@ async def test_concurrent_appends_exactly_one_wins(store, client):
     winner = results.index(winners[0])
     assert got.history[1].text == f"reply {winner}"
     assert await store.load_history_audio(got) == [pcm(0.2, seed=winner), None]
-    assert await client.hlen(store._session_keys("acme", session.id)[1]) == 1  # losers wrote no audio either
+    assert await redis_db.hlen(store._session_keys("acme", session.id)[1]) == 1  # losers wrote no audio either
 
     with pytest.raises(VersionConflict):  # a turn built on the old history
         await store.append_turn("acme", session.id, pcm(0.1), "stale", expected_version=0)
     assert await store.get_session("acme", session.id) == got
 
 
-async def test_cancelled_append_is_all_or_nothing(store, client):
+async def test_cancelled_append_is_all_or_nothing(store, redis_db):
     """Cancel a commit after 0, 1, 2, ... loop iterations, until one finishes first: each time the session is
     either untouched or holds the whole turn (document and audio), never half of it. (On Python 3.11 a cancel
     can also be swallowed by asyncio.wait_for inside redis-py, and the turn then commits whole.)"""
@@ -194,7 +186,7 @@ async def test_cancelled_append_is_all_or_nothing(store, client):
             pass
         before, session = session, await store.get_session("acme", session.id)
         if session.version == before.version:
-            assert session == before and await client.hlen(audio_key) == len(before.history) // 2
+            assert session == before and await redis_db.hlen(audio_key) == len(before.history) // 2
             cancelled_midway += delay > 0
         else:
             assert session.version == before.version + 1 and session.history[:-2] == before.history
@@ -207,24 +199,24 @@ async def test_cancelled_append_is_all_or_nothing(store, client):
     assert cancelled_midway > 0
 
 
-async def test_session_ttl_is_set_and_refreshed(store, client):
+async def test_session_ttl_is_set_and_refreshed(store, redis_db):
     session = await store.create_session("acme", (await new_voice(store)).id)
     key, audio_key = store._session_keys("acme", session.id)
-    assert 0 < await client.ttl(key) <= TTL_S
+    assert 0 < await redis_db.ttl(key) <= TTL_S
 
     await store.append_turn("acme", session.id, pcm(0.1), "hi", expected_version=0)
-    assert 0 < await client.ttl(audio_key) <= TTL_S
+    assert 0 < await redis_db.ttl(audio_key) <= TTL_S
 
     # Pretend most of the TTL has passed; using the session starts it again for both keys.
     for use in (store.get_session("acme", session.id),
                 store.append_turn("acme", session.id, pcm(0.1), "again", expected_version=1)):
-        await client.pexpire(key, 1000)
-        await client.pexpire(audio_key, 1000)
+        await redis_db.pexpire(key, 1000)
+        await redis_db.pexpire(audio_key, 1000)
         await use
-        assert await client.pttl(key) > 3000 and await client.pttl(audio_key) > 3000
+        assert await redis_db.pttl(key) > 3000 and await redis_db.pttl(audio_key) > 3000
 
-    await client.pexpire(key, 20)
-    await client.pexpire(audio_key, 20)
+    await redis_db.pexpire(key, 20)
+    await redis_db.pexpire(audio_key, 20)
     await asyncio.sleep(0.1)
     with pytest.raises(NotFound):
         await store.get_session("acme", session.id)
