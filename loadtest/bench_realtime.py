@@ -24,25 +24,21 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.ops.call_client import RealtimeCaller  # noqa: E402
+from cluster.ops.client import ChromaClient  # noqa: E402
 from cluster.ops.local import LocalClusterSettings, client_api_key  # noqa: E402
 from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
-from model.processing.audio import CODEC_RATE, encode_wav, resample  # noqa: E402
-from model.testing.speech import speak  # noqa: E402
+from model.processing.audio import CODEC_RATE  # noqa: E402
+from model.testing.speech import speak, speak_at  # noqa: E402
 
 
-def said(text: str) -> np.ndarray:
-    audio, rate = speak(text)
-    return resample(audio, rate, CODEC_RATE)
-
-
-QUESTION = said("Hello, can you tell me what the weather is like today?")
-INTERRUPTION = said("Wait, stop, please.")
+QUESTION = speak_at("Hello, can you tell me what the weather is like today?", CODEC_RATE)
+INTERRUPTION = speak_at("Wait, stop, please.", CODEC_RATE)
+VOICE_TEXT = "This is the voice you will hear in every reply."
 
 
 async def realtime_call(url: str, key: str, voice_id: str, early_start: bool) -> dict:
@@ -130,17 +126,14 @@ async def main() -> None:
     settings = LocalClusterSettings()
     url = args.url or f"http://{settings.host}:{settings.port}"
     key = args.api_key or client_api_key(settings)
-    audio, rate = speak("This is the voice you will hear in every reply.")
-    voice = httpx.post(f"{url}/v1/voices", headers={"Authorization": f"Bearer {key}"},
-                       files={"audio": ("voice.wav", encode_wav(audio, rate), "audio/wav")},
-                       data={"transcript": "This is the voice you will hear in every reply.", "name": "bench"})
-    voice.raise_for_status()
+    async with ChromaClient(url, key) as client:
+        voice = await client.create_voice("bench", VOICE_TEXT, *speak(VOICE_TEXT))
     rows = []
     print(f"protocol {args.protocol}, early start {'on' if args.early_start else 'off'} (RANDOM weights)")
     print(f"{'calls':>5} {'failed':>6} {'v2v p50':>8} {'v2v p95':>8} {'barge p50':>9} {'barge p95':>9} {'underruns':>10}"
           + (f" {'max lead ms':>11}" if args.protocol == "twilio" else ""))
     for calls in (int(n) for n in args.calls.split(",")):
-        row = await level(url, key, voice.json()["id"], calls, args.protocol, args.early_start)
+        row = await level(url, key, voice["id"], calls, args.protocol, args.early_start)
         rows.append(row)
         print(f"{calls:>5} {row['failed']:>6} {row['v2v_ms_p50']!s:>8} {row['v2v_ms_p95']!s:>8} "
               f"{row['barge_in_ms_p50']!s:>9} {row['barge_in_ms_p95']!s:>9} "

@@ -37,21 +37,16 @@ import numpy as np  # noqa: E402
 
 from cluster.ops.call_client import RealtimeCaller  # noqa: E402
 from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
-from model.processing.audio import CODEC_RATE, encode_wav, resample  # noqa: E402
-from model.testing.speech import speak  # noqa: E402
+from model.processing.audio import CODEC_RATE, encode_wav  # noqa: E402
+from model.testing.speech import speak, speak_at  # noqa: E402
 
 BARGE_IN_PROBABILITY = 0.1
 
 
-def _said(text: str) -> np.ndarray:
-    audio, rate = speak(text)
-    return resample(audio, rate, CODEC_RATE)
-
-
 # Synthesised once, here: espeak-ng runs as a subprocess, which gevent cannot start from the calls' threads.
-UTTERANCES = [_said(t) for t in ("Hello, I would like to check my order.", "Can you say that again, please?",
+UTTERANCES = [speak_at(t, CODEC_RATE) for t in ("Hello, I would like to check my order.", "Can you say that again, please?",
                                  "What time do you open tomorrow?", "Thank you, that is all.")]
-INTERRUPTION = _said("Wait, stop.")
+INTERRUPTION = speak_at("Wait, stop.", CODEC_RATE)
 VOICE_TEXT = "This is the voice every caller hears."
 VOICE_CLIP = encode_wav(*speak(VOICE_TEXT))
 _voice_id: str | None = None  # one cloned voice per Locust process, shared by its calls

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from cluster.ops.client import ApiError, ChromaClient  # noqa: E402
 from cluster.ops.local import LocalClusterSettings, local_api_key  # noqa: E402
+from loadtest.bench_cluster import percentile  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
 VOICE_TEXT = "This is the voice you will hear in every reply."
@@ -43,10 +44,6 @@ class Outcome:
     ttfa_ms: float | None = None
     rtf: float | None = None
     admitted: bool = False
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def cluster_address(args) -> tuple[str, str]:

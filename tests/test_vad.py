@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 
 from cluster.calls.vad import SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
-from model.processing.audio import REASONER_RATE, resample
-from model.testing.speech import speak
+from model.processing.audio import REASONER_RATE
+from model.testing.speech import speak_at
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
 RATE = REASONER_RATE
-
-
-def said(text: str) -> np.ndarray:
-    audio, rate = speak(text)
-    return resample(audio, rate, RATE)
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -42,7 +37,7 @@ def run(audio: np.ndarray, chunk: int = 320, **settings) -> list:
 
 
 def test_one_commit_per_utterance_and_none_inside_a_word():
-    utterances = [said(t) for t in ("Hello there, I would like to book a table for two people tomorrow evening.",
+    utterances = [speak_at(t, RATE) for t in ("Hello there, I would like to book a table for two people tomorrow evening.",
                                     "Yes.", "Could you also tell me whether you have a table by the window?")]
     burst = (0.02 * np.random.default_rng(1).standard_normal(RATE)).astype(np.float32)  # a second of hiss
     parts, spans, at = [silence(1.0)], [], RATE
@@ -69,6 +64,6 @@ def test_silence_and_noise_alone_are_not_speech():
 
 def test_a_short_silence_window_splits_where_the_default_does_not():
     # espeak-ng pauses about 0.4 s at the comma: inside the default 500 ms window, outside a 200 ms one.
-    audio = noisy(np.concatenate([silence(0.5), said("One moment, please let me check that for you."), silence(1.5)]))
+    audio = noisy(np.concatenate([silence(0.5), speak_at("One moment, please let me check that for you.", RATE), silence(1.5)]))
     assert sum(isinstance(e, SpeechStopped) for e in run(audio)) == 1
     assert sum(isinstance(e, SpeechStopped) for e in run(audio, silence_duration_ms=200)) == 2

@@ -25,6 +25,17 @@ JITTER_BUFFER_S = 0.2  # the simulated player starts this long after the first r
 VOICED_LEVEL = 0.01  # samples above this are speech, not the quiet around it
 
 
+def websocket_url(url: str, path: str) -> str:
+    """The ws:// (or wss://) URL of `path` on the HTTP base `url`."""
+    return url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + path
+
+
+def speech_end(started: float, audio: np.ndarray, rate: int) -> float | None:
+    """When the last voiced sample of `audio`, streamed in real time from `started`, was due (None: all quiet)."""
+    voiced = np.flatnonzero(np.abs(audio) > VOICED_LEVEL)
+    return started + (voiced[-1] + 1) / rate if voiced.size else None
+
+
 @dataclass
 class ReplyPlayback:
     """One reply as the client received it, played on a real-time clock."""
@@ -71,7 +82,7 @@ class RealtimeCaller:
 
     def __init__(self, url: str, api_key: str, session_id: str | None = None):
         query = "?model=chroma-1.0" + (f"&session_id={session_id}" if session_id else "")
-        self.url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/v1/realtime" + query
+        self.url = websocket_url(url, "/v1/realtime" + query)
         self.api_key = api_key
         self.events: list[dict] = []
         self.replies: dict[str, ReplyPlayback] = {}
@@ -106,9 +117,7 @@ class RealtimeCaller:
         audio = np.concatenate([audio_24k, np.zeros(int(trailing_silence_s * CODEC_RATE), np.float32)])
         step = int(CHUNK_S * CODEC_RATE)
         started = time.monotonic()
-        voiced = np.flatnonzero(np.abs(audio_24k) > VOICED_LEVEL)
-        if voiced.size:
-            self.speech_ended_at = started + (voiced[-1] + 1) / CODEC_RATE
+        self.speech_ended_at = speech_end(started, audio_24k, CODEC_RATE) or self.speech_ended_at
         for n, i in enumerate(range(0, audio.size, step)):
             await self._append(audio[i:i + step])
             await asyncio.sleep(max(0.0, started + (n + 1) * CHUNK_S - time.monotonic()))

@@ -217,7 +217,7 @@ def cmd_call(args) -> int:
 
     import numpy as np
 
-    from cluster.ops.call_client import RealtimeCaller
+    from cluster.ops.call_client import JITTER_BUFFER_S, RealtimeCaller
     from cluster.ops.client import ChromaClient
     from model.processing.audio import CODEC_RATE, resample, write_wav
 
@@ -247,7 +247,7 @@ def cmd_call(args) -> int:
         latency = reply.first_audio_at - call.speech_ended_at
         print(f"voice-to-voice latency: {latency * 1000:.0f} ms from the end of speech to the first reply audio "
               f"(the turn detector's silence window included{', early start' if args.early_start else ''})")
-        print(f"underruns: {reply.underruns()} (real-time playback behind a {200} ms jitter buffer)")
+        print(f"underruns: {reply.underruns()} (real-time playback behind a {JITTER_BUFFER_S * 1000:.0f} ms jitter buffer)")
     print(f"wrote {args.out}")
     return 0
 

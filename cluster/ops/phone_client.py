@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
+from cluster.ops.call_client import speech_end, websocket_url
 from model.processing.audio import encode_alaw, encode_mulaw, resample
 
 LINE_RATE = 8000
 FRAME = 160  # 20 ms of G.711
-VOICED_LEVEL = 0.01
 GONE = (websockets.ConnectionClosed, OSError, RuntimeError)  # the server hung up first
 
 
@@ -45,7 +45,7 @@ class CarrierCall:
     """`async with CarrierCall(url, parameters) as call:` then `say`, `wait`, `hang_up`."""
 
     def __init__(self, url: str, parameters: dict, dialect: str = "twilio", encoding: str = "PCMU"):
-        self.url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + f"/v1/telephony/{dialect}"
+        self.url = websocket_url(url, f"/v1/telephony/{dialect}")
         self.parameters, self.dialect, self.encoding = parameters, dialect, encoding
         self.stream_id = ("MZ" if dialect == "twilio" else "") + uuid.uuid4().hex
         self.received = Received()
@@ -83,13 +83,11 @@ class CarrierCall:
 
     async def say(self, audio: np.ndarray, rate: int, trailing_silence_s: float = 0.0) -> None:
         """The caller's speech as 20 ms frames in real time; `speech_ended_at` is when its last voiced sample was due."""
-        line = resample(audio, rate, LINE_RATE)
-        voiced = np.flatnonzero(np.abs(line) > VOICED_LEVEL)
-        line = np.concatenate([line, np.zeros(int(trailing_silence_s * LINE_RATE), np.float32)])
+        speech = resample(audio, rate, LINE_RATE)
+        line = np.concatenate([speech, np.zeros(int(trailing_silence_s * LINE_RATE), np.float32)])
         data = (encode_mulaw if self.encoding == "PCMU" else encode_alaw)(line)
         started = time.monotonic()
-        if voiced.size:
-            self.speech_ended_at = started + (voiced[-1] + 1) / LINE_RATE
+        self.speech_ended_at = speech_end(started, speech, LINE_RATE) or self.speech_ended_at
         for n, i in enumerate(range(0, len(data), FRAME)):
             await self.send({"event": "media", self.stream_key: self.stream_id, "media": {
                 "track": "inbound", "chunk": str(n), "timestamp": str(n * 20),

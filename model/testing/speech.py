@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.processing.audio import load_audio_file
+from model.processing.audio import load_audio_file, resample
 
 
 def speak(text: str) -> tuple[np.ndarray, int]:
@@ -21,6 +21,12 @@ def speak(text: str) -> tuple[np.ndarray, int]:
         wav = Path(tmp) / "speech.wav"
         subprocess.run([espeak, "-w", str(wav), text], check=True, capture_output=True)
         return load_audio_file(wav)
+
+
+def speak_at(text: str, rate: int) -> np.ndarray:
+    """espeak-ng speech (see `speak`) resampled to `rate`."""
+    audio, source_rate = speak(text)
+    return resample(audio, source_rate, rate)
 
 
 def synthetic_speech(rate: int, seconds: float, seed: int = 0) -> np.ndarray:

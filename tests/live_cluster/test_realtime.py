@@ -16,19 +16,14 @@ import websockets
 from pydantic import TypeAdapter
 
 from cluster.ops.call_client import RealtimeCaller
-from model.processing.audio import CODEC_RATE, encode_wav, pcm16_bytes, resample
-from model.testing.speech import speak
+from model.processing.audio import CODEC_RATE, encode_wav, pcm16_bytes
+from model.testing.speech import speak, speak_at
 from tests.live_cluster.conftest import CALL_LIMIT_PER_TENANT, wait_for_no_slots_in_use
 
 pytestmark = pytest.mark.vllm
 
 QUESTION = "Hello, can you tell me what the weather is like today?"
 INTERRUPTION = "Wait, wait, please stop for a moment."
-
-
-def utterance(text: str) -> np.ndarray:
-    audio, rate = speak(text)
-    return resample(audio, rate, CODEC_RATE)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ async def test_the_openai_sdk_holds_a_call(cluster, voice_id):
 
     server_event = TypeAdapter(RealtimeServerEvent)
     client = AsyncOpenAI(api_key="key-acme", websocket_base_url=cluster["url"].replace("http", "ws") + "/v1")
-    speech = utterance(QUESTION)
+    speech = speak_at(QUESTION, CODEC_RATE)
     seen = []
     async with client.realtime.connect(model="chroma-1.0") as connection:
         await connection.session.update(session={
@@ -94,12 +89,12 @@ async def test_the_openai_sdk_holds_a_call(cluster, voice_id):
 async def test_barge_in_cancels_and_history_keeps_what_was_played(cluster, voice_id):
     async with RealtimeCaller(cluster["url"], "key-acme") as call:
         await call.configure(voice_id, "Be brief.")
-        await call.say(utterance(QUESTION), trailing_silence_s=0.0)
+        await call.say(speak_at(QUESTION, CODEC_RATE), trailing_silence_s=0.0)
         silence = asyncio.create_task(call.say(np.zeros(30 * CODEC_RATE, np.float32)))
         await call.wait_for("response.output_audio.delta", timeout_s=180)
         await asyncio.sleep(0.6)  # the caller listens a little, then talks over the reply
         silence.cancel()
-        interrupting = asyncio.create_task(call.say(utterance(INTERRUPTION), trailing_silence_s=1.0))
+        interrupting = asyncio.create_task(call.say(speak_at(INTERRUPTION, CODEC_RATE), trailing_silence_s=1.0))
         reply = await call.next_reply()
         assert reply.status == "cancelled"
         played_ms = int(reply.played_ms(reply.done_at))
@@ -130,7 +125,7 @@ async def test_a_dropped_call_resumes_its_session(cluster, voice_id):
     async with RealtimeCaller(cluster["url"], "key-acme") as call:
         await call.configure(voice_id, "Be brief.", audio={"input": {"turn_detection": None},
                                                            "output": {"voice": voice_id}})
-        await call.say(utterance("Good morning."))
+        await call.say(speak_at("Good morning.", CODEC_RATE))
         await call.send({"type": "input_audio_buffer.commit"})
         await call.send({"type": "response.create"})
         await call.next_reply()
@@ -215,7 +210,7 @@ async def test_an_abrupt_disconnect_mid_reply_frees_every_slot(cluster, voice_id
     call = RealtimeCaller(cluster["url"], "key-acme")
     await call.__aenter__()
     await call.configure(voice_id)
-    await call.say(utterance(QUESTION), trailing_silence_s=0.8)
+    await call.say(speak_at(QUESTION, CODEC_RATE), trailing_silence_s=0.8)
     await call.wait_for("response.output_audio.delta", timeout_s=180)
     call.ws.transport.abort()  # no close handshake: the network went away
     in_use = await wait_for_no_slots_in_use(cluster)
@@ -228,7 +223,7 @@ async def test_early_start_drops_a_reply_started_in_a_pause_without_a_trace(clus
     async with RealtimeCaller(cluster["url"], "key-acme") as call:
         await call.configure(voice_id, "Be brief.", audio={
             "input": {"turn_detection": {"type": "server_vad", "early_start": True}}, "output": {"voice": voice_id}})
-        await call.say(utterance("One moment, please let me check that for you."))
+        await call.say(speak_at("One moment, please let me check that for you.", CODEC_RATE))
         listening = asyncio.create_task(call.say(np.zeros(30 * CODEC_RATE, np.float32)))
         reply = await call.next_reply()
         listening.cancel()
