@@ -9,7 +9,7 @@ generator state, which a captured graph could not carry.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from pydantic import BaseModel, Field
@@ -63,7 +63,7 @@ class SamplingBatch:
         if self.greedy_only:
             return self
         uniform = _uniform(self.seed, self.frame, codebooks, vocab)
-        return SamplingBatch(self.temperature, self.top_k, self.seed, self.frame, noise=-torch.log(uniform))
+        return replace(self, noise=-torch.log(uniform))
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingBatch, codebook: int) -> torch.Tensor:

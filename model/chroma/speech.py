@@ -115,10 +115,11 @@ class SpeechModel(nn.Module):
         zero = torch.zeros_like(text[:1])
         return torch.cat([text, self.frame_embeddings(codes.to(self.device)), zero], dim=0)
 
-    def reasoner_pair(self, token: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The two backbone inputs a thinker step injects: [its hidden state, E_text(its token)] -> [2, H]."""
-        text = self.text_embedding(torch.tensor(token, device=self.device))
-        return torch.stack([hidden.to(self.device, self.dtype), text])
+    def reasoner_pair(self, token: int | torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The two backbone inputs a thinker step injects: [its hidden state, E_text(its token)]. One step's (an
+        int, [H]) -> [2, H]; a batch's ([B] ids, [B, H]) -> [B, 2, H]."""
+        text = self.text_embedding(torch.as_tensor(token, device=self.device))
+        return torch.stack([hidden.to(self.device, self.dtype), text], dim=-2)
 
     def allocate_backbone_cache(self, rows: int, capacity: int | None = None) -> KVCache:
         return self.backbone.model.allocate_cache(rows, capacity)
@@ -145,7 +146,7 @@ class SpeechModel(nn.Module):
         if width == 1:
             embeds = previous
         else:
-            pair = torch.stack([inputs.hidden.to(self.dtype), self.text_embedding(inputs.token)], dim=1)  # [B, 2, H]
+            pair = self.reasoner_pair(inputs.token, inputs.hidden)  # [B, 2, H]
             with_frame = torch.cat([previous, pair], dim=1)  # [B, 3, H]
             pair_alone = torch.cat([pair, previous], dim=1)  # a first step: its third position is padding
             embeds = torch.where((inputs.length == 2)[:, None, None], pair_alone, with_frame)[:, :width]

@@ -98,12 +98,12 @@ class _Row:
     """One turn's part of a step, fixed under the lock when the step is collected."""
 
     turn: _Turn
-    slot: int
-    start: int  # cache column of the first new position; on a first step, set once the voice prefix is loaded
-    length: int  # new positions: the previous frame (1) and/or a Reasoner pair (2)
-    pair: ReasonerPair | None
-    first_step: bool
+    input: RowInput  # on a first step, its start is set once the voice prefix is loaded
     prefix: VoicePrefix | None = None  # first step: the voice prompt's cached keys/values (None: prefill it)
+
+    @property
+    def first_step(self) -> bool:
+        return self.input.frame == 0
 
 
 _END = object()
@@ -321,7 +321,7 @@ class SpeechEngine:
             try:
                 # Outside the lock: a voice-cache miss costs a backbone forward, and submit()/cancel() must not wait for it.
                 new_voices = self._load_voice_prefixes([row for row in batch if row.first_step])
-                frames = self.decode_steps.run([self._row_input(row) for row in batch])
+                frames = self.decode_steps.run([row.input for row in batch])
                 error = None
             except Exception as failure:  # a failed step fails the turns in it, not the engine
                 error = failure
@@ -389,11 +389,7 @@ class SpeechEngine:
         # A first step feeds the pair alone: the voice prefix comes first, loaded into the slot when the step runs.
         first_step = progress.steps == 0
         length = (0 if first_step else 1) + (2 if pair is not None else 0)
-        return _Row(turn, turn.slot, turn.length, length, pair, first_step)
-
-    def _row_input(self, row: _Row) -> RowInput:
-        turn = row.turn
-        return RowInput(row.slot, row.start, row.length, row.pair, turn.sampling, turn.seed, turn.progress.steps)
+        return _Row(turn, RowInput(turn.slot, turn.length, length, pair, turn.sampling, turn.seed, progress.steps))
 
     @torch.inference_mode()
     def _load_voice_prefixes(self, first_steps: list[_Row]) -> dict[str, VoicePrefix]:
@@ -405,12 +401,12 @@ class SpeechEngine:
             prefix = row.prefix or made.get(key)
             if prefix is None:
                 prefix = made[key] = self._prefill_voice(row.turn.voice)
-            slot, length = row.slot, prefix.length
+            slot, length = row.input.slot, prefix.length
             self.cache.keys[slot, :, :, :length] = prefix.keys
             self.cache.values[slot, :, :, :length] = prefix.values
             self.cache.visible[slot] = False
             self.cache.visible[slot, :length] = prefix.visible
-            row.start = length
+            row.input.start = length
         return made
 
     def _remember_voices(self, prefixes: dict[str, VoicePrefix]) -> None:
@@ -447,8 +443,8 @@ class SpeechEngine:
             turn = row.turn
             if turn.turn_id not in self.turns:  # cancelled while the step ran
                 continue
-            turn.length = row.start + row.length
-            codes = frames[row.slot]
+            turn.length = row.input.start + row.input.length
+            codes = frames[row.input.slot]
             if turn.progress.add_frame(codes):
                 self._emit(turn, GeneratedFrame(codes=codes, text_tokens=turn.unsent_text))
                 turn.unsent_text = []
