@@ -25,12 +25,13 @@ DRAIN_MARGIN_S = 10.0
 def build_app(args: dict):
     config = AppConfig.model_validate(args)
     config.reasoner_path()  # split the thinker out once, here, rather than racing in several replicas
-    options = {"graceful_shutdown_timeout_s": config.longest_turn_s() + DRAIN_MARGIN_S}
+    longest_turn_s = config.longest_turn_s()
+    options = {"graceful_shutdown_timeout_s": longest_turn_s + DRAIN_MARGIN_S}
     if config.replica_cpus is not None:
         options["ray_actor_options"] = {"num_cpus": config.replica_cpus}
 
     reasoner = ReasonerDeployment.options(**options).bind(config=config)
     speech = SpeechStackDeployment.options(**options).bind(config=config, reasoner=reasoner)
     codec = CodecDeployment.options(**options).bind(config=config, speech=speech)
-    ingress = {**options, "graceful_shutdown_timeout_s": max(config.longest_turn_s(), config.calls.max_call_s) + DRAIN_MARGIN_S}
+    ingress = {**options, "graceful_shutdown_timeout_s": max(longest_turn_s, config.calls.max_call_s) + DRAIN_MARGIN_S}
     return IngressDeployment.options(**ingress).bind(config=config, codec=codec, speech=speech, reasoner=reasoner)

@@ -21,7 +21,15 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.api.app import build_api
 from cluster.config import AppConfig
-from cluster.pipeline.turn import ReplyEvent, StageStatus, TurnSettings, build_turn_request, clone_voice, reply_events
+from cluster.pipeline.turn import (
+    STAGES,
+    ReplyEvent,
+    StageStatus,
+    TurnSettings,
+    build_turn_request,
+    clone_voice,
+    reply_events,
+)
 from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
 from deployments.streams import relay, result, this_replica
@@ -33,10 +41,10 @@ log = logging.getLogger(__name__)
 
 class RayTurnBackend:
     def __init__(
-        self, codec: DeploymentHandle, stages: dict[str, DeploymentHandle], processor: ChromaProcessor,
-        turns: TurnSettings, probe_timeout_s: float, app_name: str,
+        self, stages: dict[str, DeploymentHandle], processor: ChromaProcessor, turns: TurnSettings,
+        probe_timeout_s: float, app_name: str,
     ):
-        self.codec = codec
+        self.codec = stages["Codec"]  # the stage a turn is sent to: it pulls frames from the speech stack
         self.stage_handles = stages
         self.processor = processor
         self.turns = turns
@@ -95,9 +103,9 @@ class RayTurnBackend:
 @serve.ingress()
 class IngressDeployment:
     def __init__(self, config: AppConfig, codec: DeploymentHandle, speech: DeploymentHandle, reasoner: DeploymentHandle):
-        stages = {"Reasoner": reasoner, "SpeechStack": speech, "Codec": codec}
+        stages = dict(zip(STAGES, (reasoner, speech, codec), strict=True))
         self.backend = RayTurnBackend(
-            codec, stages, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns,
+            stages, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns,
             config.admission.probe_timeout_s, serve.get_replica_context().app_name,
         )
         self.state = StateStore(redis_client(config.state), config.state)

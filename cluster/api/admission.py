@@ -29,7 +29,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
@@ -159,7 +158,7 @@ class Admission:
         except Exception:
             log.exception("reading the stages' status failed")
             names = list(self._stages or {}) or ["backend"]
-            statuses = [StageStatus(name, False, 0, 0, "status unknown") for name in names]
+            statuses = [StageStatus.of(name, None, 0, "status unknown") for name in names]
         stages = {}
         for status in statuses:
             failed_at = self._failed_at.get(status.name)
@@ -167,7 +166,7 @@ class Admission:
                 if failed_at < started:  # this reading began after the failure: it is ready again
                     del self._failed_at[status.name]
                 else:
-                    status = replace(status, ready=False, capacity=0, problem="failed a live turn")
+                    status = status.down("failed a live turn")
             stages[status.name] = status
         self._stages = stages
         self.metrics.capacity.set(self.capacity() or 0)
@@ -178,7 +177,7 @@ class Admission:
         """A stage died or failed during a live turn: take it as down until a reading that starts after now."""
         self._failed_at[stage] = time.monotonic()
         if self._stages is not None and stage in self._stages:
-            self._stages[stage] = replace(self._stages[stage], ready=False, capacity=0, problem="failed a live turn")
+            self._stages[stage] = self._stages[stage].down("failed a live turn")
             self.metrics.capacity.set(self.capacity() or 0)
         self._stop_unstarted()
         self._poll_now.set()

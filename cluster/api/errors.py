@@ -68,6 +68,14 @@ def error_response(
     return JSONResponse(ErrorBody(error=detail).model_dump(), status_code=status, headers=headers)
 
 
+STATE_UNAVAILABLE = "the state store is unavailable; retry shortly"
+
+
+def internal_message(rid: str) -> str:
+    """An internal failure says only where to look: its request id, under which it was logged."""
+    return f"internal error; quote request id {rid} when reporting it"
+
+
 def stream_error(error: BaseException, rid: str) -> ErrorBody:
     """The `error` event that ends a stream which failed after it started: the code and message its HTTP answer
     would have carried. Internal failures are logged here, under the request id, and say nothing more."""
@@ -75,11 +83,10 @@ def stream_error(error: BaseException, rid: str) -> ErrorBody:
         detail = ErrorDetail(code=error.code, message=error.message, retryable=error.retryable)
     elif isinstance(error, RedisError):
         log.warning("request %s: Redis unavailable mid-stream: %r", rid, error)
-        detail = ErrorDetail(code="state_unavailable", message="the state store is unavailable; retry shortly",
-                             retryable=True)
+        detail = ErrorDetail(code="state_unavailable", message=STATE_UNAVAILABLE, retryable=True)
     else:
         log.error("request %s: the stream failed", rid, exc_info=error)
-        detail = ErrorDetail(code="internal_error", message=f"internal error; quote request id {rid} when reporting it")
+        detail = ErrorDetail(code="internal_error", message=internal_message(rid))
     detail.request_id = rid or None
     return ErrorBody(error=detail)
 
@@ -100,12 +107,12 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics, retry_after_s: int
                 headers = retry
             return answer(request, exc.status, exc.code, exc.message, headers, exc.retryable)
         if isinstance(exc, Unavailable):
-            return answer(request, 503, exc.code, exc.message, retry, True)
+            return answer(request, 503, exc.code, exc.message, retry, exc.retryable)
         return await internal_error(request, exc)
 
     async def state_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         log.warning("request %s: Redis unavailable: %r", request_id(request), exc)
-        return answer(request, 503, "state_unavailable", "the state store is unavailable; retry shortly", retry, True)
+        return answer(request, 503, "state_unavailable", STATE_UNAVAILABLE, retry, True)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return answer(request, 422, "invalid_request", validation_message(exc.errors()) or "invalid request")
@@ -119,7 +126,7 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics, retry_after_s: int
         log.error("request %s: %s %s failed", rid, request.method, request.url.path, exc_info=exc)
         # Starlette answers unhandled errors outside the middleware stack: the id header goes on here.
         headers = {REQUEST_ID_HEADER: rid} if not isinstance(exc, ChromaError) else None
-        return answer(request, 500, "internal_error", f"internal error; quote request id {rid} when reporting it", headers)
+        return answer(request, 500, "internal_error", internal_message(rid), headers)
 
     app.add_exception_handler(ChromaError, chroma_error)
     app.add_exception_handler(RedisError, state_unavailable)

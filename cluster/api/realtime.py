@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cluster.api.errors import validation_message
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
-from cluster.api.admission import Ticket
 from cluster.calls.session import (
     CallError,
     CallEvent,
@@ -141,7 +140,7 @@ async def realtime(websocket: WebSocket, session_id: str | None = None) -> None:
     try:
         await websocket.accept()
         ticket.started()
-        await RealtimeCall(websocket, services, tenant, ticket).run(session_id)
+        await RealtimeCall(websocket, services, tenant).run(session_id)
     finally:
         await services.release_call(ticket, "realtime")
 
@@ -169,8 +168,8 @@ async def _refuse(websocket: WebSocket, services: Services, refusal: ChromaError
 class RealtimeCall:
     """One connection: a reader (client events -> the CallSession) and a writer (CallEvents -> server events)."""
 
-    def __init__(self, websocket: WebSocket, services: Services, tenant: str, ticket: Ticket):
-        self.websocket, self.services, self.ticket = websocket, services, ticket
+    def __init__(self, websocket: WebSocket, services: Services, tenant: str):
+        self.websocket, self.services = websocket, services
         self.settings = services.call_settings
         self.call = CallSession(tenant, services.state, services.backend, services.backend.processor, self.settings,
                                 services.metrics)

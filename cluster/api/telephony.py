@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-FRAME_BYTES_PER_MS = 8  # 8 kHz G.711: one byte per sample
 SILENCE = {LineFormat.PCMU: b"\xff", LineFormat.PCMA: b"\xd5"}
 
 
@@ -65,25 +64,23 @@ class Dialect:
     name: str
     stream_key: str  # the stream id's field
     parameters_key: str  # the custom parameters' field inside `start`
+    format_key: str  # the media format's field inside `start`
+    encodings: dict[str, LineFormat]  # the encodings it names, the default first
 
     def line(self, start: dict) -> LineFormat:
-        if self.name == "twilio":
-            encoding = (start.get("mediaFormat") or {}).get("encoding", "audio/x-mulaw")
-            if encoding != "audio/x-mulaw":
-                raise ValueError(f"unsupported media format {encoding!r}")
-            return LineFormat.PCMU
-        encoding = (start.get("media_format") or {}).get("encoding", "PCMU")
-        lines = {"PCMU": LineFormat.PCMU, "PCMA": LineFormat.PCMA}
-        if encoding not in lines:
-            raise ValueError(f"unsupported media format {encoding!r}: use PCMU or PCMA")
-        return lines[encoding]
+        media_format = start.get(self.format_key)
+        encoding = (media_format if isinstance(media_format, dict) else {}).get("encoding", next(iter(self.encodings)))
+        if not isinstance(encoding, str) or encoding not in self.encodings:
+            raise ValueError(f"unsupported media format {encoding!r}: use {' or '.join(self.encodings)}")
+        return self.encodings[encoding]
 
     def stream_id(self, message: dict) -> str | None:
         return message.get(self.stream_key) or (message.get("start") or {}).get(self.stream_key)
 
 
-TWILIO = Dialect("twilio", "streamSid", "customParameters")
-TELNYX = Dialect("telnyx", "stream_id", "custom_parameters")
+TWILIO = Dialect("twilio", "streamSid", "customParameters", "mediaFormat", {"audio/x-mulaw": LineFormat.PCMU})
+TELNYX = Dialect("telnyx", "stream_id", "custom_parameters", "media_format",
+                 {"PCMU": LineFormat.PCMU, "PCMA": LineFormat.PCMA})
 
 
 @router.websocket("/v1/telephony/twilio")
@@ -243,7 +240,7 @@ class MediaStreamCall:
                 payload = base64.b64decode(media.get("payload", ""), validate=True)
             except (binascii.Error, ValueError, TypeError):
                 return self._bad("media payload is not valid base64")
-            if not payload or len(payload) > self.settings.max_payload_ms * FRAME_BYTES_PER_MS:
+            if not payload or len(payload) > self.settings.max_payload_ms * self.bytes_per_ms:
                 return self._bad(f"media payload of {len(payload)} bytes")
             with contextlib.suppress(ChromaError):
                 await self.call.append_audio(self.inbound.decode(payload))
@@ -264,6 +261,11 @@ class MediaStreamCall:
     def _bad(self, what: str) -> None:
         self.services.metrics.errors.labels("telephony_bad_message").inc()
         log.warning("%s call %s: ignored %s", self.dialect.name, self.id, what)
+
+    @property
+    def bytes_per_ms(self) -> int:
+        """Of the call's line format: 8 for G.711 at 8 kHz."""
+        return int(self.line.bytes_per_ms)
 
     # ---- reply audio out -----------------------------------------------------------------------------------
     async def _write(self) -> None:
@@ -287,7 +289,7 @@ class MediaStreamCall:
 
     def _queue(self, reply: Reply, data: bytes, last: bool = False) -> None:
         """Whole 20 ms frames only: what is left over waits for the next chunk (or is padded, at the end)."""
-        frame = 20 * FRAME_BYTES_PER_MS
+        frame = 20 * self.bytes_per_ms
         data = self.pending_bytes.pop(reply.id, b"") + data
         if last and len(data) % frame:
             data += SILENCE[self.line] * (frame - len(data) % frame)
@@ -300,14 +302,14 @@ class MediaStreamCall:
 
     async def _pace(self) -> None:
         """Send queued audio as fast as the carrier plays it, never more than `max_lead_ms` ahead of its marks."""
-        chunk = self.settings.chunk_ms * FRAME_BYTES_PER_MS
+        chunk = self.settings.chunk_ms * self.bytes_per_ms
         while True:
             while not self.outbox:
                 self.outbox_filled.clear()
                 await self.outbox_filled.wait()
             reply, data = self.outbox[0]
             room_ms = self.settings.max_lead_ms - (self.sent_ms - self.acked_ms)
-            size = min(len(data), chunk, int(room_ms // 20) * 20 * FRAME_BYTES_PER_MS)
+            size = min(len(data), chunk, int(room_ms // 20) * 20 * self.bytes_per_ms)
             if size <= 0:
                 self.marks_arrived.clear()
                 await self.marks_arrived.wait()
@@ -320,7 +322,7 @@ class MediaStreamCall:
             await self._send_media(reply, piece)
 
     async def _send_media(self, reply: Reply, piece: bytes) -> None:
-        ms = len(piece) / FRAME_BYTES_PER_MS
+        ms = len(piece) / self.bytes_per_ms
         self.call.audio_sent(reply, ms)
         self.sent_ms += ms
         mark = f"{reply.id}:{int(reply.cursor.sent_ms)}"

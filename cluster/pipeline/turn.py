@@ -215,6 +215,10 @@ class StageStatus:
             return cls(name, False, 0, replicas, problem)
         return cls(name, True, None if slots is None else slots * replicas, replicas)
 
+    def down(self, problem: str) -> StageStatus:
+        """This stage taken as not ready, for `problem`."""
+        return StageStatus.of(self.name, None, self.replicas, problem)
+
 
 STAGES = ("Reasoner", "SpeechStack", "Codec")  # every turn holds one place in each
 
