@@ -52,8 +52,8 @@ def full_size_config() -> ChromaConfig:
 
 
 def build_speech(args, dtype: torch.dtype) -> SpeechModel:
-    if args.checkpoint or args.size == "tiny":
-        return load_speech(Checkpoint(model_dir(args)), dtype, args.device)
+    if (directory := model_dir(args)) is not None:
+        return load_speech(Checkpoint(directory), dtype, args.device)
     with torch.device(args.device):
         speech = SpeechModel(full_size_config()).to(dtype)
     for param in speech.parameters():  # O(1) activations, like trained weights
@@ -64,28 +64,31 @@ def build_speech(args, dtype: torch.dtype) -> SpeechModel:
 
 
 def build_codec(args, dtype: torch.dtype):
-    if args.checkpoint or args.size == "tiny":
-        return load_codec(Checkpoint(model_dir(args)), dtype, args.device)
+    if (directory := model_dir(args)) is not None:
+        return load_codec(Checkpoint(directory), dtype, args.device)
     from transformers import MimiConfig, MimiModel
 
     with torch.device(args.device):
         return MimiModel(MimiConfig()).to(dtype).eval()
 
 
-def model_dir(args) -> Path:
+def model_dir(args) -> Path | None:
+    """The checkpoint the models load from; None for `--size full` (random full-size weights, made in memory)."""
     if args.checkpoint:
         return Path(args.checkpoint)
+    if args.size != "tiny":
+        return None
     from model.testing.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
 
-def random_voice(seed: int, frames: int = 40) -> VoicePrompt:
+def random_voice(seed: int) -> VoicePrompt:
     generator = torch.Generator().manual_seed(seed)
     return VoicePrompt(
         transcript_ids=torch.randint(0, 4000, (24,), generator=generator),
-        codes=torch.randint(1, 2048, (frames, 8), generator=generator),  # 40 frames: a 3.2 s reference clip
-        valid_frames=frames,
+        codes=torch.randint(1, 2048, (40, 8), generator=generator),  # 40 frames: a 3.2 s reference clip
+        valid_frames=40,
     )
 
 
@@ -220,17 +223,19 @@ def hf_llama(stack):
     return hf.to(stack.norm.weight.device, stack.norm.weight.dtype).eval()
 
 
-def generate_turn_rates(args, dtype: torch.dtype, frames: int) -> dict | None:
+def generate_turn_rates(args, speech: SpeechModel, codec, dtype: torch.dtype, frames: int) -> dict | None:
     """`generate_turn` end to end (thinker prefill and steps, speech loop, one-shot codec decode) on a text-only
-    conversation of random token ids; None for `--size full` (no thinker)."""
-    if not (args.checkpoint or args.size == "tiny"):
+    conversation of random token ids, with the models already built (`codec` None: loaded here); None for
+    `--size full` (no thinker)."""
+    if (directory := model_dir(args)) is None:
         return None
     from model.chroma.codec import encode_voice
     from model.offline import generate_turn
     from model.processing.processor import ReasonerInputs
 
-    checkpoint = Checkpoint(model_dir(args))
-    thinker, speech, codec = load_thinker(checkpoint, dtype, args.device), load_speech(checkpoint, dtype, args.device), load_codec(checkpoint, dtype, args.device)
+    checkpoint = Checkpoint(directory)
+    thinker = load_thinker(checkpoint, dtype, args.device)
+    codec = codec if codec is not None else load_codec(checkpoint, dtype, args.device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 4000, (1, 36), generator=generator)
     conversation = ReasonerInputs(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -364,7 +369,7 @@ def main() -> None:
         if "upstream" in wanted:
             baselines["upstream_style_frames_equal_speak_turn"] = upstream_frames == ours
     if "generate_turn" in wanted:
-        baselines["generate_turn"] = generate_turn_rates(args, dtype, args.frames)
+        baselines["generate_turn"] = generate_turn_rates(args, speech, codec, dtype, args.frames)
     for name, value in baselines.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in value.items()) if isinstance(value, dict) else value
         print(f"baseline {name}: {shown}")

@@ -184,13 +184,13 @@ def build(image: str, base: str, device: str, torch_index: str | None = None, en
     ca = sources.ca_bundle()
     if ca:
         argv += ["--secret", f"id=ca,src={ca}"]
+    folders = sources.local_folders()
     if engine.is_podman:
         argv += ["--isolation", "chroot"]
-        for folder in sources.local_folders():
+        for folder in folders:
             argv += ["-v", f"{folder}:{folder}:ro"]
-    elif sources.local_folders():
-        _log("docker cannot mount folders into a build: pip's local folders "
-             + ", ".join(map(str, sources.local_folders())) + " stay out of it")
+    elif folders:
+        _log(f"docker cannot mount folders into a build: pip's local folders {', '.join(map(str, folders))} stay out of it")
     _log(f"building {image} ({device}) on {base} with {engine.command}")
     started = time.monotonic()
     engine(*argv, str(REPO))

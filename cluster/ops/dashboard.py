@@ -24,10 +24,13 @@ class Panel:
     description: str = ""
 
 
-def quantiles(metric: str, window: str = "5m") -> tuple[tuple[str, str], ...]:
-    """p50 / p95 / p99 of a histogram across every scraped replica."""
-    return tuple((f"p{int(q * 100)}", f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket[{window}])))")
-                 for q in (0.5, 0.95, 0.99))
+def quantiles(metric: str, window: str = "5m", by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99)
+              ) -> tuple[tuple[str, str], ...]:
+    """Quantiles of a histogram across every scraped replica, one series per value of the label `by`, if any."""
+    legend = f" {by.replace('_', ' ')} {{{{{by}}}}}" if by else ""
+    return tuple((f"p{int(q * 100)}{legend}",
+                  f"histogram_quantile({q}, sum by (le{', ' + by if by else ''}) (rate({metric}_bucket[{window}])))")
+                 for q in qs)
 
 
 PANELS = (
@@ -46,11 +49,8 @@ PANELS = (
           "Error responses and failed streams by code, e.g. capacity (503), unauthorized, payload_too_large."),
     Panel("Live calls", "short", (("{{protocol}}", "sum by (protocol) (chroma_calls_live)"),),
           "Live calls (/v1/realtime, /v1/telephony/*) by protocol."),
-    Panel("Voice-to-voice latency", "s", tuple(
-        (f"p{int(q * 100)} vad window {{{{vad_window}}}}",
-         f"histogram_quantile({q}, sum by (le, vad_window) (rate(chroma_call_voice_to_voice_seconds_bucket[5m])))")
-        for q in (0.5, 0.95)),
-        "End of the caller's speech (included) or the turn's commit (excluded) to the first reply audio sent."),
+    Panel("Voice-to-voice latency", "s", quantiles("chroma_call_voice_to_voice_seconds", by="vad_window", qs=(0.5, 0.95)),
+          "End of the caller's speech (included) or the turn's commit (excluded) to the first reply audio sent."),
     Panel("Calls refused by reason", "reqps", (("{{reason}}", "sum by (reason) (rate(chroma_calls_refused_total[5m]))"),),
           "Calls refused at the handshake: unauthorized, tenant_concurrency_limit, over_capacity, ..."),
     Panel("Barge-in to reply stopped", "s", quantiles("chroma_call_barge_in_seconds"),

@@ -355,7 +355,7 @@ def up(
     """`app_args` are merged into the profile's application args (e.g. {"turns": {"max_frames": 40}}), `deployments`
     into its deployments' Serve options (e.g. {"Codec": {"autoscaling_config": {"upscale_delay_s": 2}}})."""
     settings = settings or LocalClusterSettings()
-    require_devices(render_serve_config(profile, settings, app_args or {}), profile)  # before anything starts
+    require_devices(render_serve_config(profile, settings, app_args or {}, deployments), profile)  # before anything starts
     settings.home.mkdir(parents=True, exist_ok=True)
     if redis_url is None:
         redis_url = start_redis(settings)
