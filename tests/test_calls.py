@@ -9,16 +9,20 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
 import redis.asyncio
 import uvicorn
 import websockets
 
 from cluster.api.app import build_api
+from cluster.api.metrics import ApiMetrics
+from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
 from cluster.calls.settings import CallSettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
+from model.processing.processor import ChromaProcessor
 from tests.conftest import free_port
 
 KEYS = {"key-acme": "acme"}
@@ -140,3 +144,21 @@ def test_the_realtime_event_parser_never_crashes_or_hangs(server):
         asyncio.run(exchange(batch))
 
     run()
+
+
+@pytest.mark.asyncio(loop_scope="session")  # the loop of the redis_db client
+async def test_a_barge_in_and_a_truncate_settling_one_reply_commit_it_once(redis_db, tiny_checkpoint):
+    """Seen on the live cluster: a barge-in's commit and the client's truncate settled the same reply at once, and
+    the second append found the session a version ahead (an error event version_conflict)."""
+    store = StateStore(redis_db, StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
+    voice = await store.create_voice("acme", "Ada", "Hi.", [1, 2], np.ones((4, 8), np.int64), 4)
+    call = CallSession("acme", store, SilentBackend(), ChromaProcessor.from_pretrained(tiny_checkpoint),
+                       CallSettings(), ApiMetrics())
+    await call.configure(voice_id=voice.id)
+    reply = Reply(id="resp_1", item_id="item_2", user=UserInput("item_1", audio=np.zeros(1600, np.float32)),
+                  cursor=PlaybackCursor(), committed_at=None, vad_window_s=0.0, status="cancelled")
+    reply.cursor.report_played(0)  # the truncate: the caller heard none of it
+    await asyncio.gather(call._settle(reply), call._settle(reply))
+    session = await store.get_session("acme", call.session.id)
+    assert (session.version, [m.role for m in session.history]) == (1, ["user", "assistant"])
+    assert call.queue.empty(), call.queue.get_nowait()  # no error event

@@ -136,6 +136,8 @@ class Reply:
     committed_text: str | None = None
     settled: bool = False  # over for the caller: no more history changes but a truncation's
     barged_in: bool = False
+    # A barge-in and the client's truncate can settle one reply at once: one commit, then revisions, in order.
+    settling: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def audio_ms(self) -> int:
@@ -520,23 +522,24 @@ class CallSession:
         """Commit the reply's turn with the text the caller heard: once, then revise it if they heard less."""
         if self.reply is reply:
             self.reply = None
-        if reply.status == "failed" or (reply.settled and reply.cursor.reported_ms is None):
-            return
-        reply.settled = True
-        text = self._heard_text(reply)
-        try:
-            if reply.committed_version is None:
-                user, session = reply.user, self.session
-                audio = pcm16_bytes(user.audio) if user.audio is not None else None
-                self.session = await self.state.append_turn(
-                    self.tenant, session.id, audio, text, session.version, user_text=user.text
-                )
-                reply.committed_version = self.session.version
-            elif text != reply.committed_text:
-                self.session = await self.state.revise_reply(self.tenant, self.session.id, reply.committed_version, text)
-            reply.committed_text = text
-        except (Conflict, NotFound) as error:
-            self.emit(CallError(error.code, f"the reply could not be saved to the session: {error.message}"))
+        async with reply.settling:
+            if reply.status == "failed" or (reply.settled and reply.cursor.reported_ms is None):
+                return
+            reply.settled = True
+            text = self._heard_text(reply)
+            try:
+                if reply.committed_version is None:
+                    user, session = reply.user, self.session
+                    audio = pcm16_bytes(user.audio) if user.audio is not None else None
+                    self.session = await self.state.append_turn(
+                        self.tenant, session.id, audio, text, session.version, user_text=user.text
+                    )
+                    reply.committed_version = self.session.version
+                elif text != reply.committed_text:
+                    self.session = await self.state.revise_reply(self.tenant, self.session.id, reply.committed_version, text)
+                reply.committed_text = text
+            except (Conflict, NotFound) as error:
+                self.emit(CallError(error.code, f"the reply could not be saved to the session: {error.message}"))
 
     def _heard_text(self, reply: Reply) -> str:
         """The reply's text up to the last frame the caller heard (all of it once everything played)."""
