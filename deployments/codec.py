@@ -47,6 +47,6 @@ class CodecDeployment:
         await self.loop.check()
 
     async def probe(self) -> int:
-        """The Ingress's readiness probe: healthy, and the replies this replica decodes at once."""
+        """The Ingress's readiness probe: healthy, and the replies this replica decodes at once in real time."""
         await self.check_health()
-        return self.loop.engine.max_streams
+        return self.loop.engine.realtime_streams()

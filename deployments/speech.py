@@ -46,9 +46,9 @@ class SpeechStackDeployment:
         await asyncio.to_thread(self.engine.stats)
 
     async def probe(self) -> int:
-        """The Ingress's readiness probe: healthy, and the turns this replica holds at once."""
+        """The Ingress's readiness probe: healthy, and the turns this replica holds at once in real time."""
         await self.check_health()
-        return self.engine.settings.max_slots
+        return self.engine.realtime_slots()
 
 
 async def _as_tensors(pairs):

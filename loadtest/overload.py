@@ -5,7 +5,8 @@ Needs a running cluster (`chroma-serve up`, or --url and --api-key). Reads the c
 same caller audio) and prints per level: turns admitted and refused (by error code), the refusals' latency (request
 sent to error answer), and the admitted turns' time to first audio (p50, p95) and RTF (p50, max), both as the
 client measured them: TTFA from sending the caller audio to the first audio chunk, RTF the time from sending it to
-the last audio chunk over the reply's audio duration (below 1: faster than real time, no gaps for the caller).
+the last audio chunk over the reply's audio duration (below 1: faster than real time), and the gaps: the silence a
+caller would hear inside the reply playing each chunk as it arrives (`TurnReply.gap_s`; 0: it kept up).
 Weights are RANDOM (tiny checkpoint): timings only, the audio is noise.
 
     python loadtest/overload.py [--levels 1,2,3] [--rounds 2] [--concurrency N,...] [--url URL --api-key KEY]
@@ -43,6 +44,7 @@ class Outcome:
     latency_ms: float  # refusals: request sent to error answer
     ttfa_ms: float | None = None
     rtf: float | None = None
+    gap_ms: float | None = None
     admitted: bool = False
 
 
@@ -72,7 +74,8 @@ async def one_turn(client: ChromaClient, session_id: str, caller: np.ndarray) ->
     except ApiError as error:
         # status 200: admitted, then the reply failed (an `error` event)
         return Outcome(error.code or f"http_{error.status}", 1000 * (time.perf_counter() - sent), admitted=error.status == 200)
-    return Outcome(None, 1000 * (time.perf_counter() - sent), 1000 * reply.ttfa_s, reply.rtf, admitted=True)
+    return Outcome(None, 1000 * (time.perf_counter() - sent), 1000 * reply.ttfa_s, reply.rtf, 1000 * reply.gap_s,
+                   admitted=True)
 
 
 async def offer(client: ChromaClient, sessions: list[str], caller: np.ndarray) -> list[Outcome]:
@@ -94,22 +97,26 @@ def summary(offered: int, outcomes: list[Outcome]) -> dict:
         "ttfa_ms_p95": percentile([o.ttfa_ms for o in done], 95),
         "rtf_p50": percentile([o.rtf for o in done], 50),
         "rtf_max": max((o.rtf for o in done), default=float("nan")),
+        "gap_ms_max": max((o.gap_ms for o in done), default=float("nan")),
+        "turns_with_gaps": sum(o.gap_ms > 0 for o in done),
     }
 
 
 async def run(args) -> list[dict]:
     url, key = cluster_address(args)
-    cap = await capacity(url)
-    offers = args.concurrency or [max(1, round(level * cap)) for level in args.levels]
     caller = synthetic_speech(16000, args.caller_seconds, seed=1)
-    print(f"RANDOM WEIGHTS: timings only. {url}: capacity {cap} turns; offering {offers} turns at once, "
-          f"{args.rounds} rounds each", flush=True)
-    print(" | ".join(HEADER))
     rows = []
     async with ChromaClient(url, key, timeout_s=600) as client:
         voice = await client.create_voice("overload", VOICE_TEXT, synthetic_speech(24000, 2.0, seed=2), 24000)
-        sessions = [(await client.create_session(voice["id"]))["id"] for _ in range(max(offers))]
-        await one_turn(client, sessions[0], caller)  # warm-up
+        warm_up = (await client.create_session(voice["id"]))["id"]
+        await one_turn(client, warm_up, caller)  # it also gives the engines their first step times
+        await asyncio.sleep(1.0)  # admission control reads the stages every 0.5 s
+        cap = await capacity(url)
+        offers = args.concurrency or [max(1, round(level * cap)) for level in args.levels]
+        print(f"RANDOM WEIGHTS: timings only. {url}: capacity {cap} turns (measured real-time bound); offering "
+              f"{offers} turns at once, {args.rounds} rounds each", flush=True)
+        print(" | ".join(HEADER))
+        sessions = [warm_up] + [(await client.create_session(voice["id"]))["id"] for _ in range(max(offers) - 1)]
         for n in offers:
             outcomes = []
             for _ in range(args.rounds):
@@ -126,7 +133,7 @@ async def run(args) -> list[dict]:
 
 
 HEADER = ("level", "offered", "admitted", "refused (codes)", "refusal ms p50/max", "TTFA ms p50/p95", "RTF p50/max",
-          "failed mid-reply")
+          "gaps: turns, ms max", "failed mid-reply")
 
 
 def table_row(row: dict) -> str:
@@ -134,7 +141,8 @@ def table_row(row: dict) -> str:
     return " | ".join((
         f"{row['level']:.1f}x", str(row["offered"]), str(row["admitted"]), f"{row['refused']} ({codes})",
         f"{row['refusal_ms_p50']:.0f}/{row['refusal_ms_max']:.0f}", f"{row['ttfa_ms_p50']:.0f}/{row['ttfa_ms_p95']:.0f}",
-        f"{row['rtf_p50']:.2f}/{row['rtf_max']:.2f}", str(row["failed_after_admission"]),
+        f"{row['rtf_p50']:.2f}/{row['rtf_max']:.2f}", f"{row['turns_with_gaps']}, {row['gap_ms_max']:.0f}",
+        str(row["failed_after_admission"]),
     ))
 
 

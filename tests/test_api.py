@@ -57,8 +57,11 @@ async def store(redis_port):
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def backend(tiny_checkpoint):
     backend = LocalTurnBackend.from_config(AppConfig(
-        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"}, speech={"max_slots": 2, "max_queue": 2},
-        codec={"max_streams": 4}, turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
+        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
+        # Bounded by slots alone: these tests need two turns at once, whatever this machine's step times say
+        # (test_capacity_is_what_the_engines_keep_real_time covers the measured bound).
+        speech={"max_slots": 2, "max_queue": 2, "max_step_rtf": None}, codec={"max_streams": 4, "max_step_rtf": None},
+        turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
     ))
     yield backend
     await backend.close()
@@ -398,6 +401,42 @@ async def test_health_ready_capacity(store, client):
         assert_error(response, 503, "over_capacity")
         assert response.headers["retry-after"] == "1"
         assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+
+
+async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoint):
+    """Four slots, but no step of this machine fits the budget (a microsecond): once measured, one turn at a time,
+    and a second caller is refused at once rather than slowing the first one down."""
+    backend = LocalTurnBackend.from_config(AppConfig(
+        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
+        speech={"max_slots": 4, "max_queue": 0, "max_step_rtf": 1e-6}, codec={"max_streams": 4, "max_step_rtf": None},
+        turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
+    ))
+    try:
+        async with client_for(build_api(store, TenantDirectory(KEYS), backend)) as client:
+            voice = await make_voice(client)
+            sessions = [await make_session(client, voice["id"]) for _ in range(2)]
+            speech = {s["name"]: s for s in (await client.get("/readyz")).json()["stages"]}["SpeechStack"]
+            assert speech["capacity"] == 1  # nothing measured yet: one turn, which measures it
+            body = encode_wav(caller_wave(), 16000)
+            first = await client.post(f"/v1/sessions/{sessions[0]['id']}/turns", headers=ACME, content=body)
+            assert parse_sse(first.text)[-1][0] == "done"
+            assert backend.speech.stats()["step_ms_by_batch"] and backend.speech.realtime_slots() == 1
+            ready = (await client.get("/readyz")).json()
+            assert ready["capacity"] == 1
+
+            async def turn(session):
+                return await client.post(f"/v1/sessions/{session['id']}/turns", headers=ACME, content=body)
+
+            outcomes = await asyncio.gather(*(turn(s) for s in sessions))
+            codes = sorted(r.json()["error"]["code"] if r.status_code != 200 else "done" for r in outcomes)
+            metrics = (await client.get("/metrics")).text
+            if codes == ["done", "done"]:  # the second waited for the first: its first audio still fit the budget
+                assert 'chroma_admissions_total{kind="turn",outcome="queued"} 1.0' in metrics
+            else:
+                assert codes == ["done", "over_capacity"]
+            assert set(backend.speech.stats()["step_ms_by_batch"]) == {1}  # never two turns in one step
+    finally:
+        await backend.close()
 
 
 async def test_openapi_document_describes_every_route(client):

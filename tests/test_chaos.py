@@ -49,7 +49,9 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     home = tmp_path_factory.mktemp("chaos")
     settings = cluster_settings(home)
     (home / "keys.json").write_text(json.dumps(KEYS))
-    app_args = {"turns": {"max_frames": MAX_FRAMES, "max_tokens": 32}}
+    # Slots alone bound admission: the load here must exceed what 2 shared cores keep real-time, to drive autoscaling.
+    app_args = {"turns": {"max_frames": MAX_FRAMES, "max_tokens": 32},
+                "speech": {"max_step_rtf": None}, "codec": {"max_step_rtf": None}}
     deployments = {name: {"autoscaling_config": SCALING} for name in ("SpeechStack", "Codec")}
     with pytest.MonkeyPatch.context() as env:
         for key, value in METRICS_PUSH.items():  # read by the Ray processes `ray start` launches

@@ -1,9 +1,10 @@
 """Admission control: a turn (or a live call) is admitted only if the cluster can serve it in real time. It is
 admitted or refused once, at its start, and never slowed down later.
 
-- **Capacity** is the smallest stage's: the engines' own slot counts across each stage's live replicas, as the
-  backend reports them (`TurnBackend.stages`, read every `stage_poll_s`), so replicas that autoscaling adds
-  add capacity as soon as they answer.
+- **Capacity** is the smallest stage's: across each stage's live replicas, the turns each engine keeps real-time
+  by its own measured step times (at most its slots; `model.engines.realtime`), as the backend reports them
+  (`TurnBackend.stages`, read every `stage_poll_s`). Replicas that autoscaling adds add capacity as soon as they
+  answer, and capacity shrinks when contention makes the steps slower, before the live turns fall behind.
 - **The count of live turns and calls** is the Redis ledger (`cluster.state.ledger`), shared by every Ingress
   replica; the tenant's quota (`TenantQuota`) is checked in the same atomic step: over it, 429.
 - **At capacity a turn may wait, but only as long as it can still hear its first audio within

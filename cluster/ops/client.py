@@ -62,6 +62,17 @@ class TurnReply:
         """Generation time over audio duration, as the client sees it."""
         return self.total_s / self.audio_seconds if self.audio_seconds else None
 
+    @property
+    def gap_s(self) -> float:
+        """Silence a caller would hear inside the reply, playing each chunk as it arrives (no jitter buffer): 0 for
+        a reply that streams in real time, however long its first audio took."""
+        gaps, playing_until = 0.0, None
+        for arrived, chunk in zip(self.chunk_times_s, self.audio):
+            if playing_until is not None and arrived > playing_until:
+                gaps += arrived - playing_until
+            playing_until = max(arrived, playing_until or arrived) + len(chunk) / CODEC_RATE
+        return gaps
+
 
 def _sse_events(lines: list[str]):
     fields = dict(line.split(": ", 1) for line in lines if ": " in line)

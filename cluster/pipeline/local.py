@@ -55,8 +55,8 @@ class LocalTurnBackend:
         problem = "closed" if self._closed else ""
         return [
             StageStatus.of("Reasoner", self.reasoner.max_streams, problem=problem),
-            StageStatus.of("SpeechStack", self.speech.settings.max_slots, problem=problem),
-            StageStatus.of("Codec", self.codec.engine.max_streams, problem=problem),
+            StageStatus.of("SpeechStack", self.speech.realtime_slots(), problem=problem),
+            StageStatus.of("Codec", self.codec.engine.realtime_streams(), problem=problem),
         ]
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:

@@ -199,7 +199,8 @@ async def reply_events(processor: ChromaProcessor, chunks: AsyncIterator[ReplyCh
 @dataclass
 class StageStatus:
     """One stage as the API sees it: whether it takes new turns now, and how many it holds at once across its live
-    replicas (the engines' own slot counts; None: this stage sets no bound)."""
+    replicas (what the engines say they keep real-time, at most their slots: model.engines.realtime; None: this
+    stage sets no bound)."""
 
     name: str
     ready: bool

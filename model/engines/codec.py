@@ -26,6 +26,7 @@ a closing turn's flush (any number of frames) always runs eagerly. Not thread-sa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,9 @@ from transformers.models.mimi.modeling_mimi import (
 from model.chroma.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
-from model.chroma.turn import VoicePrompt
+from model.chroma.turn import FRAME_SECONDS, VoicePrompt
 from model.engines.graphs import BucketedStep, CompileBackend, StepMode, bucket_for, power_of_two_buckets, resolve_step_mode
+from model.engines.realtime import StepRtf, StepTimes
 from model.errors import CapacityError
 
 DEFAULT_CHUNK_FRAMES = 2  # 160 ms of audio per streamed chunk
@@ -58,6 +60,7 @@ class CodecSettings(BaseModel):
         '"eager", "padded", "cuda_graphs", "compiled" (see model/engines/graphs.py)',
     )
     compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of decode_mode "compiled"')
+    max_step_rtf: StepRtf = 0.8  # of one chunk's audio per batched decode
 
 
 @dataclass
@@ -77,12 +80,12 @@ class CodecEngine:
         codec = load_codec(checkpoint, resolve_dtype(dtype), device)
         return cls(
             codec, checkpoint.config, max_streams=settings.max_streams, chunk_frames=settings.chunk_frames,
-            decode_mode=settings.decode_mode, compile_backend=settings.compile_backend,
+            decode_mode=settings.decode_mode, compile_backend=settings.compile_backend, max_step_rtf=settings.max_step_rtf,
         )
 
     def __init__(
         self, codec, config: ChromaConfig, max_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-        decode_mode: StepMode = "auto", compile_backend: CompileBackend = "inductor",
+        decode_mode: StepMode = "auto", compile_backend: CompileBackend = "inductor", max_step_rtf: float | None = None,
     ):
         mimi = codec.config
         if not mimi.use_causal_conv or mimi.trim_right_ratio != 1.0:
@@ -93,6 +96,8 @@ class CodecEngine:
             raise ValueError("max_streams and chunk_frames must be >= 1")
         self.codec, self.config = codec, config
         self.max_streams, self.chunk_frames = max_streams, chunk_frames
+        self.max_step_rtf = max_step_rtf
+        self.batch_step_times = StepTimes()
         self.num_codebooks = config.audio_num_codebooks
         self.codebook_size = mimi.codebook_size
         self.window = mimi.sliding_window
@@ -167,7 +172,9 @@ class CodecEngine:
         for _, s in ready:
             s.pending = s.pending[self.chunk_frames :]
         slots = [s.slot for _, s in ready]
+        started = time.perf_counter()
         audio = self._decode(codes, slots) if self.decode_mode == "eager" else self._decode_bucketed(codes, slots)
+        self.batch_step_times.record(len(ready), time.perf_counter() - started)
         return {turn_id: pcm for (turn_id, _), pcm in zip(ready, audio.unbind())}
 
     def close(self, turn_id, flush: bool = True) -> torch.Tensor | None:
@@ -184,6 +191,13 @@ class CodecEngine:
         self._free.append(self._stream(turn_id).slot)
         del self._streams[turn_id]
 
+    def realtime_streams(self) -> int:
+        """Replies this engine decodes at once and keeps real-time: its streams, or fewer where its measured decodes
+        say so (model.engines.realtime)."""
+        if self.max_step_rtf is None:
+            return self.max_streams
+        return self.batch_step_times.largest_batch(self.max_step_rtf * self.chunk_frames * FRAME_SECONDS, self.max_streams)
+
     def stats(self) -> dict:
         state = [*self._conv_state, self._kv, self._positions]
         state_bytes = sum(t[: self.max_streams].numel() * t.element_size() for t in state)
@@ -196,6 +210,8 @@ class CodecEngine:
             "kv_positions_per_stream": self._kv.shape[-2],  # the sliding window's, whatever the turn's length
             "decode_mode": self.decode_mode,
             "cuda_graphs": len(self._decode_step.graphs),
+            "decode_ms_by_batch": self.batch_step_times.snapshot_ms(),
+            "realtime_streams": self.realtime_streams(),
         }
 
     def _stream(self, turn_id) -> _Stream:

@@ -31,6 +31,7 @@ from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import (
     DEFAULT_MAX_FRAMES,
+    FRAME_SECONDS,
     GeneratedFrame,
     ReasonerPair,
     TurnProgress,
@@ -40,6 +41,7 @@ from model.chroma.turn import (
 )
 from model.engines.decode_steps import DecodeSteps, RowInput
 from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
+from model.engines.realtime import StepRtf, StepTimes
 from model.errors import CapacityError
 
 
@@ -55,6 +57,7 @@ class SpeechEngineSettings(BaseModel):
         '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile)',
     )
     compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of step_mode "compiled"')
+    max_step_rtf: StepRtf = 0.8  # of one frame's 80 ms per batched step
 
 
 @dataclass
@@ -131,6 +134,7 @@ class SpeechEngine:
         self.steps = 0
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
+        self.batch_step_times = StepTimes()
         self._lock = threading.Condition()
         self._in_flight: set[str] = set()
         self._slots_to_free: list[int] = []
@@ -202,7 +206,15 @@ class SpeechEngine:
                 "step_mode": self.decode_steps.mode,
                 "cuda_graphs": self.decode_steps.graphs,
                 "graph_capture_s": self.decode_steps.capture_s,
+                "step_ms_by_batch": self.batch_step_times.snapshot_ms(),
+                "realtime_slots": self.realtime_slots(),
             }
+
+    def realtime_slots(self) -> int:
+        """Turns this engine holds at once and keeps real-time: its slots, or fewer where its measured steps say so
+        (model.engines.realtime)."""
+        rtf, slots = self.settings.max_step_rtf, self.settings.max_slots
+        return slots if rtf is None else self.batch_step_times.largest_batch(rtf * FRAME_SECONDS, slots)
 
     def clear_voice_cache(self) -> None:
         with self._lock:
@@ -336,7 +348,10 @@ class SpeechEngine:
                             self._finish(row.turn)
                     continue
                 self._remember_voices(new_voices)
-                self.step_times.append(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                self.step_times.append(elapsed)
+                if not new_voices:  # a voice prefill is once per voice, not the cost of batching
+                    self.batch_step_times.record(len(batch), elapsed)
                 self.steps += 1
                 self._apply(batch, frames)
 

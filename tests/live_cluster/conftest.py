@@ -34,7 +34,10 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     settings = cluster_settings(home)
     keys_path = home / "keys.json"
     keys_path.write_text(json.dumps(KEYS))
-    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE}, "codec": {"max_streams": MAX_SLOTS + MAX_QUEUE},
+    # Slots alone bound admission: these tests hold three calls at once, more than 2 shared cores keep real-time
+    # (test_api covers the measured bound, loadtest/overload.py measures it on a cluster).
+    app_args = {"speech": {"max_slots": MAX_SLOTS, "max_queue": MAX_QUEUE, "max_step_rtf": None},
+                "codec": {"max_streams": MAX_SLOTS + MAX_QUEUE, "max_step_rtf": None},
                 "turns": {"max_frames": MAX_FRAMES, "max_tokens": 64},
                 "tenants": {"quotas": {"other": {"max_calls": CALL_LIMIT_PER_TENANT}}}}
     try:
