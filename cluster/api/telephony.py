@@ -214,9 +214,10 @@ class MediaStreamCall:
                                  turn_detection=TurnDetection(early_start=early_start))
             if call.voice is None:
                 return await self._refuse("no_voice", "missing voice_id parameter")
-        except (ChromaError, ValueError) as error:
-            code = error.code if isinstance(error, ChromaError) else "invalid_start"
-            return await self._refuse(code, str(error))
+        except ChromaError as error:
+            return await self._refuse(error.code, str(error), retry_later=error.retryable)
+        except ValueError as error:
+            return await self._refuse("invalid_start", str(error))
         self.call, self.stream_id = call, self.dialect.stream_id(message)
         self.inbound = InboundAudio(self.line)
         self.ticket.started()
@@ -224,11 +225,11 @@ class MediaStreamCall:
                  self.stream_id, call.session.id)
         return True
 
-    async def _refuse(self, code: str, reason: str) -> bool:
+    async def _refuse(self, code: str, reason: str, retry_later: bool = False) -> bool:
+        """Close with 1013 (try again later) where the same call may be taken later, else 1008 (policy violation)."""
         self.services.metrics.calls_refused.labels(code).inc()
         log.warning("%s call %s refused: %s (%s)", self.dialect.name, self.id, reason, code)
-        await self.websocket.close(code=1008 if code in ("unauthorized", "no_voice", "not_found") else 1013,
-                                   reason=code)
+        await self.websocket.close(code=1013 if retry_later else 1008, reason=code)
         return False
 
     async def _handle(self, kind: str | None, message: dict) -> None:

@@ -119,6 +119,9 @@ async def test_refused_calls_get_no_audio(cluster, voice_id):
         async with CarrierCall(cluster["url"], parameters) as call:
             await asyncio.wait_for(call.closed.wait(), 30)
         assert call.close_code == 1008 and call.received.media == [], parameters
+    async with CarrierCall(cluster["url"], {"api_key": "key-acme", "voice_id": voice_id}, "telnyx", "G729") as call:
+        await asyncio.wait_for(call.closed.wait(), 30)
+    assert call.close_code == 1008 and call.received.media == []  # a format we do not speak: retrying will not help
 
 
 def _wav() -> bytes:
