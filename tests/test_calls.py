@@ -19,6 +19,8 @@ from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
 from cluster.calls.settings import CallSettings
+from cluster.ops.call_client import ReplyPlayback
+from cluster.ops.client import TurnReply, playback_gaps
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
@@ -162,3 +164,15 @@ async def test_a_barge_in_and_a_truncate_settling_one_reply_commit_it_once(redis
     session = await store.get_session("acme", call.session.id)
     assert (session.version, [m.role for m in session.history]) == (1, ["user", "assistant"])
     assert call.queue.empty(), call.queue.get_nowait()  # no error event
+
+
+def test_playback_gaps_on_a_real_time_clock():
+    """The client-side player both benchmarks use: 160 ms chunks, played as they arrive."""
+    chunks = [(1.0, 0.16), (1.1, 0.16), (1.5, 0.16), (1.55, 0.16)]
+    assert playback_gaps(chunks) == [pytest.approx(0.18)]  # played out at 1.32; the third came at 1.5
+    assert playback_gaps(chunks, buffer_s=0.2) == []  # a jitter buffer absorbs it
+    assert playback_gaps([]) == []
+    silence = np.zeros(3840, np.int16)  # 160 ms at 24 kHz
+    assert TurnReply(audio=[silence] * 4, chunk_times_s=[t for t, _ in chunks]).gap_s == pytest.approx(0.18)
+    late = ReplyPlayback("resp", chunks=[(t, silence) for t in (1.0, 1.1, 1.7, 1.75, 2.4)])
+    assert late.underruns() == 2  # behind a 200 ms buffer: ran dry before 1.7 and before 2.4

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
+from cluster.ops.client import playback_gaps
 from model.processing.audio import CODEC_RATE, pcm16_bytes
 
 CHUNK_S = 0.1  # caller audio per message
@@ -63,15 +64,7 @@ class ReplyPlayback:
 
     def underruns(self) -> int:
         """Gaps: a chunk that arrived after everything before it had played out."""
-        if not self.chunks:
-            return 0
-        start, queued, gaps = self.chunks[0][0] + JITTER_BUFFER_S, 0.0, 0
-        for arrival, samples in self.chunks:
-            if arrival > start + queued:
-                gaps += 1
-                start = arrival - queued
-            queued += samples.size / CODEC_RATE
-        return gaps
+        return len(playback_gaps(((at, c.size / CODEC_RATE) for at, c in self.chunks), JITTER_BUFFER_S))
 
     def samples(self) -> np.ndarray:
         return np.concatenate([c for _, c in self.chunks]) if self.chunks else np.zeros(0, np.int16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import httpx
@@ -66,12 +66,22 @@ class TurnReply:
     def gap_s(self) -> float:
         """Silence a caller would hear inside the reply, playing each chunk as it arrives (no jitter buffer): 0 for
         a reply that streams in real time, however long its first audio took."""
-        gaps, playing_until = 0.0, None
-        for arrived, chunk in zip(self.chunk_times_s, self.audio):
-            if playing_until is not None and arrived > playing_until:
-                gaps += arrived - playing_until
-            playing_until = max(arrived, playing_until or arrived) + len(chunk) / CODEC_RATE
-        return gaps
+        return sum(playback_gaps((t, len(a) / CODEC_RATE) for t, a in zip(self.chunk_times_s, self.audio)))
+
+
+def playback_gaps(chunks: Iterable[tuple[float, float]], buffer_s: float = 0.0) -> list[float]:
+    """The silences (s) of audio played on a real-time clock as it arrives. `chunks` are (arrival, duration) in
+    seconds, in order; playback starts `buffer_s` after the first arrival and, after a gap, resumes with the chunk
+    that ended it."""
+    gaps, playing_until = [], None
+    for arrived, seconds in chunks:
+        if playing_until is None:
+            playing_until = arrived + buffer_s
+        elif arrived > playing_until:
+            gaps.append(arrived - playing_until)
+            playing_until = arrived
+        playing_until += seconds
+    return gaps
 
 
 def _sse_events(lines: list[str]):
