@@ -36,7 +36,8 @@ from cluster.config import AppConfig  # noqa: E402
 from cluster.ops.client import ChromaClient, TurnReply  # noqa: E402
 from cluster.ops.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
 from cluster.pipeline.local import LocalTurnBackend  # noqa: E402
-from cluster.pipeline.turn import AudioChunk, TurnDone, caller_message  # noqa: E402
+from cluster.pipeline.history import UserTurn  # noqa: E402
+from cluster.pipeline.turn import AudioChunk, TurnDone  # noqa: E402
 from cluster.state.store import Session, Voice  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
@@ -65,7 +66,8 @@ async def engine_turn(backend: LocalTurnBackend, voice: Voice, caller: np.ndarra
     now = datetime.now(timezone.utc)
     session = Session(id=f"sess_{uuid.uuid4().hex}", tenant="bench", voice_id=voice.id, created_at=now, updated_at=now)
     started, first, frames = time.perf_counter(), None, 0
-    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, [], caller_message(caller)):
+    plan = backend.history.plan(session, UserTurn.of("item_bench", caller))
+    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, plan):
         if isinstance(event, AudioChunk) and first is None:
             first = time.perf_counter() - started
         elif isinstance(event, TurnDone):

@@ -21,6 +21,7 @@ from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
 from cluster.calls.settings import CallSettings
 from cluster.ops.call_client import ReplyPlayback
 from cluster.ops.client import TurnReply, playback_gaps
+from cluster.pipeline.history import HistoryPolicy, HistorySettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
@@ -34,6 +35,7 @@ class SilentBackend:
     """Room for two live calls or turns, and never a reply."""
 
     processor = None
+    history = HistoryPolicy(None, 4096, 64, None, HistorySettings())
 
     async def stages(self):
         return [StageStatus.of("SpeechStack", 2)]
