@@ -43,8 +43,8 @@ class ReasonerDeployment:
 
     def stats(self) -> dict:
         stats = {"unfinished_requests": self.reasoner.num_unfinished_requests()}
-        if hasattr(self.reasoner, "prefix_cache_stats"):
-            stats["prefix_cache"] = self.reasoner.prefix_cache_stats()
+        if hasattr(self.reasoner, "prefix_cache_stats"):  # vLLM's: what its prefix cache served of the prompts
+            stats.update(self.reasoner.prefix_cache_stats())
         return stats
 
     async def check_health(self) -> None:

@@ -248,7 +248,7 @@ class VLLMReasoner:
         """Prompt positions of every request so far, those vLLM's prefix cache served, and the ratio."""
         rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "hit_rate": None if rate is None else round(rate, 4)}
+                "prefix_cache_hit_rate": None if rate is None else round(rate, 4)}
 
     async def stream(
         self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
