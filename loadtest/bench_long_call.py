@@ -88,9 +88,11 @@ async def redis_bytes(store: redis.asyncio.Redis, session_id: str) -> int:
 
 
 async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str, audio: np.ndarray, turns: int,
-                   label: str) -> Call:
-    # Each call its own system prompt: calls share no prefix, as different callers' do (the audio may repeat).
-    session = await api.create_session(voice_id, system_prompt=f"You are the front desk of a pharmacy. Call {label}.")
+                   label: str, number: int) -> Call:
+    # Each call its own system prompt: calls share no prefix, as different callers' do (the audio repeats). With this
+    # prompt the tiny RANDOM-WEIGHT thinker says something in most replies, so a call outgrows its 4096 positions
+    # in about ten turns, as in issue 17 (with "You are the front desk of a pharmacy." it says nothing after turn 1).
+    session = await api.create_session(voice_id, system_prompt=f"Be brief. (call {number})")
     call, started, previous = Call(), time.monotonic(), None
     for n in range(1, turns + 1):
         refusals = 0
@@ -218,11 +220,14 @@ async def run(args, url: str, api_key: str, redis_url: str) -> dict[str, list[Ca
     results = {}
     async with ChromaClient(url, api_key, timeout_s=600) as api:
         voice = await api.create_voice("bench", VOICE_TEXT, synthetic_speech(24000, 2.0, seed=2), 24000)
+        number = args.first_call - 1
         for sessions in args.sessions:
             label = f"{sessions} session{'s' * (sessions > 1)}"
             print(f"{label} x {args.turns} turns", flush=True)
-            results[label] = list(await asyncio.gather(
-                *(one_call(api, store, voice["id"], audio, args.turns, f"{label}[{n}]") for n in range(sessions))))
+            results[label] = list(await asyncio.gather(*(
+                one_call(api, store, voice["id"], audio, args.turns, f"{label}[{n}]", number + n + 1)
+                for n in range(sessions))))
+            number += sessions
     await store.aclose()
     return results
 
@@ -234,7 +239,9 @@ def main() -> None:
     parser.add_argument("--redis-url", help="its Redis (default: the local cluster's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="app arg for the cluster it starts")
     parser.add_argument("--turns", type=int, default=40)
-    parser.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    parser.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
+                        help="runs of this many sessions at once, one after the other")
+    parser.add_argument("--first-call", type=int, default=1, help="the number in the first call's system prompt")
     parser.add_argument("--question-s", type=float, default=3.0)
     parser.add_argument("--out", default="runs/long-call", help="folder for the chart (PNG), the tables and the JSON")
     args = parser.parse_args()

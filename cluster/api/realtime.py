@@ -395,7 +395,8 @@ class RealtimeCall:
             "type": "realtime", "id": self.call.session.id if self.call.session else self.call_id,
             "object": "realtime.session", "model": MODEL_NAME,
             "output_modalities": ["audio"], "instructions": self.call.instructions,
-            "truncation": TRUNCATION.dump_python(self.call.truncation or self.services.backend.history.settings.truncation),
+            "truncation": TRUNCATION.dump_python(self.call.truncation or self.services.backend.history.settings.truncation,
+                                                 exclude_none=True),
             "audio": {
                 "input": {"format": _format(self.input_format),
                           "turn_detection": None if detection is None else detection.model_dump(exclude={"early_start"})},

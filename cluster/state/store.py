@@ -382,12 +382,7 @@ class StateStore:
             if message.audio_bytes:
                 pipe.hdel(self._session_keys(tenant, session_id)[1], item_id)
 
-        for attempt in range(3):
-            try:
-                return await self._update_session(tenant, session_id, None, delete)
-            except VersionConflict:  # another write landed between our read and our commit: read again
-                if attempt == 2:
-                    raise
+        return await self._update_any_version(tenant, session_id, delete)
 
     async def revise_reply(
         self, tenant: str, session_id: str, version: int, assistant_text: str, positions: int | None = None
@@ -424,9 +419,13 @@ class StateStore:
         def press(session: Session, pipe) -> None:
             session.key_presses = [*session.key_presses, KeyPress(digit=digit, at=_now())][-MAX_KEY_PRESSES:]
 
+        return await self._update_any_version(tenant, session_id, press)
+
+    async def _update_any_version(self, tenant: str, session_id: str, change) -> Session:
+        """`_update_session` of a change that holds whatever the version: read again when another write landed."""
         for attempt in range(3):
             try:
-                return await self._update_session(tenant, session_id, None, press)
+                return await self._update_session(tenant, session_id, None, change)
             except VersionConflict:  # another write landed between our read and our commit: read again
                 if attempt == 2:
                     raise
