@@ -1,5 +1,8 @@
 """Long calls on the local cluster: one session of 40 turns, then 4 sessions of 40 turns at once, the same 3-second
-spoken question every turn, each reply as long as the profile allows (CPU-dev: 250 frames, 20 s).
+spoken question every turn (dithered by one PCM16 step per turn, so that no two turns' audio is bit-identical:
+with identical audio and the tiny model's often wordless replies a truncated call repeats an earlier prompt
+exactly and finds it cached, which flatters the figures; --identical turns that off), each reply as long as the
+profile allows (CPU-dev: 250 frames, 20 s; the tiny RANDOM-WEIGHT model often ends a reply earlier).
 
     flock /tmp/chroma-heavy.lock python loadtest/bench_long_call.py            # starts the default local cluster
     python loadtest/bench_long_call.py --url http://127.0.0.1:8000           # or measures a running one
@@ -56,6 +59,7 @@ class Turn:
     shipped: dict[str, int]
     redis_bytes: int
     wall_s: float  # the call's time so far, at the end of this turn
+    reply_s: float  # the reply's audio
     refusals: int = 0
 
     @property
@@ -87,8 +91,15 @@ async def redis_bytes(store: redis.asyncio.Redis, session_id: str) -> int:
     return sum(u or 0 for u in used)
 
 
+def turn_audio(audio: np.ndarray, n: int, dither: bool) -> np.ndarray:
+    if not dither:
+        return audio
+    step = np.random.default_rng(n).integers(-1, 2, audio.size) / 32767.0
+    return (audio + step).astype(np.float32)
+
+
 async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str, audio: np.ndarray, turns: int,
-                   label: str, number: int) -> Call:
+                   label: str, number: int, dither: bool) -> Call:
     # Each call its own system prompt: calls share no prefix, as different callers' do (the audio repeats). With this
     # prompt the tiny RANDOM-WEIGHT thinker says something in most replies, so a call outgrows its 4096 positions
     # in about ten turns, as in issue 17 (with "You are the front desk of a pharmacy." it says nothing after turn 1).
@@ -98,7 +109,7 @@ async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str,
         refusals = 0
         while True:
             try:
-                done = (await api.turn(session["id"], audio, 16000)).done
+                done = (await api.turn(session["id"], turn_audio(audio, n, dither), 16000)).done
                 break
             except ApiError as error:
                 if error.status == 503 and error.retryable:
@@ -118,10 +129,10 @@ async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str,
         previous = done["prompt_tokens"]
         call.turns.append(Turn(n, done["ttfa_ms"], done["prompt_tokens"], done["cached_tokens"], new, truncated,
                                done["shipped_bytes"], await redis_bytes(store, session["id"]),
-                               time.monotonic() - started, refusals))
+                               time.monotonic() - started, done["audio_seconds"], refusals))
         t = call.turns[-1]
         print(f"  {label} turn {n:>2}: TTFA {t.ttfa_ms:>6.0f} ms, prompt {t.prompt_tokens:>5}, prefill "
-              f"{t.prefill:>5}{' T' if truncated else ''}", flush=True)
+              f"{t.prefill:>5}, reply {t.reply_s:4.1f} s{' T' if truncated else ''}", flush=True)
     return call
 
 
@@ -164,9 +175,10 @@ def targets(title: str, calls: list[Call], turns: int) -> list[str]:
     excess = [t.prefill - t.new_tokens for t in all_turns if t.new_tokens is not None]
     kept = [t for t in all_turns if t.new_tokens is not None]
     shipped = {stage: sorted({t.shipped[stage] for t in all_turns}) for stage in ("Codec", "SpeechStack")}
-    minutes = sum(c.turns[-1].wall_s for c in calls if c.turns) / 60
-    caller_minutes = sum(c.caller_seconds for c in calls) / 60
-    final_redis = sum(c.turns[-1].redis_bytes for c in calls if c.turns)
+    minutes = mean(c.turns[-1].wall_s for c in calls if c.turns) / 60
+    growth = [b.redis_bytes - a.redis_bytes for c in calls for a, b in zip(c.turns, c.turns[1:]) if not b.truncated]
+    turn_s = mean((b.wall_s - a.wall_s) for c in calls for a, b in zip(c.turns, c.turns[1:]))
+    final_redis = mean(c.turns[-1].redis_bytes for c in calls if c.turns)
     peak_redis = max((t.redis_bytes for t in all_turns), default=0)
     answered = sum(len(c.turns) for c in calls)
     lines = [f"### Targets: {title}", ""]
@@ -186,9 +198,12 @@ def targets(title: str, calls: list[Call], turns: int) -> list[str]:
                  f"{sum(t.cached_tokens for t in all_turns) / max(1, sum(t.prompt_tokens for t in all_turns)):.3f}")
     lines.append(f"- bytes shipped per turn: Codec {shipped['Codec']}, SpeechStack {shipped['SpeechStack']} "
                  "(distinct values over all turns)")
-    lines.append(f"- Redis: {final_redis} B at the end, peak {peak_redis} B per session; "
-                 f"{final_redis / max(minutes, 1e-9):.0f} B per minute of call ({minutes:.1f} min), "
-                 f"{final_redis / max(caller_minutes, 1e-9):.0f} B per minute of caller audio")
+    caller_s = calls[0].caller_seconds / max(1, len(calls[0].turns))
+    lines.append(f"- Redis per session: +{mean(growth):.0f} B a turn while the history grows ({caller_s:.1f} s of "
+                 f"caller audio and {mean(t.reply_s for t in all_turns):.1f} s of reply a turn, {turn_s:.1f} s a "
+                 f"turn): {60 * mean(growth) / caller_s:.0f} B per minute of caller audio, "
+                 f"{60 * mean(growth) / turn_s:.0f} B per minute of call; peak {peak_redis} B, "
+                 f"{final_redis:.0f} B at the end of a {minutes:.1f}-minute call (bounded: truncation drops audio first)")
     return lines
 
 
@@ -225,7 +240,8 @@ async def run(args, url: str, api_key: str, redis_url: str) -> dict[str, list[Ca
             label = f"{sessions} session{'s' * (sessions > 1)}"
             print(f"{label} x {args.turns} turns", flush=True)
             results[label] = list(await asyncio.gather(*(
-                one_call(api, store, voice["id"], audio, args.turns, f"{label}[{n}]", number + n + 1)
+                one_call(api, store, voice["id"], audio, args.turns, f"{label}[{n}]", number + n + 1,
+                         not args.identical)
                 for n in range(sessions))))
             number += sessions
     await store.aclose()
@@ -243,6 +259,7 @@ def main() -> None:
                         help="runs of this many sessions at once, one after the other")
     parser.add_argument("--first-call", type=int, default=1, help="the number in the first call's system prompt")
     parser.add_argument("--question-s", type=float, default=3.0)
+    parser.add_argument("--identical", action="store_true", help="the very same question audio every turn")
     parser.add_argument("--out", default="runs/long-call", help="folder for the chart (PNG), the tables and the JSON")
     args = parser.parse_args()
 
