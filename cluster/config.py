@@ -7,6 +7,8 @@ the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -31,11 +33,22 @@ class CheckpointSettings(BaseModel):
 
     path: str = Field(description="the Chroma checkpoint directory (official layout)")
     reasoner_dir: str | None = Field(
-        None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`); default "
-        "for vLLM <path>/thinker, split on first start; the transformers engine reads the checkpoint itself",
+        None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`), split there on "
+        "first start if missing; default for vLLM: <path>/thinker where the checkpoint has one, else a split in the "
+        "node's temporary directory; the transformers engine reads the checkpoint itself",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description='"cpu" or "cuda"')
+
+
+def _node_thinker_dir(checkpoint: str) -> Path:
+    """A node-local place for the thinker split out of `checkpoint`, named after the checkpoint's path and its
+    files' sizes and times, so a changed checkpoint is split again."""
+    root = Path(checkpoint).resolve()
+    stamp = [str(root)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                           for f in sorted(root.glob("*")) if f.suffix in (".json", ".safetensors")]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "chroma-serve" / f"thinker-{digest}"
 
 
 class AppConfig(BaseModel):
@@ -55,16 +68,20 @@ class AppConfig(BaseModel):
     replica_cpus: float | None = Field(None, gt=0, description="CPU share of every replica (small local clusters)")
 
     def reasoner_path(self) -> str:
-        """Where the Reasoner loads from; for vLLM the thinker is split out of the checkpoint on first use."""
+        """Where the Reasoner loads from, on the node that asks. vLLM loads the thinker alone: `reasoner_dir`, else
+        the checkpoint's own `thinker/` where it carries one, else one split out on first use into this node's
+        temporary directory, never into the checkpoint (the Helm chart mounts it read-only, and the Reasoner's
+        node need not be the one the app was built on)."""
         model = self.checkpoint
         if self.reasoner.engine == "hf":
             return model.reasoner_dir or model.path
-        path = model.reasoner_dir or str(Path(model.path) / "thinker")
-        if not (Path(path) / "config.json").is_file():
-            from model.chroma.checkpoint import split_thinker
+        from model.chroma.checkpoint import split_thinker_once
 
-            split_thinker(model.path, path)
-        return path
+        if model.reasoner_dir:
+            return str(split_thinker_once(model.path, model.reasoner_dir))
+        if (Path(model.path) / "thinker" / "config.json").is_file():
+            return str(Path(model.path) / "thinker")
+        return str(split_thinker_once(model.path, _node_thinker_dir(model.path)))
 
     def longest_turn_s(self) -> float:
         """The longest an admitted turn may last: its start timeout, then its longest reply at real time (admitted
