@@ -8,7 +8,6 @@ the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -34,21 +33,24 @@ class CheckpointSettings(BaseModel):
     path: str = Field(description="the Chroma checkpoint directory (official layout)")
     reasoner_dir: str | None = Field(
         None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`), split there on "
-        "first start if missing; default for vLLM: <path>/thinker where the checkpoint has one, else a split in the "
-        "node's temporary directory; the transformers engine reads the checkpoint itself",
+        "first start if missing; default for vLLM: <path>/thinker where the checkpoint has one, else split once on "
+        "the Reasoner's node under ~/.cache/chroma-serve/thinkers; the transformers engine reads the checkpoint itself",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description='"cpu" or "cuda"')
 
 
 def _node_thinker_dir(checkpoint: str) -> Path:
-    """A node-local place for the thinker split out of `checkpoint`, named after the checkpoint's path and its
-    files' sizes and times, so a changed checkpoint is split again."""
+    """This node's place for the thinker split out of `checkpoint` (under the tools' home, ~/.cache/chroma-serve:
+    kept across restarts on a host, the container's own in a pod), named after the checkpoint's path and its files'
+    sizes and times, so a changed checkpoint is split again."""
+    from model.testing.tiny import CHROMA_SERVE_HOME
+
     root = Path(checkpoint).resolve()
     stamp = [str(root)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                            for f in sorted(root.glob("*")) if f.suffix in (".json", ".safetensors")]
     digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "chroma-serve" / f"thinker-{digest}"
+    return CHROMA_SERVE_HOME / "thinkers" / f"{root.name}-{digest}"
 
 
 class AppConfig(BaseModel):
@@ -69,9 +71,9 @@ class AppConfig(BaseModel):
 
     def reasoner_path(self) -> str:
         """Where the Reasoner loads from, on the node that asks. vLLM loads the thinker alone: `reasoner_dir`, else
-        the checkpoint's own `thinker/` where it carries one, else one split out on first use into this node's
-        temporary directory, never into the checkpoint (the Helm chart mounts it read-only, and the Reasoner's
-        node need not be the one the app was built on)."""
+        the checkpoint's own `thinker/` where it carries one, else one split out on first use on this node, never
+        into the checkpoint (the Helm chart mounts it read-only, and the Reasoner's node need not be the one the
+        app was built on)."""
         model = self.checkpoint
         if self.reasoner.engine == "hf":
             return model.reasoner_dir or model.path

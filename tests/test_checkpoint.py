@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -162,10 +161,11 @@ def _tree(path: Path) -> dict[str, int]:
 
 def test_the_vllm_reasoner_never_writes_into_the_checkpoint(tiny_checkpoint, monkeypatch, tmp_path):
     """The Helm chart mounts the checkpoint read-only (and the Reasoner's node may not be where the app was built):
-    the thinker is split into the node's temporary directory, once, and the checkpoint is left as it was."""
+    the thinker is split on the node, under the tools' home, once, and the checkpoint is left as it was."""
+    import model.testing.tiny
     from cluster.config import AppConfig
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(model.testing.tiny, "CHROMA_SERVE_HOME", tmp_path)
     before = _tree(tiny_checkpoint)
     config = AppConfig.model_validate({"checkpoint": {"path": str(tiny_checkpoint)}, "reasoner": {"engine": "vllm"}})
     path = Path(config.reasoner_path())

@@ -46,8 +46,12 @@ import numpy as np
 import yaml
 
 from cluster.ops import container, kuberay
+from cluster.ops.call_client import RealtimeCaller
+from cluster.ops.client import ApiError, ChromaClient
 from cluster.ops.container import Checks, Engine
 from cluster.ops.kuberay import RayCluster, all_running, build_cluster, hosts_for, quantity, quantity_value
+from model.processing.audio import CODEC_RATE
+from model.testing.speech import speak, speak_at, synthetic_speech
 
 CHART = container.REPO / "helm" / "chroma-serve"
 CPU_VALUES = CHART / "values-cpu-dev.yaml"
@@ -259,10 +263,9 @@ def run_argv(node: Node, pod: dict, spec: dict, stored: dict[str, dict[str, str]
     return argv + [spec["image"], *args]
 
 
-def http_get(url: str, timeout_s: float = 5.0, headers: dict | None = None) -> tuple[int | None, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int | None, bytes]:
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -453,23 +456,19 @@ def _bytes(text: str) -> int:
 # --- calls --------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Voices:
+class Api:
+    """The Serve API as this test's callers use it, with the voice they clone."""
+
     url: str
     api_key: str
     voice_id: str = ""
 
     async def create(self) -> None:
-        from cluster.ops.client import ChromaClient
-        from model.testing.speech import speak
-
         audio, rate = speak(VOICE_TEXT)
         async with ChromaClient(self.url, self.api_key) as client:
             self.voice_id = (await client.create_voice("chart-test", VOICE_TEXT, audio, rate))["id"]
 
     async def turn(self):
-        from cluster.ops.client import ChromaClient
-        from model.testing.speech import speak
-
         audio, rate = speak(QUESTION)
         async with ChromaClient(self.url, self.api_key) as client:
             session = await client.create_session(self.voice_id)
@@ -477,9 +476,6 @@ class Voices:
 
     async def new_turn(self) -> tuple[float, int, str | None]:
         """(seconds from sending the caller's audio to the answer, HTTP status, error code) of a new turn."""
-        from cluster.ops.client import ApiError, ChromaClient
-        from model.testing.speech import synthetic_speech
-
         async with ChromaClient(self.url, self.api_key, timeout_s=60) as client:
             try:
                 session = await client.create_session(self.voice_id)
@@ -499,16 +495,11 @@ class LiveCall:
     """A /v1/realtime call that has spoken and is hearing its reply."""
 
     def __init__(self, url: str, api_key: str, voice_id: str):
-        from cluster.ops.call_client import RealtimeCaller
-
         self.caller = RealtimeCaller(url, api_key)
         self.voice_id = voice_id
         self.listening: asyncio.Task | None = None
 
     async def open(self) -> None:
-        from model.processing.audio import CODEC_RATE
-        from model.testing.speech import speak_at
-
         await self.caller.__aenter__()
         await self.caller.configure(self.voice_id, audio={"input": {"turn_detection": {"type": "server_vad"}},
                                                           "output": {"voice": self.voice_id}})
@@ -532,9 +523,8 @@ class LiveCall:
                 return f"response {event['response']['status']} ({(details.get('error') or {}).get('code') or details.get('reason')})"
             if event["type"] == "error":
                 return f"error event ({event['error'].get('code')})"
-        if self.caller._reader and self.caller._reader.done():
-            close = getattr(self.caller.ws, "close_code", None)
-            return f"closed ({close})"
+        if self.caller.ws.close_code is not None:
+            return f"closed ({self.caller.ws.close_code})"
         return None
 
     def completed(self) -> bool:
@@ -559,9 +549,17 @@ async def _one_call(url: str, api_key: str, voice_id: str, timeout_s: float) -> 
         await call.close()
 
 
-async def _node_death(run: Run, voices: Voices, worker: RunningPod) -> dict:
+async def _running(dashboard: kuberay.Dashboard) -> bool | None:
+    """Whether every application is RUNNING by the status API (None: the dashboard did not answer)."""
+    try:
+        return all_running(await asyncio.to_thread(dashboard.applications))
+    except kuberay.DashboardError:
+        return None
+
+
+async def _node_death(run: Run, api: Api, worker: RunningPod, dashboard: kuberay.Dashboard) -> dict:
     """Kill the worker under two live calls; measure what the calls saw, refuse new turns while it is down."""
-    calls = [LiveCall(voices.url, voices.api_key, voices.voice_id) for _ in range(2)]
+    calls = [LiveCall(api.url, api.api_key, api.voice_id) for _ in range(2)]
     figures: dict = {"ended": [], "refusals": []}
     try:
         await asyncio.gather(*(c.open() for c in calls))
@@ -583,8 +581,10 @@ async def _node_death(run: Run, voices: Voices, worker: RunningPod) -> dict:
                     del pending[index]
             await asyncio.sleep(0.02)
         figures["ended"] += [(index, "still open", None) for index in pending]
-        for _ in range(5):  # new turns while the worker is down
-            figures["refusals"].append(await voices.new_turn())
+        for _ in range(5):  # new turns while the worker is down; when Serve's status (KubeRay's signal) sees it
+            figures["refusals"].append(await api.new_turn())
+            if "status left RUNNING" not in figures and not await _running(dashboard):
+                figures["status left RUNNING"] = time.monotonic() - killed_at
             await asyncio.sleep(0.5)
     finally:
         await asyncio.gather(*(c.close() for c in calls))
@@ -697,20 +697,20 @@ def _scenario(run: Run) -> None:
 async def _serve_and_die(run: Run, cluster: RayCluster, dashboard: kuberay.Dashboard, head: RunningPod,
                          worker: RunningPod, url: str, api_key: str) -> None:
     checks, engine = run.checks, run.engine
-    voices = Voices(url, api_key)
+    api = Api(url, api_key)
     started = time.monotonic()
-    await voices.create()
-    reply = await voices.turn()
+    await api.create()
+    reply = await api.turn()
     run.timings["turn"] = time.monotonic() - started
     checks.check("a spoken turn answered through the head's Serve port", reply.audio_seconds > 0 and bool(reply.done),
                  f"{reply.audio_seconds:.2f} s of audio, {len(reply.audio)} chunks")
     started = time.monotonic()
-    status, seconds = await _one_call(url, api_key, voices.voice_id, TIMEOUT_S["call"])
+    status, seconds = await _one_call(url, api_key, api.voice_id, TIMEOUT_S["call"])
     run.timings["call"] = time.monotonic() - started
     checks.check("a /v1/realtime call answered through the head's Serve port", status == "completed" and seconds > 0,
                  f"reply {status}, {seconds:.2f} s of audio")
 
-    figures = await _node_death(run, voices, worker)
+    figures = await _node_death(run, api, worker, dashboard)
     if "setup" in figures:
         checks.check("two live calls held mid-reply", False, figures["setup"])
         return
@@ -724,6 +724,8 @@ async def _serve_and_die(run: Run, cluster: RayCluster, dashboard: kuberay.Dashb
     if ended:
         run.timings["calls ended after the kill (slowest)"] = max(ended)
         _log(f"within the 2 s target: {'yes' if max(ended) <= 2.0 else 'NO'}")
+    if "status left RUNNING" in figures:
+        run.timings["Serve status left RUNNING after the kill"] = figures["status left RUNNING"]
     refusals = figures["refusals"]
     checks.check("new turns are refused 503 stage_unavailable while the worker is down",
                  bool(refusals) and all(r[1] == 503 and r[2] == "stage_unavailable" for r in refusals),
@@ -736,12 +738,15 @@ async def _serve_and_die(run: Run, cluster: RayCluster, dashboard: kuberay.Dashb
     same_ip = await asyncio.to_thread(run.ip_of, worker.container)
     checks.check("the restarted worker keeps its pod IP", same_ip == worker.ip, f"{worker.ip} -> {same_ip}")
 
-    back = await _back_after_restart(run, dashboard, head, worker, voices, restarted_at)
+    back = await _back_after_restart(run, dashboard, head, worker, api, restarted_at,
+                                     "status left RUNNING" in figures)
     meanwhile = ", ".join(f"{n} x {answer}" for answer, n in Counter(
         f"{status} {code or ''}".strip() for _, status, code in back["turns"]).items())
     checks.check("turns while the worker restarts are refused 503 stage_unavailable until it is back",
                  all(status == 503 and code == "stage_unavailable" or status == 200 for _, status, code in back["turns"]),
                  meanwhile)
+    if not back["status left RUNNING"]:
+        _log("Serve's status API never showed the application other than RUNNING while the worker was down")
     for what in ("RUNNING again", "worker ready again"):
         if back.get(what) is not None:
             run.timings[f"{what} after the restart"] = back[what]
@@ -749,22 +754,21 @@ async def _serve_and_die(run: Run, cluster: RayCluster, dashboard: kuberay.Dashb
                  back.get("worker ready again") is not None)
     if back.get("worker ready again") is None:
         return
-    status, seconds = await _one_call(url, api_key, voices.voice_id, TIMEOUT_S["call"])
+    status, seconds = await _one_call(url, api_key, api.voice_id, TIMEOUT_S["call"])
     run.timings["a new call answered after the restart"] = time.monotonic() - back["restarted_at"]
     checks.check("a new /v1/realtime call works after the restart", status == "completed" and seconds > 0,
                  f"reply {status}, {seconds:.2f} s of audio")
 
 
 async def _back_after_restart(run: Run, dashboard: kuberay.Dashboard, head: RunningPod, worker: RunningPod,
-                              voices: Voices, started: float) -> dict:
-    """Seconds from the restart to the applications RUNNING and to the worker's readiness probe passing; new turns
-    tried every 2 s meanwhile, until one is answered."""
-    engine, back = run.engine, {"turns": []}
-    back["restarted_at"] = started
+                              api: Api, started: float, left_running: bool) -> dict:
+    """Seconds from the restart to the applications RUNNING again (after the status API showed them otherwise) and
+    to the worker's readiness probe passing; new turns tried every 2 s meanwhile, until one is answered."""
+    engine, back = run.engine, {"turns": [], "restarted_at": started}
 
     async def turns():
         while True:
-            answer = await voices.new_turn()
+            answer = await api.new_turn()
             back["turns"].append(answer)
             if answer[1] == 200:
                 return
@@ -775,20 +779,18 @@ async def _back_after_restart(run: Run, dashboard: kuberay.Dashboard, head: Runn
         while time.monotonic() - started < TIMEOUT_S["running"]:
             if not all(await asyncio.gather(*(asyncio.to_thread(run.is_running, c) for c in (head.container, worker.container)))):
                 break
-            if "RUNNING again" not in back:
-                try:
-                    if all_running(await asyncio.to_thread(dashboard.applications)):
-                        back["RUNNING again"] = time.monotonic() - started
-                except kuberay.DashboardError:
-                    pass
-            if await asyncio.to_thread(worker.probe, engine, "readiness"):
+            running = await _running(dashboard)
+            left_running = left_running or running is False
+            if running and left_running and "RUNNING again" not in back:
+                back["RUNNING again"] = time.monotonic() - started
+            if running and await asyncio.to_thread(worker.probe, engine, "readiness"):
                 back["worker ready again"] = time.monotonic() - started
-                if "RUNNING again" in back:
-                    break
+                break
             await asyncio.sleep(1.0)
     finally:
         trying.cancel()
         await asyncio.gather(trying, return_exceptions=True)
+    back["status left RUNNING"] = left_running
     return back
 
 
