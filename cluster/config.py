@@ -33,8 +33,8 @@ class CheckpointSettings(BaseModel):
     path: str = Field(description="the Chroma checkpoint directory (official layout)")
     reasoner_dir: str | None = Field(
         None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`), split there on "
-        "first start if missing; default for vLLM: <path>/thinker where the checkpoint has one, else split once on "
-        "the Reasoner's node under ~/.cache/chroma-serve/thinkers; the transformers engine reads the checkpoint itself",
+        "first start if missing; default for vLLM: <path>/thinker, split on first start, or on a read-only checkpoint "
+        "once on the Reasoner's node under ~/.cache/chroma-serve/thinkers; the transformers engine reads the checkpoint",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description='"cpu" or "cuda"')
@@ -70,10 +70,9 @@ class AppConfig(BaseModel):
     replica_cpus: float | None = Field(None, gt=0, description="CPU share of every replica (small local clusters)")
 
     def reasoner_path(self) -> str:
-        """Where the Reasoner loads from, on the node that asks. vLLM loads the thinker alone: `reasoner_dir`, else
-        the checkpoint's own `thinker/` where it carries one, else one split out on first use on this node, never
-        into the checkpoint (the Helm chart mounts it read-only, and the Reasoner's node need not be the one the
-        app was built on)."""
+        """Where the Reasoner loads from, on the node that asks (the Reasoner's: not necessarily the one the app was
+        built on). vLLM loads the thinker alone: `reasoner_dir`, else `<path>/thinker`, split out on first use;
+        where the checkpoint is read-only (the Helm chart mounts it so), split once into this node's own place."""
         model = self.checkpoint
         if self.reasoner.engine == "hf":
             return model.reasoner_dir or model.path
@@ -81,9 +80,10 @@ class AppConfig(BaseModel):
 
         if model.reasoner_dir:
             return str(split_thinker_once(model.path, model.reasoner_dir))
-        if (Path(model.path) / "thinker" / "config.json").is_file():
-            return str(Path(model.path) / "thinker")
-        return str(split_thinker_once(model.path, _node_thinker_dir(model.path)))
+        try:
+            return str(split_thinker_once(model.path, Path(model.path) / "thinker"))
+        except OSError:  # nothing can be written beside it
+            return str(split_thinker_once(model.path, _node_thinker_dir(model.path)))
 
     def longest_turn_s(self) -> float:
         """The longest an admitted turn may last: its start timeout, then its longest reply at real time (admitted

@@ -231,6 +231,7 @@ def split_thinker_once(src: str | Path, out: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         split_thinker(src, staging)
+        staging.chmod(0o755)  # mkdtemp's is private
         os.rename(staging, out)
     except OSError:
         if not (out / "config.json").is_file():  # not another process's win: a real failure
