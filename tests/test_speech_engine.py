@@ -7,12 +7,14 @@ import threading
 import pytest
 import torch
 
-from model.offline import generate_turn
+from model.chroma.turn import VoicePrompt
+from model.offline import generate_turn, speak_turn
+from model.testing.random_speech import random_speech, speech_config
 from model.reasoner.hf import ReasonerSession
 from model.processing.processor import Conversation, Message
 from model.chroma.sampling import SamplingParams
 from model.engines.speech import CapacityError, SpeechEngine, SpeechEngineSettings
-from tests.conftest import speech_like
+from tests.conftest import cuda_layout_sdpa, speech_like
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,16 @@ def codes_of(generated):
     return [f.codes for f in generated if f.codes is not None]
 
 
+async def cancel_after(engine, turn_id, frames, count):
+    """Collect a turn's frames and cancel it once `count` frames came (whatever the engine's speed)."""
+    got = []
+    async for frame in frames:
+        got.append(frame)
+        if len(codes_of(got)) == count:
+            assert engine.cancel(turn_id)
+    return got
+
+
 async def wait_for_steps(engine, count):
     while engine.steps < count:
         await asyncio.sleep(0.005)
@@ -77,9 +89,7 @@ async def test_batched_greedy_frames_equal_offline_frames(chroma, voices):
         await wait_for_steps(engine, join_at)
         stream = reasoner_stream(chroma.thinker, inputs[i], delay=0.002 * i, im_end=im_end)
         frames = await engine.submit(f"turn-{i}", voices[v], stream, max_frames=max_frames)
-        tasks.append(asyncio.create_task(collect(frames)))
-    await wait_for_steps(engine, 14)
-    assert engine.cancel("turn-4")
+        tasks.append(asyncio.create_task(collect(frames) if i < 4 else cancel_after(engine, f"turn-{i}", frames, 5)))
     results = await asyncio.gather(*tasks)
 
     for i in range(4):
@@ -262,3 +272,46 @@ async def test_submit_and_cancel_return_while_a_voice_prompt_is_prefilled(chroma
         blocking.release.set()
         watchdog.cancel()
         speech.backbone.model = blocking.stack
+
+
+def gqa_speech():
+    """RANDOM weights with Chroma-4B's kind of grouped-query attention (2 kv heads; the tiny checkpoint has 1, where
+    the fold of the query heads is a plain view whatever the strides), one layer per stack."""
+    layers = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return random_speech(speech_config(
+        {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "max_position_embeddings": 256, **layers},
+        {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, **layers},
+    ))
+
+
+def synthetic_turn(speech, seed, pairs=8):
+    """(voice, Reasoner pairs) of random ids and hidden states."""
+    generator = torch.Generator().manual_seed(seed)
+    voice = VoicePrompt(torch.randint(0, 4000, (5 + seed,), generator=generator),
+                        torch.randint(1, 2048, (8 + 2 * seed, 8), generator=generator), 8 + 2 * seed)
+    hidden = speech.config.backbone_config.hidden_size
+    items = [(int(torch.randint(0, 4000, (1,), generator=generator)), torch.randn(hidden, generator=generator)) for _ in range(pairs)]
+    return voice, items
+
+
+async def as_stream(items):
+    for item in items:
+        yield item
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded", "compiled"])
+async def test_batched_steps_take_sdpa_outputs_in_the_cuda_layout(mode):
+    """Every step mode at batch > 1 with SDPA returning non-contiguous outputs, as on CUDA: the frames are the offline
+    loop's (computed with the CPU's contiguous outputs)."""
+    speech = gqa_speech()
+    turns = [synthetic_turn(speech, seed) for seed in range(3)]
+    expected = []
+    for voice, items in turns:
+        pairs = iter(items)
+        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 10).frames)
+    with cuda_layout_sdpa():
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4, step_mode=mode, compile_backend="eager"))
+        streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=10) for i, (voice, items) in enumerate(turns)]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.close()
+    assert [codes_of(r) for r in results] == expected

@@ -39,6 +39,7 @@ from model.chroma.turn import (
     turn_frame_budget,
     voice_prompt_attend,
 )
+from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
 from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
 from model.engines.realtime import StepRtf, StepTimes
@@ -57,6 +58,11 @@ class SpeechEngineSettings(BaseModel):
         '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile)',
     )
     compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of step_mode "compiled"')
+    cpu_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads of the engine thread when the model is on a CPU (null: torch's "
+        "count). 1: a step of a small model is many small ops, which more threads only slow down from a second "
+        "thread (model/engines/cpu_threads.py); raise it for a large model on a CPU with cores to spare",
+    )
     max_step_rtf: StepRtf = 0.8  # of one frame's 80 ms per batched step
 
 
@@ -306,6 +312,8 @@ class SpeechEngine:
 
     # ---- the engine thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.speech.device.type == "cpu" and self.settings.cpu_threads is not None:
+            use_intra_op_threads(self.settings.cpu_threads)
         try:
             self._step_until_stopped()
         except BaseException as failure:  # an engine bug must fail the live turns, not leave them hanging
