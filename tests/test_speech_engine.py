@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from model.chroma.speech import DecodeInputs
 from model.chroma.turn import VoicePrompt
 from model.offline import generate_turn, speak_turn
 from model.testing.random_speech import random_speech, speech_config
@@ -315,3 +316,105 @@ async def test_batched_steps_take_sdpa_outputs_in_the_cuda_layout(mode):
         results = await asyncio.gather(*(collect(s) for s in streams))
         await engine.close()
     assert [codes_of(r) for r in results] == expected
+
+
+class ReplayingGraph:
+    """A CUDA graph's contract on a CPU: capture runs the step once; replay reruns it on the same tensors and writes
+    the captured outputs."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.outputs = fn(*args)
+
+    def replay(self):
+        outputs = self.fn(*self.args)
+        if outputs is not None:
+            self.outputs.copy_(outputs)
+
+    def pool(self):
+        return None
+
+
+async def test_buckets_that_cannot_be_captured_run_padded_eager(monkeypatch, caplog):
+    """A capture that fails (here every bucket of batch 2, as a capture fails on a GPU) leaves its bucket to padded
+    eager: logged once when the engine is built, counted in stats, and the frames are still the offline loop's."""
+    import model.engines.graphs as graphs
+    import model.engines.speech as speech_engine
+
+    def capture(fn, args, stream, pool):
+        if isinstance(args[2], DecodeInputs) and args[2].start.shape[0] == 2:  # the decode step's, not the prefill's
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        graph = ReplayingGraph(fn, args)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    monkeypatch.setattr(speech_engine, "resolve_step_mode", lambda mode, device: mode)  # graph modes on a CPU
+    speech = gqa_speech()
+    turns = [synthetic_turn(speech, seed) for seed in range(2)]
+    expected = []
+    for voice, items in turns:
+        pairs = iter(items)
+        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 10).frames)
+
+    with caplog.at_level("WARNING", logger="model.engines.graphs"):
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=2, step_mode="cuda_graphs"))
+    buckets = engine.decode_steps.step.buckets
+    failing = [key for key in buckets if key[0] == 2]
+    assert failing and len(failing) < len(buckets)
+    [record] = caplog.records
+    assert "operation not permitted when stream is capturing" in record.getMessage()
+    assert f"{len(failing)} of {len(buckets)} buckets run padded eager" in record.getMessage()
+
+    streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=10) for i, (voice, items) in enumerate(turns)]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    stats = engine.stats()
+    await engine.close()
+    assert [codes_of(r) for r in results] == expected
+    assert stats["cuda_graphs"] == len(buckets) - len(failing)
+    assert stats["eager_fallback_buckets"] == len(failing)
+    assert stats["eager_fallback_steps"] > 0  # both turns stepped together, in a batch-2 bucket
+    assert sum(engine.decode_steps.bucket_steps.values()) == stats["steps"]
+    assert len(caplog.records) == 1  # the steps themselves log nothing
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded"])
+def test_voice_prompts_are_prefilled_together_in_one_forward(mode):
+    """Three voices of different lengths in one forward give each the keys/values of its prompt prefilled alone."""
+    from model.chroma.layers import StepInputs
+    from model.chroma.turn import voice_prompt_attend
+    from model.engines.voice_prefill import VoicePrefill
+
+    speech = gqa_speech()
+    voices = [synthetic_turn(speech, seed)[0] for seed in range(3)]
+    prefill = VoicePrefill(speech, mode, max_voices=4)
+    together = prefill.run(voices)
+    assert prefill.stats()["forwards"] == 1 and prefill.stats()["voices"] == 3
+    for voice, prefix in zip(voices, together):
+        embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
+        alone = speech.allocate_backbone_cache(rows=1, capacity=embeds.shape[0])
+        with torch.inference_mode():
+            step = StepInputs.contiguous([0], [0], [embeds.shape[0]], "cpu", attend=voice_prompt_attend(voice)[None])
+            speech.backbone.model(embeds[None], alone, step)
+        assert torch.equal(prefix.keys, alone.keys[0, :, :, :-1]) and torch.equal(prefix.values, alone.values[0, :, :, :-1])
+        assert torch.equal(prefix.visible, alone.visible[0, :-1])
+
+
+async def test_a_cached_voice_skips_its_prefill():
+    """Turns in two new voices that start together are prefilled once per voice; a later turn in a cached voice is
+    not prefilled again. Every turn's frames are the offline loop's."""
+    speech = gqa_speech()
+    (voice_a, pairs_a), (voice_b, pairs_b) = synthetic_turn(speech, 0), synthetic_turn(speech, 1)
+    plans = [(voice_a, pairs_a), (voice_b, pairs_b), (voice_a, pairs_b)]
+    expected = []
+    for voice, items in plans + [(voice_b, pairs_a)]:
+        pairs = iter(items)
+        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 8).frames)
+    engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4))
+    streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=8) for i, (voice, items) in enumerate(plans)]
+    results = [codes_of(r) for r in await asyncio.gather(*(collect(s) for s in streams))]
+    prefilled = engine.stats()["voice_prefill"]
+    assert prefilled["voices"] == 2 and prefilled["forwards"] <= 2
+    results.append(codes_of(await collect(await engine.submit("again", voice_b, as_stream(pairs_a), max_frames=8))))
+    assert engine.stats()["voice_prefill"] == prefilled  # voice b came from the cache
+    await engine.close()
+    assert results == expected
