@@ -295,6 +295,15 @@ def synthetic_turn(speech, seed, pairs=8):
     return voice, items
 
 
+def offline_frames(speech, turns, frames):
+    """Each (voice, pairs) turn's frames from the offline loop."""
+    expected = []
+    for voice, items in turns:
+        pairs = iter(items)
+        expected.append(speak_turn(speech, voice, lambda _: next(pairs), frames).frames)
+    return expected
+
+
 async def as_stream(items):
     for item in items:
         yield item
@@ -306,10 +315,7 @@ async def test_batched_steps_take_sdpa_outputs_in_the_cuda_layout(mode):
     loop's (computed with the CPU's contiguous outputs)."""
     speech = gqa_speech()
     turns = [synthetic_turn(speech, seed) for seed in range(3)]
-    expected = []
-    for voice, items in turns:
-        pairs = iter(items)
-        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 10).frames)
+    expected = offline_frames(speech, turns, 10)
     with cuda_layout_sdpa():
         engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4, step_mode=mode, compile_backend="eager"))
         streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=10) for i, (voice, items) in enumerate(turns)]
@@ -351,10 +357,7 @@ async def test_buckets_that_cannot_be_captured_run_padded_eager(monkeypatch, cap
     monkeypatch.setattr(speech_engine, "resolve_step_mode", lambda mode, device: mode)  # graph modes on a CPU
     speech = gqa_speech()
     turns = [synthetic_turn(speech, seed) for seed in range(2)]
-    expected = []
-    for voice, items in turns:
-        pairs = iter(items)
-        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 10).frames)
+    expected = offline_frames(speech, turns, 10)
 
     with caplog.at_level("WARNING", logger="model.engines.graphs"):
         engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=2, step_mode="cuda_graphs"))
@@ -405,10 +408,7 @@ async def test_a_cached_voice_skips_its_prefill():
     speech = gqa_speech()
     (voice_a, pairs_a), (voice_b, pairs_b) = synthetic_turn(speech, 0), synthetic_turn(speech, 1)
     plans = [(voice_a, pairs_a), (voice_b, pairs_b), (voice_a, pairs_b)]
-    expected = []
-    for voice, items in plans + [(voice_b, pairs_a)]:
-        pairs = iter(items)
-        expected.append(speak_turn(speech, voice, lambda _: next(pairs), 8).frames)
+    expected = offline_frames(speech, plans + [(voice_b, pairs_a)], 8)
     engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4))
     streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=8) for i, (voice, items) in enumerate(plans)]
     results = [codes_of(r) for r in await asyncio.gather(*(collect(s) for s in streams))]
