@@ -59,7 +59,7 @@ class CodecSettings(BaseModel):
         "auto", description='how a batched chunk decode runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
         '"eager", "padded", "cuda_graphs", "compiled", "compiled_graphs" (see model/engines/graphs.py)',
     )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of decode_mode "compiled"')
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled decode modes')
     max_step_rtf: StepRtf = 0.8  # of one chunk's audio per batched decode
 
 

@@ -9,8 +9,8 @@ per-turn inputs into that step's tensors and runs it in one of the modes of `mod
   real ones are padding (length 0). On CUDA every (B, width, kv_len) is settled at construction (its SDPA backend;
   in the graph modes its capture, the only time a graph is built), largest first.
 
-A voice-prompt prefill is not a decode step: it runs eagerly, once per voice (the engine caches its keys/values).
-The first step after it (the Reasoner pair alone, 2 positions) and frame + pair steps (3) share the width-3 graphs.
+A voice-prompt prefill is not a decode step: `model.engines.voice_prefill` runs the prompts of the voices a step
+needs in one forward, once per voice (the engine caches their keys/values). The first step after it (the Reasoner pair alone, 2 positions) and frame + pair steps (3) share the width-3 graphs.
 """
 
 from __future__ import annotations

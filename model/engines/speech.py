@@ -58,7 +58,7 @@ class SpeechEngineSettings(BaseModel):
         '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile), '
         '"compiled_graphs" (compiled, then captured): model/engines/graphs.py',
     )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of step_mode "compiled"')
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled step modes')
     prefill_voices: int = Field(
         8, ge=1, description="voice prompts prefilled in one forward: turns in new voices that arrive together share it",
     )
