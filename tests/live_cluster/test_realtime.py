@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from websockets.exceptions import InvalidStatus
 from pydantic import TypeAdapter
 
 from cluster.ops.call_client import RealtimeCaller
@@ -233,7 +234,7 @@ async def test_bad_input_gets_errors_and_the_call_goes_on(cluster, voice_id):
 async def test_refusals_at_the_handshake(cluster):
     url = cluster["url"].replace("http", "ws") + "/v1/realtime"
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(url, additional_headers=headers):
                 pass
         assert refused.value.response.status_code == 401
@@ -241,7 +242,7 @@ async def test_refusals_at_the_handshake(cluster):
     calls = [await websockets.connect(url, additional_headers={"Authorization": "Bearer key-other"})
              for _ in range(CALL_LIMIT_PER_TENANT)]
     try:
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(url, additional_headers={"Authorization": "Bearer key-other"}):
                 pass
         assert refused.value.response.status_code == 429
