@@ -1,5 +1,6 @@
 # One-command entry points. `make demo` sets up, brings the local cluster up and answers a spoken turn through it;
-# `make test` sets up and runs the tests; `make image` builds the container image, `make image-test` runs it.
+# `make test` sets up and runs the tests; `make image` builds the container image, `make image-test` runs it,
+# `make chart-test` runs the Helm chart's cluster on it (two Ray nodes in containers, as KubeRay would).
 PYTHON ?= python3.11
 VENV ?= .venv
 # cpu or cuda: the CUDA stack where nvidia-smi lists a GPU, the CPU one elsewhere; `make setup DEVICE=cuda` forces it.
@@ -27,7 +28,7 @@ WITH_VLLM ?= 1
 PACKAGE ?= -e .[dev]
 PIP = $(VENV)/bin/pip install -q
 
-.PHONY: setup system-packages vllm demo offline-demo down test image image-test image-stack image-deps image-package clean
+.PHONY: setup system-packages vllm demo offline-demo down test image image-test chart-test image-stack image-deps image-package clean
 
 setup: system-packages $(VENV)/.installed $(if $(filter 1,$(WITH_VLLM)),$(VENV)/.vllm-installed)
 
@@ -107,6 +108,13 @@ image:
 # spoken turn through its published port from this machine, then removes it. Installs podman if it is missing.
 image-test: setup
 	$(VENV)/bin/python -m cluster.ops.container test
+
+# The Helm chart's cluster for real (helm/README.md): renders it with the CPU values, runs the Redis, head and worker
+# pods KubeRay v1.7.0 would make of it as podman containers of the image-test image (rebuilt from its cached
+# layers), deploys the rendered serveConfigV2 through the head's dashboard, answers a turn and a /v1/realtime call,
+# then kills the worker under two live calls and restarts it. A few minutes; prints each check and figure.
+chart-test: setup
+	$(VENV)/bin/python -m cluster.ops.chart_test
 
 # `make print-TORCH_SPEC`: a variable as this Makefile computes it (cluster/ops/container.py reads the pins so).
 print-%:

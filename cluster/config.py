@@ -7,6 +7,7 @@ the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -33,11 +34,25 @@ class CheckpointSettings(BaseModel):
 
     path: str = Field(description="the Chroma checkpoint directory (official layout)")
     reasoner_dir: str | None = Field(
-        None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`); default "
-        "for vLLM <path>/thinker, split on first start; the transformers engine reads the checkpoint itself",
+        None, description="the Reasoner's directory (the thinker alone, `chroma-serve checkpoint split`), split there on "
+        "first start if missing; default for vLLM: <path>/thinker, split on first start, or on a read-only checkpoint "
+        "once on the Reasoner's node under ~/.cache/chroma-serve/thinkers; the transformers engine reads the checkpoint",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description='"cpu" or "cuda"')
+
+
+def _node_thinker_dir(checkpoint: str) -> Path:
+    """This node's place for the thinker split out of `checkpoint` (under the tools' home, ~/.cache/chroma-serve:
+    kept across restarts on a host, the container's own in a pod), named after the checkpoint's path and its files'
+    sizes and times, so a changed checkpoint is split again."""
+    from model.testing.tiny import CHROMA_SERVE_HOME
+
+    root = Path(checkpoint).resolve()
+    stamp = [str(root)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                           for f in sorted(root.glob("*")) if f.suffix in (".json", ".safetensors")]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return CHROMA_SERVE_HOME / "thinkers" / f"{root.name}-{digest}"
 
 
 class AppConfig(BaseModel):
@@ -58,16 +73,20 @@ class AppConfig(BaseModel):
     replica_cpus: float | None = Field(None, gt=0, description="CPU share of every replica (small local clusters)")
 
     def reasoner_path(self) -> str:
-        """Where the Reasoner loads from; for vLLM the thinker is split out of the checkpoint on first use."""
+        """Where the Reasoner loads from, on the node that asks (the Reasoner's: not necessarily the one the app was
+        built on). vLLM loads the thinker alone: `reasoner_dir`, else `<path>/thinker`, split out on first use;
+        where the checkpoint is read-only (the Helm chart mounts it so), split once into this node's own place."""
         model = self.checkpoint
         if self.reasoner.engine == "hf":
             return model.reasoner_dir or model.path
-        path = model.reasoner_dir or str(Path(model.path) / "thinker")
-        if not (Path(path) / "config.json").is_file():
-            from model.chroma.checkpoint import split_thinker
+        from model.chroma.checkpoint import split_thinker_once
 
-            split_thinker(model.path, path)
-        return path
+        if model.reasoner_dir:
+            return str(split_thinker_once(model.path, model.reasoner_dir))
+        try:
+            return str(split_thinker_once(model.path, Path(model.path) / "thinker"))
+        except OSError:  # nothing can be written beside it
+            return str(split_thinker_once(model.path, _node_thinker_dir(model.path)))
 
     def reasoner_context(self) -> int:
         """The Reasoner's context in positions: vLLM's max_model_len where set, else the thinker's own."""

@@ -24,7 +24,6 @@ DRAIN_MARGIN_S = 10.0
 
 def build_app(args: dict):
     config = AppConfig.model_validate(args)
-    config.reasoner_path()  # split the thinker out once, here, rather than racing in several replicas
     longest_turn_s = config.longest_turn_s()
     options = {"graceful_shutdown_timeout_s": longest_turn_s + DRAIN_MARGIN_S}
     if config.replica_cpus is not None:

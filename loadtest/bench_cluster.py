@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
-import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,43 +32,11 @@ from cluster.config import AppConfig  # noqa: E402
 from cluster.ops.client import ChromaClient, TurnReply  # noqa: E402
 from cluster.ops.local import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
 from cluster.pipeline.local import LocalTurnBackend  # noqa: E402
-from cluster.pipeline.history import UserTurn  # noqa: E402
-from cluster.pipeline.turn import AudioChunk, TurnDone  # noqa: E402
-from cluster.state.store import Session, Voice  # noqa: E402
+from cluster.state.store import Voice  # noqa: E402
+from loadtest.turn_timing import TurnTiming, engine_turn, measure, summary  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
-FRAME_SECONDS = 0.08
 VOICE_TEXT = "This is the voice you will hear in every reply."
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-class TurnTiming:
-    def __init__(self, ttfa_s: float | None, total_s: float, frames: int):
-        self.ttfa_s, self.total_s, self.frames = ttfa_s, total_s, frames
-
-    @property
-    def per_frame_s(self) -> float:
-        return self.total_s / max(self.frames, 1)
-
-    @property
-    def rtf(self) -> float:
-        return self.total_s / max(self.frames * FRAME_SECONDS, 1e-9)
-
-
-async def engine_turn(backend: LocalTurnBackend, voice: Voice, caller: np.ndarray) -> TurnTiming:
-    now = datetime.now(timezone.utc)
-    session = Session(id=f"sess_{uuid.uuid4().hex}", tenant="bench", voice_id=voice.id, created_at=now, updated_at=now)
-    started, first, frames = time.perf_counter(), None, 0
-    plan = backend.history.plan(session, UserTurn.of("item_bench", caller))
-    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, plan):
-        if isinstance(event, AudioChunk) and first is None:
-            first = time.perf_counter() - started
-        elif isinstance(event, TurnDone):
-            frames = event.frames
-    return TurnTiming(first, time.perf_counter() - started, frames)
 
 
 async def cluster_turn(client: ChromaClient, voice_id: str, caller: np.ndarray) -> TurnTiming:
@@ -80,26 +44,6 @@ async def cluster_turn(client: ChromaClient, voice_id: str, caller: np.ndarray) 
     reply: TurnReply = await client.turn(session["id"], caller, 16000)
     await client.delete_session(session["id"])
     return TurnTiming(reply.ttfa_s, reply.total_s, reply.done["frames"])
-
-
-async def measure(run_one, concurrency: int, rounds: int) -> list[TurnTiming]:
-    timings = []
-    for _ in range(rounds):
-        timings += await asyncio.gather(*(run_one() for _ in range(concurrency)))
-    return timings
-
-
-def summary(timings: list[TurnTiming]) -> dict:
-    ttfa = [t.ttfa_s for t in timings if t.ttfa_s is not None]
-    return {
-        "turns": len(timings),
-        "frames_p50": statistics.median(t.frames for t in timings),
-        "ttfa_ms_p50": 1000 * percentile(ttfa, 50),
-        "ttfa_ms_p95": 1000 * percentile(ttfa, 95),
-        "ms_per_frame_p50": 1000 * percentile([t.per_frame_s for t in timings], 50),
-        "rtf_p50": percentile([t.rtf for t in timings], 50),
-        "rtf_max": max(t.rtf for t in timings),
-    }
 
 
 async def run_engines(args, config: AppConfig, caller: np.ndarray, voice_audio: np.ndarray) -> dict:

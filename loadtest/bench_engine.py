@@ -12,8 +12,16 @@ and Decoder as transformers `LlamaModel`s with a `DynamicCache`, the decoder ste
 cache per frame, as upstream's per-frame `generate()` does), our `speak_turn` (generate_turn's speech loop), and,
 for a checkpoint with a thinker, `generate_turn` end to end (thinker + speech + one-shot codec decode).
 
+Per step mode, one SpeechEngine (and CodecEngine) sized for the largest level serves every level, as a server would:
+its buckets are settled (on CUDA: SDPA backend chosen, graphs captured) once, and the mode's line says how many
+graphs, how many buckets run padded eager instead, the capture seconds, the graph pool's memory and which SDPA
+backend each bucket (batch x width x kv_len) runs. Then one line per level, and the kernels per step from
+torch.profiler at batch 1 and at the largest level (on CUDA the GPU kernels and the host's launches, a graph replay
+being one launch; on a CPU the operators dispatched). A mode or level that fails is recorded with its error in the
+JSON and the sweep goes on; the exit status is then 1.
+
     python loadtest/bench_engine.py [--checkpoint DIR | --size tiny|full] [--device cuda] [--dtype bfloat16]
-        [--step-modes eager,cuda_graphs] [--concurrency 1,8,32] [--frames 100] [--codec] [--json PATH]
+        [--step-modes padded,cuda_graphs] [--concurrency 1,8,32] [--frames 100] [--codec] [--json PATH]
 """
 
 from __future__ import annotations
@@ -33,34 +41,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.chroma.checkpoint import Checkpoint, load_codec, load_speech, load_thinker, resolve_dtype  # noqa: E402
-from model.chroma.config import ChromaConfig  # noqa: E402
 from model.chroma.speech import SpeechModel  # noqa: E402
 from model.chroma.turn import VoicePrompt  # noqa: E402
 from model.engines.codec import CodecEngine  # noqa: E402
 from model.engines.speech import SpeechEngine, SpeechEngineSettings  # noqa: E402
 from model.offline import speak_turn  # noqa: E402
+from model.testing.random_speech import random_speech, speech_config  # noqa: E402
 
 FRAME_SECONDS = 0.08
 RTF_TARGET = 0.5  # per-turn RTF the capacity figure asks for (the Reasoner's share of the GPU set aside)
 
 
-def full_size_config() -> ChromaConfig:
-    return ChromaConfig.model_validate({
-        "thinker_config": {"text_config": {"hidden_size": 2048, "vocab_size": 151936}},
-        "backbone_config": {}, "decoder_config": {}, "codec_config": {"codebook_size": 2048, "sampling_rate": 24000},
-    })
-
-
 def build_speech(args, dtype: torch.dtype) -> SpeechModel:
     if (directory := model_dir(args)) is not None:
         return load_speech(Checkpoint(directory), dtype, args.device)
-    with torch.device(args.device):
-        speech = SpeechModel(full_size_config()).to(dtype)
-    for param in speech.parameters():  # O(1) activations, like trained weights
-        if param.ndim >= 2:
-            torch.nn.init.normal_(param, std=param.shape[-1] ** -0.5)
-    speech.tie_weights()
-    return speech.eval()
+    return random_speech(speech_config(text_vocab=151936), args.device, dtype)  # Chroma-4B's Backbone and Decoder
 
 
 def build_codec(args, dtype: torch.dtype):
@@ -249,12 +244,31 @@ def generate_turn_rates(args, speech: SpeechModel, codec, dtype: torch.dtype, fr
 
 # ---- the engine --------------------------------------------------------------------------------------------------
 
-async def run_level(speech: SpeechModel, codec, args, step_mode: str, concurrency: int) -> dict:
+def codec_mode_for(args, step_mode: str) -> str:
+    """The codec's decode mode: --codec-mode, or by default the speech step's (graphs where the step has graphs)."""
+    if args.codec_mode != "same":
+        return args.codec_mode
+    return {"compiled_graphs": "cuda_graphs", "compiled": "padded"}.get(step_mode, step_mode)
+
+
+def build_engines(speech: SpeechModel, codec, args, step_mode: str) -> tuple[SpeechEngine, CodecEngine | None, dict]:
+    """One SpeechEngine (and CodecEngine) per step mode, sized for the largest level: buckets are settled (graphs
+    captured) once, as in a server, and every level runs on them."""
+    slots = max(args.concurrency)
     started = time.perf_counter()
-    engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=max(concurrency, 1), max_frames=args.frames, step_mode=step_mode))
-    codec_engine = (CodecEngine(codec, speech.config, max_streams=concurrency, decode_mode=args.codec_mode)
-                    if codec is not None else None)
-    setup_s = time.perf_counter() - started
+    settings = SpeechEngineSettings(max_slots=slots, max_frames=args.frames, step_mode=step_mode,
+                                    compile_backend=args.compile_backend, cpu_threads=args.cpu_threads)
+    engine = SpeechEngine(speech, settings)
+    speech_s = time.perf_counter() - started
+    codec_engine = None
+    if codec is not None:
+        codec_engine = CodecEngine(codec, speech.config, max_streams=slots, decode_mode=codec_mode_for(args, step_mode),
+                                   compile_backend=args.compile_backend)
+    return engine, codec_engine, {"speech_setup_s": speech_s, "codec_setup_s": time.perf_counter() - started - speech_s}
+
+
+async def run_level(engine: SpeechEngine, codec_engine: CodecEngine | None, args, concurrency: int) -> dict:
+    speech = engine.speech
     first_audio: dict[str, float] = {}
     voices = [random_voice(seed) for seed in range(4)]
 
@@ -272,16 +286,18 @@ async def run_level(speech: SpeechModel, codec, args, step_mode: str, concurrenc
         first, count = None, 0
         if codec_engine:
             codec_engine.open_stream(turn_id)
-        stream = await engine.submit(turn_id, voices[index % len(voices)],
-                                     as_stream(synthetic_pairs(speech, index, args.text_tokens)), max_frames=args.frames)
-        async for frame in stream:
-            if frame.codes is not None:
-                count += 1
-                first = first or time.perf_counter()
-                if codec_engine:
-                    codec_engine.push(turn_id, torch.tensor([frame.codes]))
-        if codec_engine:
-            codec_engine.close(turn_id)
+        try:
+            stream = await engine.submit(turn_id, voices[index % len(voices)],
+                                         as_stream(synthetic_pairs(speech, index, args.text_tokens)), max_frames=args.frames)
+            async for frame in stream:
+                if frame.codes is not None:
+                    count += 1
+                    first = first or time.perf_counter()
+                    if codec_engine:
+                        codec_engine.push(turn_id, torch.tensor([frame.codes]))
+        finally:
+            if codec_engine:
+                codec_engine.close(turn_id)
         ended = time.perf_counter()
         record = {"first_frame_ms": 1000 * (first - submitted), "rtf": (ended - submitted) / (count * FRAME_SECONDS), "frames": count}
         if turn_id in first_audio:
@@ -291,45 +307,152 @@ async def run_level(speech: SpeechModel, codec, args, step_mode: str, concurrenc
     async def level(count: int):
         done = asyncio.Event()
         decoder = asyncio.create_task(decode_audio(done)) if codec_engine else None
-        turns = await asyncio.gather(*(one(i) for i in range(count)))
-        done.set()
-        if decoder:
-            await decoder
-        return turns
+        try:
+            return await asyncio.gather(*(one(i) for i in range(count)))
+        finally:
+            done.set()
+            if decoder:
+                await decoder
 
-    await level(min(concurrency, len(voices)))  # warm-up: fills the voice cache and, on a GPU, the allocator
-    engine.step_times.clear()
-    sync(args.device)
-    reset_peak_memory(args.device)
-    with Clock(args.device) as clock:
-        turns = await level(concurrency)
+    try:
+        await level(min(concurrency, len(voices)))  # warm-up: fills the voice cache and, on a GPU, the allocator
+        engine.step_times.clear()
+        sync(args.device)
+        reset_peak_memory(args.device)
+        with Clock(args.device) as clock:
+            turns = await level(concurrency)
+    finally:
+        await engine.close()  # stops the engine thread; the next level's first submit starts it again
     stats = engine.stats()
-    await engine.close()
     rtfs = [t["rtf"] for t in turns]
+    first_frames = sorted(t["first_frame_ms"] for t in turns)
     record = {
         "step_mode": stats["step_mode"],
         "concurrency": concurrency,
         **clock.rates(sum(t["frames"] for t in turns)),
         "rtf_p50": statistics.median(rtfs),
         "rtf_max": max(rtfs),
-        "first_frame_ms_p50": statistics.median(t["first_frame_ms"] for t in turns),
-        "first_frame_ms_max": max(t["first_frame_ms"] for t in turns),
+        "first_frame_ms_p50": statistics.median(first_frames),
+        "first_frame_ms_p95": first_frames[int(0.95 * (len(first_frames) - 1))],
+        "first_frame_ms_max": first_frames[-1],
         "step_ms_p50": stats["step_ms_p50"],
         "step_ms_p95": stats["step_ms_p95"],
         "peak_mem_mb": peak_memory_mb(args.device),
-        "cuda_graphs": stats["cuda_graphs"],
-        "graph_capture_s": stats["graph_capture_s"],
-        "engine_setup_s": setup_s,
     }
     if codec_engine:
-        record["first_audio_ms_p50"] = statistics.median(t["first_audio_ms"] for t in turns if "first_audio_ms" in t)
+        audio = sorted(t["first_audio_ms"] for t in turns if "first_audio_ms" in t)
+        record["first_audio_ms_p50"] = statistics.median(audio) if audio else None
         record["codec_mode"] = codec_engine.decode_mode
     return record
 
 
+def kernels_per_step(engine: SpeechEngine, batch: int) -> dict:
+    """One decode step of `batch` turns (a frame each, no Reasoner pair) under torch.profiler. On CUDA: the kernels
+    the GPU runs and the launches the host makes (kernel launches and graph launches); on a CPU: the operators the
+    step dispatches (top-level aten ops, and inductor's fused kernels where compiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.chroma.sampling import SamplingParams
+    from model.engines.decode_steps import RowInput
+
+    rows = [RowInput(slot, 70, 1, None, SamplingParams(), 0, 1) for slot in range(batch)]  # idle slots: scratch work
+    steps = engine.decode_steps
+    steps.run(rows)  # a compiled shape compiles here, not under the profiler
+    cuda = engine.speech.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        steps.run(rows)
+    events = prof.events()
+    if cuda:
+        launches = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+        return {"batch": batch, "gpu_kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events),
+                "host_launches": sum(e.name in launches for e in events)}
+
+    def counted(event) -> bool:
+        return event.name.startswith("aten::") or "cpp_fused" in event.name
+
+    def top_level(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if counted(parent):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return {"batch": batch, "cpu_ops": sum(counted(e) and top_level(e) for e in events)}
+
+
+def bucket_summary(table: list[dict]) -> str:
+    """'EFFICIENT_ATTENTION: 1x1x64 1x1x128 ...; fallback: ...' for the printout."""
+    by_backend: dict[str, list[str]] = {}
+    for row in table:
+        name = row["sdpa_backend"] + ("" if row["graph"] or not row["fallback"] else " (padded eager)")
+        by_backend.setdefault(name, []).append(row["bucket"])
+    return "; ".join(f"{name}: {' '.join(buckets)}" for name, buckets in by_backend.items())
+
+
+def run_mode(speech: SpeechModel, codec, args, step_mode: str, save=lambda records: None) -> tuple[list[dict], dict]:
+    """Every level of one step mode -> (level records, the mode's buckets, capture figures and kernels per step).
+    A failing build or level is recorded with its error, and the sweep goes on."""
+    mode_record: dict = {"step_mode": step_mode}
+    try:
+        engine, codec_engine, setup = build_engines(speech, codec, args, step_mode)
+    except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+        mode_record["error"] = f"engine build: {type(error).__name__}: {error}"
+        print(f"{step_mode:>15}: engine build failed: {mode_record['error']}", flush=True)
+        return [{"step_mode": step_mode, "concurrency": c, "error": mode_record["error"]} for c in args.concurrency], mode_record
+    stats = engine.stats()
+    mode_record.update(setup)
+    mode_record.update({k: stats[k] for k in ("cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb", "sdpa_backends")})
+    mode_record["buckets"] = engine.decode_steps.step.bucket_table()
+    mode_record["voice_prefill"] = {**engine.voice_prefill.stats(), "buckets": engine.voice_prefill.step.bucket_table()}
+    if codec_engine is not None:
+        codec_stats = codec_engine.stats()
+        mode_record["codec"] = {k: codec_stats[k] for k in ("decode_mode", "cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb")}
+        mode_record["codec"]["buckets"] = codec_engine._decode_step.bucket_table()
+    print(f"{step_mode:>15}: {stats['cuda_graphs']} graphs, {stats['eager_fallback_buckets']} buckets padded eager, capture "
+          f"{stats['graph_capture_s']:.1f} s, graph pool {stats['graph_pool_mb']:.0f} MB, setup {setup['speech_setup_s']:.1f} s"
+          + (f"; codec {mode_record['codec']['cuda_graphs']} graphs, {mode_record['codec']['graph_pool_mb']:.0f} MB" if codec_engine else ""), flush=True)
+    if mode_record["buckets"]:
+        print(f"{'':>15}  SDPA backend per bucket (batch x width x kv_len): {bucket_summary(mode_record['buckets'])}", flush=True)
+    records = []
+    for concurrency in args.concurrency:
+        try:
+            record = asyncio.run(run_level(engine, codec_engine, args, concurrency))
+        except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+            record = {"step_mode": step_mode, "concurrency": concurrency, "error": f"{type(error).__name__}: {error}"}
+            print(f"{step_mode:>15} {concurrency:>4} failed: {record['error']}", flush=True)
+        else:
+            print_level(record, codec is not None)
+        records.append(record)
+        save(records)  # what was measured survives a time limit that stops the run later
+    stats = engine.stats()
+    mode_record["eager_fallback_steps"] = stats["eager_fallback_steps"]
+    mode_record["step_ms_by_batch"] = stats["step_ms_by_batch"]
+    mode_record["kernels_per_step"] = []
+    for batch in sorted({1, max(args.concurrency)}):
+        try:
+            mode_record["kernels_per_step"].append(kernels_per_step(engine, batch))
+        except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+            mode_record["kernels_per_step"].append({"batch": batch, "error": f"{type(error).__name__}: {error}"})
+    print(f"{step_mode:>15}: per step " + ", ".join(
+        ", ".join(f"{k} {v}" for k, v in k_.items()) for k_ in mode_record["kernels_per_step"]), flush=True)
+    return records, mode_record
+
+
+HEADER = (f"{'mode':>15} {'conc':>4} {'frames/s':>9} {'/cpu s':>7} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} "
+          f"{'p95':>7} {'step p50':>9} {'step p95':>9} {'peak MB':>8}")
+
+
+def print_level(record: dict, codec: bool) -> None:
+    print(f"{record['step_mode']:>15} {record['concurrency']:>4} {record['frames_per_s']:>9.1f} {record['frames_per_cpu_s']:>7.1f} "
+          f"{record['rtf_p50']:>8.3f} {record['rtf_max']:>8.3f} {record['first_frame_ms_p50']:>13.1f} {record['first_frame_ms_p95']:>7.1f} "
+          f"{record['step_ms_p50']:>9.2f} {record['step_ms_p95']:>9.2f} {record['peak_mem_mb']:>8.0f}"
+          + (f" {record['first_audio_ms_p50'] or float('nan'):>13.1f}" if codec else ""), flush=True)
+
+
 def capacity(records: list[dict], step_mode: str) -> int | None:
     """The highest concurrency whose every turn ran at RTF <= RTF_TARGET."""
-    fitting = [r["concurrency"] for r in records if r["step_mode"] == step_mode and r["rtf_max"] <= RTF_TARGET]
+    fitting = [r["concurrency"] for r in records if r["step_mode"] == step_mode and "error" not in r and r["rtf_max"] <= RTF_TARGET]
     return max(fitting) if fitting else None
 
 
@@ -337,15 +460,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a checkpoint directory in the official layout (default: --size)")
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny", help="RANDOM weights when no --checkpoint")
-    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--frames", type=int, default=100, help="frames per turn (12.5 per second of audio)")
     parser.add_argument("--text-tokens", type=int, default=40)
     parser.add_argument("--stagger-ms", type=float, default=40.0, help="delay between turns joining")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--step-modes", default="auto", help="SpeechEngine step modes to compare, e.g. eager,cuda_graphs")
-    parser.add_argument("--codec-mode", default="auto", help="CodecEngine decode mode with --codec")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--step-modes", default="auto", help="SpeechEngine step modes to compare, e.g. padded,cuda_graphs")
+    parser.add_argument("--codec-mode", default="same", help="CodecEngine decode mode with --codec (same: the step mode's)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled modes")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's own choice)")
+    parser.add_argument("--cpu-threads", type=int, default=1, help="intra-op threads of the engine thread on a CPU")
     parser.add_argument("--codec", action="store_true", help="also stream-decode every turn with the CodecEngine")
     parser.add_argument("--baselines", default="upstream,speak_turn,generate_turn",
                         help="offline baselines to run first (comma-separated; empty for none)")
@@ -354,53 +479,68 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and args.compile_backend == "inductor":
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True  # inductor's fused kernels show in the profiler's count
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     speech = build_speech(args, dtype)
     codec = build_codec(args, dtype) if args.codec else None
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"RANDOM WEIGHTS, size {args.size}"
-    print(f"{weights}, {args.device} {dtype}, {args.frames} frames per turn, threads {torch.get_num_threads()}")
+    print(f"{weights}, {args.device} {dtype}, {args.frames} frames per turn, threads {torch.get_num_threads()} "
+          f"(engine thread on a CPU: {args.cpu_threads}), turns {args.stagger_ms:g} ms apart", flush=True)
 
     baselines = {}
     wanted = [b for b in args.baselines.split(",") if b]
-    if "upstream" in wanted:
-        baselines["upstream_style"], upstream_frames = upstream_style_rates(speech, args.frames, args.text_tokens, args.device)
-    if "speak_turn" in wanted:
-        baselines["speak_turn"], ours = speak_turn_rates(speech, args.frames, args.text_tokens, args.device)
+    try:
         if "upstream" in wanted:
-            baselines["upstream_style_frames_equal_speak_turn"] = upstream_frames == ours
-    if "generate_turn" in wanted:
-        baselines["generate_turn"] = generate_turn_rates(args, speech, codec, dtype, args.frames)
+            baselines["upstream_style"], upstream_frames = upstream_style_rates(speech, args.frames, args.text_tokens, args.device)
+        if "speak_turn" in wanted:
+            baselines["speak_turn"], ours = speak_turn_rates(speech, args.frames, args.text_tokens, args.device)
+            if "upstream" in wanted:
+                baselines["upstream_style_frames_equal_speak_turn"] = upstream_frames == ours
+        if "generate_turn" in wanted:
+            baselines["generate_turn"] = generate_turn_rates(args, speech, codec, dtype, args.frames)
+    except Exception as error:  # noqa: BLE001 - recorded, the engine sweep goes on
+        baselines["error"] = f"{type(error).__name__}: {error}"
     for name, value in baselines.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in value.items()) if isinstance(value, dict) else value
-        print(f"baseline {name}: {shown}")
+        print(f"baseline {name}: {shown}", flush=True)
 
-    header = (f"{'mode':>11} {'conc':>4} {'frames/s':>9} {'/cpu s':>7} {'rtf p50':>8} {'rtf max':>8} {'1st frame ms':>13} "
-              f"{'step p50':>9} {'step p95':>9} {'peak MB':>8}" + (f" {'1st audio ms':>13}" if codec is not None else ""))
-    print(header)
-    records = []
+    print(HEADER + (f" {'1st audio ms':>13}" if codec is not None else ""))
+    records, modes = [], []
+    summary = {
+        "weights": weights, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_threads": args.cpu_threads,
+        "frames_per_turn": args.frames, "text_tokens": args.text_tokens, "stagger_ms": args.stagger_ms,
+        "codec": args.codec, "baselines": baselines, "levels": records, "modes": modes,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
+
+    def save(mode_records=()):
+        summary["levels"] = records + list(mode_records)
+        summary[f"capacity_at_rtf_{RTF_TARGET}"] = {
+            mode: capacity(summary["levels"], mode) for mode in sorted({r["step_mode"] for r in summary["levels"]})}
+        summary["failures"] = sum("error" in r for r in summary["levels"] + modes)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+
     for step_mode in args.step_modes.split(","):
-        for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            record = asyncio.run(run_level(speech, codec, args, step_mode, concurrency))
-            records.append(record)
-            print(f"{record['step_mode']:>11} {concurrency:>4} {record['frames_per_s']:>9.1f} {record['frames_per_cpu_s']:>7.1f} {record['rtf_p50']:>8.3f} "
-                  f"{record['rtf_max']:>8.3f} {record['first_frame_ms_p50']:>13.1f} {record['step_ms_p50']:>9.2f} "
-                  f"{record['step_ms_p95']:>9.2f} {record['peak_mem_mb']:>8.0f}"
-                  + (f" {record['first_audio_ms_p50']:>13.1f}" if codec is not None else ""), flush=True)
-    modes = sorted({r["step_mode"] for r in records})
-    capacities = {mode: capacity(records, mode) for mode in modes}
-    for mode, value in capacities.items():
+        try:
+            level_records, mode_record = run_mode(speech, codec, args, step_mode, save)
+        except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+            mode_record = {"step_mode": step_mode, "error": f"{type(error).__name__}: {error}"}
+            level_records = []
+            print(f"{step_mode:>15}: failed: {mode_record['error']}", flush=True)
+        records += level_records
+        modes.append(mode_record)
+        save()
+    for mode, value in summary[f"capacity_at_rtf_{RTF_TARGET}"].items():
         print(f"{mode}: highest concurrency with per-turn RTF max <= {RTF_TARGET}: {value}")
     if args.json:
-        summary = {
-            "weights": weights, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "frames_per_turn": args.frames,
-            "text_tokens": args.text_tokens, "codec": args.codec, "baselines": baselines, "levels": records,
-            f"capacity_at_rtf_{RTF_TARGET}": capacities,
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        }
-        Path(args.json).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.json}")
-
+    if summary["failures"]:
+        sys.exit(f"{summary['failures']} levels or modes failed (recorded with their errors)")
 
 if __name__ == "__main__":
     main()

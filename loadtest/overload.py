@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from cluster.ops.client import ApiError, ChromaClient  # noqa: E402
 from cluster.ops.local import LocalClusterSettings, local_api_key  # noqa: E402
-from loadtest.bench_cluster import percentile  # noqa: E402
+from loadtest.turn_timing import percentile  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
 VOICE_TEXT = "This is the voice you will hear in every reply."

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import redis.asyncio
+import torch
 
 from cluster.ops.local import LocalClusterSettings
 from model.testing.speech import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_FIXTURE = REPO / "tests" / "fixtures" / "chroma-tiny-upstream"
+
+
+@contextlib.contextmanager
+def cuda_layout_sdpa():
+    """Inside: scaled_dot_product_attention returns its usual values with [B, L, H, d]-major strides, i.e. not
+    contiguous, as CUDA's flash and memory-efficient kernels return it (the CPU's kernels return it contiguous).
+    Code that views the output as if it were contiguous fails here as it would on a GPU."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", strided)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,14 @@ import threading
 import time
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 import redis.asyncio
 import uvicorn
 import websockets
 
+from cluster.api.admission import AdmissionSettings
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
@@ -25,6 +27,8 @@ from cluster.pipeline.history import HistoryPolicy, HistorySettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
+from model.errors import StageFailed
+from model.processing.audio import encode_wav
 from model.processing.processor import ChromaProcessor
 from tests.conftest import free_port
 
@@ -46,16 +50,20 @@ def server(redis_port):
     """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, room for two calls."""
     store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
     settings = CallSettings(idle_timeout_s=1.0, max_call_s=3.0)
-    app = build_api(store, TenantDirectory(KEYS), SilentBackend(), call_settings=settings)
+    yield from serving(build_api(store, TenantDirectory(KEYS), SilentBackend(), call_settings=settings))
+
+
+def serving(app):
+    """Serve `app` with uvicorn on a free port, in a thread, while the generator is suspended."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    serving = uvicorn.Server(config)
-    thread = threading.Thread(target=serving.run, daemon=True)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not serving.started:
+    while not server.started:
         time.sleep(0.05)
     yield f"ws://127.0.0.1:{port}"
-    serving.should_exit = True
+    server.should_exit = True
     thread.join(10)
 
 
@@ -108,6 +116,56 @@ async def test_with_no_call_capacity_left_calls_are_refused_at_once(server):
     finally:
         for ws in calls:
             await ws.close()
+
+
+class DyingBackend(SilentBackend):
+    """Its Codec replica dies under the first reply; after that nothing answers, and a reading of the stages says
+    so (the admission's next poll is a minute away)."""
+
+    def __init__(self):
+        self.replies = 0
+
+    async def stages(self):
+        return [StageStatus.of("Codec", 4) if not self.replies else StageStatus.of("Codec", None, 0, "no replica answers")]
+
+    async def run_turn(self, *args):
+        self.replies += 1
+        if self.replies == 1:
+            raise StageFailed("Codec", died=True)
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+
+async def test_a_stage_that_died_under_a_call_refuses_the_next_turn_at_once(redis_port):
+    """Seen in `make chart-test`: a node died under two live calls, yet the next HTTP turn was admitted and waited
+    for the dead Codec until the stages' next reading. A call's failed reply takes its stage out of admission, as a
+    turn's does."""
+    state = StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}")
+    store = StateStore(redis.asyncio.Redis(port=redis_port), state)  # this loop's; the app gets its own client
+    app = build_api(StateStore(redis.asyncio.Redis(port=redis_port), state), TenantDirectory(KEYS), DyingBackend(),
+                    admission=AdmissionSettings(stage_poll_s=60, start_timeout_s=1.0))  # no reading catches up
+    server = serving(app)
+    url = next(server)
+    try:
+        async with httpx.AsyncClient(base_url=url.replace("ws://", "http://"), headers={"Authorization": "Bearer key-acme"}) as http:
+            voice = await store.create_voice("acme", "Ada", "Hi.", [1, 2], np.ones((4, 8), np.int64), 4)
+            async with websockets.connect(f"{url}/v1/realtime", additional_headers={"Authorization": "Bearer key-acme"}) as ws:
+                await ws.send(json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "audio": {"output": {"voice": voice.id}}}}))
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello?"}]}}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                while (event := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != "response.done":
+                    pass
+            assert event["response"]["status_details"]["error"]["code"] == "stage_failed"
+            session = (await http.post("/v1/sessions", json={"voice_id": voice.id})).json()
+            refused = await http.post(f"/v1/sessions/{session['id']}/turns", content=encode_wav(np.zeros(8000, np.float32), 16000),
+                                      headers={"Content-Type": "audio/wav"})
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert error["code"] == "stage_unavailable" and "not ready: Codec" in error["message"]  # not sent to it
+    finally:
+        next(server, None)
 
 
 def test_the_realtime_event_parser_never_crashes_or_hangs(server):

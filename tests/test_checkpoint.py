@@ -1,16 +1,27 @@
 """Loader, tiny checkpoint layout, per-component loading, split and inspect."""
 
+import errno
 import json
 import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model.chroma.checkpoint import Checkpoint, CheckpointError, describe, load_component, split_thinker
+from model.chroma.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    describe,
+    load_component,
+    split_thinker,
+    split_thinker_once,
+)
 
 
 def keys_of(path):
@@ -144,3 +155,52 @@ def test_inspect_reports_components(tiny_checkpoint):
     assert done.returncode == 0
     assert "RANDOM WEIGHTS" in done.stderr
     assert "speech" in done.stdout and "codec" in done.stdout
+
+
+def _tree(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+def test_a_read_only_checkpoint_has_its_thinker_split_on_the_node(tiny_checkpoint, monkeypatch, tmp_path):
+    """The Helm chart mounts the checkpoint read-only (and the Reasoner's node may not be where the app was built):
+    the thinker is split on the Reasoner's node, under the tools' home, once, and the checkpoint is left as it was."""
+    import model.testing.tiny
+    from cluster.config import AppConfig
+
+    checkpoint = tmp_path / "ro"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only_mount(*args, dir=None, **kwargs):  # what a read-only volume answers (tests run as root)
+        if dir is not None and Path(dir).is_relative_to(checkpoint):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_mount)
+    monkeypatch.setattr(model.testing.tiny, "CHROMA_SERVE_HOME", tmp_path / "home")
+    before = _tree(checkpoint)
+    config = AppConfig.model_validate({"checkpoint": {"path": str(checkpoint)}, "reasoner": {"engine": "vllm"}})
+    path = Path(config.reasoner_path())
+    assert _tree(checkpoint) == before
+    assert path.is_relative_to(tmp_path / "home") and (path / "config.json").is_file()
+    assert config.reasoner_path() == str(path)  # split once
+    assert all(not k.startswith("thinker.") for k in keys_of(path))
+
+
+def test_a_writable_checkpoint_keeps_its_thinker_beside_it(tiny_checkpoint, tmp_path):
+    from cluster.config import AppConfig
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    config = AppConfig.model_validate({"checkpoint": {"path": str(checkpoint)}, "reasoner": {"engine": "vllm"}})
+    assert config.reasoner_path() == str(checkpoint / "thinker") and (checkpoint / "thinker" / "config.json").is_file()
+    assert config.reasoner_path() == str(checkpoint / "thinker")
+
+
+def test_replicas_racing_to_split_get_one_complete_thinker(tiny_checkpoint, tmp_path):
+    out = tmp_path / "node" / "thinker"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: split_thinker_once(tiny_checkpoint, out), range(4)))
+    assert results == [out] * 4
+    assert sorted(p.name for p in out.parent.iterdir()) == ["thinker"]  # no staging directory left behind
+    assert all(not k.startswith("thinker.") for k in keys_of(out))

@@ -12,6 +12,7 @@ from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CapacityError, CodecEngine
 from model.engines.graphs import bucket_for
 from model.chroma.codec import decode_frames
+from tests.conftest import cuda_layout_sdpa
 
 FRAME = 1920
 
@@ -112,6 +113,17 @@ def test_streams_joining_at_different_times_are_batched(codec_and_config, mode):
     assert max(batch_sizes) == 3  # all three were decoded in one forward at least once
     for turn_id in codes:
         assert_matches(audio[turn_id], decode_frames(codec, codes[turn_id]))
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded"])
+def test_chunk_decode_takes_sdpa_outputs_in_the_cuda_layout(tiny, mode):
+    """The decoder transformer's attention with SDPA returning non-contiguous outputs, as on CUDA, at batch > 1."""
+    codec, config = tiny
+    expected, codes, _ = joining_streams(CodecEngine(codec, config, max_streams=3, chunk_frames=2, decode_mode="eager"))
+    with cuda_layout_sdpa():
+        audio, _, _ = joining_streams(CodecEngine(codec, config, max_streams=3, chunk_frames=2, decode_mode=mode))
+    for turn_id in codes:
+        assert torch.equal(audio[turn_id], expected[turn_id]), turn_id
 
 
 def test_compiled_chunk_decode_has_no_graph_break_and_equals_eager(tiny):

@@ -6,42 +6,43 @@ Needs only torch, transformers and pydantic (no Ray, vLLM, Redis or audio librar
 """
 
 import asyncio
+import os
 
 import pytest
 import torch
 
-from model.chroma.config import ChromaConfig
 from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
 from model.engines.speech import SpeechEngine, SpeechEngineSettings
 from model.offline import speak_turn
+from model.testing.random_speech import random_speech, speech_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# CHROMA_CUDA_TESTS_DEVICE=cpu (gpu_check.sh --dry-run) runs them on the CPU, graphs replaced by their padded eager
+# step: a check of the tests themselves, so the GPU run cannot fail on a Python error.
+DEVICE = os.environ.get("CHROMA_CUDA_TESTS_DEVICE", "cuda")
+GRAPHS = "cuda_graphs" if DEVICE == "cuda" else "padded"
+COMPILED_GRAPHS, COMPILE_BACKEND = ("compiled_graphs", "inductor") if DEVICE == "cuda" else ("compiled", "eager")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def random_speech(dtype: torch.dtype) -> SpeechModel:
-    """Real Chroma-4B head layout (GQA 4:1 in the backbone), smaller widths; RANDOM weights, O(1) activations."""
-    config = ChromaConfig.model_validate({
-        "thinker_config": {"text_config": {"hidden_size": 512, "vocab_size": 4096}},
-        "backbone_config": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
-                            "num_key_value_heads": 2, "head_dim": 64},
-        "decoder_config": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                           "num_key_value_heads": 2, "head_dim": 64, "audio_embedding_dim": 512},
-        "codec_config": {"codebook_size": 2048, "sampling_rate": 24000},
-        "im_end_token_id": 4045, "text_start_token_id": 4065, "text_end_token_id": 4066,
-    })
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        speech = SpeechModel(config).to(dtype)
-    for param in speech.parameters():
-        if param.ndim >= 2:
-            torch.nn.init.normal_(param, std=param.shape[-1] ** -0.5)
-    speech.tie_weights()
-    return speech.eval()
+MID_SIZE = speech_config(  # the Chroma-4B head layout (GQA 4:1 in the backbone), smaller widths
+    {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+     "head_dim": 64},
+    {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "head_dim": 64},
+)
+FULL_HEADS = speech_config(  # Chroma-4B's widths and heads (decoder head_dim 128), two layers each, a short context
+    {"num_hidden_layers": 2, "intermediate_size": 2048, "max_position_embeddings": 256},
+    {"num_hidden_layers": 2, "intermediate_size": 2048},
+)
+
+
+def random_model(dtype: torch.dtype, config=MID_SIZE) -> SpeechModel:
+    return random_speech(config, DEVICE, dtype)
 
 
 def voice(seed: int) -> VoicePrompt:
@@ -68,11 +69,14 @@ async def as_stream(items, delay: float = 0.0):
 PLANS = [(0, 0, 24, 0.0), (1, 1, 30, 0.001), (2, 2, 18, 0.0), (3, 0, 26, 0.002)]  # (seed, voice, frames, pair delay)
 
 
-def run_engine(speech: SpeechModel, mode: str, sampling: SamplingParams | None = None) -> tuple[list, dict]:
+PLANS_8 = [(seed, seed % 3, 14 + seed, 0.0005 * (seed % 2)) for seed in range(8)]  # batch buckets 1, 2, 4 and 8
+
+
+def run_engine(speech: SpeechModel, mode: str, sampling: SamplingParams | None = None, plans=PLANS, slots: int = 4) -> tuple[list, dict]:
     async def main():
-        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4, step_mode=mode))
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=slots, step_mode=mode, compile_backend=COMPILE_BACKEND))
         tasks = []
-        for seed, v, frames, delay in PLANS:
+        for seed, v, frames, delay in plans:
             stream = await engine.submit(f"t{seed}", voice(v), as_stream(pairs(speech, seed), delay), sampling=sampling, max_frames=frames)
             tasks.append(asyncio.create_task(collect(stream)))
             await asyncio.sleep(0.01)  # later turns join a running batch
@@ -95,17 +99,18 @@ def offline(speech: SpeechModel, seed: int, v: int, frames: int, sampling=None) 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_graph_frames_equal_the_padded_eager_step(dtype):
-    speech = random_speech(dtype)
-    graphs, stats = run_engine(speech, "cuda_graphs")
+    speech = random_model(dtype)
+    graphs, stats = run_engine(speech, GRAPHS)
     padded, _ = run_engine(speech, "padded")
-    assert stats["step_mode"] == "cuda_graphs" and stats["cuda_graphs"] > 0
+    assert stats["step_mode"] == GRAPHS and (stats["cuda_graphs"] > 0 or DEVICE != "cuda")
+    assert stats["eager_fallback_buckets"] == 0, stats
     assert graphs == padded
 
 
 def test_float32_graph_frames_equal_the_eager_engine_and_the_offline_loop():
     torch.backends.cuda.matmul.allow_tf32 = False
-    speech = random_speech(torch.float32)
-    graphs, _ = run_engine(speech, "cuda_graphs")
+    speech = random_model(torch.float32)
+    graphs, _ = run_engine(speech, GRAPHS)
     eager, _ = run_engine(speech, "eager")
     expected = [offline(speech, seed, v, frames) for seed, v, frames, _ in PLANS]
     assert eager == expected
@@ -114,9 +119,9 @@ def test_float32_graph_frames_equal_the_eager_engine_and_the_offline_loop():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_seeded_sampling_in_graphs_equals_the_padded_eager_step(dtype):
-    speech = random_speech(dtype)
+    speech = random_model(dtype)
     sampling = SamplingParams(temperature=0.8, top_k=40, seed=7)
-    graphs, _ = run_engine(speech, "cuda_graphs", sampling)
+    graphs, _ = run_engine(speech, GRAPHS, sampling)
     padded, _ = run_engine(speech, "padded", sampling)
     assert graphs == padded
 
@@ -128,9 +133,9 @@ def test_codec_graph_chunks_equal_the_padded_eager_decode(dtype):
     torch.manual_seed(0)
     mimi = MimiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                       head_dim=16, num_filters=16, codebook_dim=64, vector_quantization_hidden_dimension=64, upsample_groups=64)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         codec = MimiModel(mimi).to(dtype).eval()
-    config = random_speech(dtype).config
+    config = random_model(dtype).config
 
     def decode(mode: str) -> dict:
         engine = CodecEngine(codec, config, max_streams=4, chunk_frames=2, decode_mode=mode)
@@ -146,6 +151,44 @@ def test_codec_graph_chunks_equal_the_padded_eager_decode(dtype):
                 audio[turn].append(pcm)
         return {t: torch.cat(chunks) for t, chunks in audio.items()}
 
-    graphs, padded = decode("cuda_graphs"), decode("padded")
+    graphs, padded = decode(GRAPHS), decode("padded")
     for turn in graphs:
         assert torch.equal(graphs[turn], padded[turn]), turn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_full_size_heads_capture_every_bucket_from_1_to_8(dtype):
+    """Chroma-4B's head dims (decoder head_dim 128, where SDPA may pick another kernel): every bucket of batch 1 to 8
+    is captured, each with the SDPA backend the stats name, and graph frames equal the padded eager step's."""
+    speech = random_model(dtype, FULL_HEADS)
+    graphs, stats = run_engine(speech, GRAPHS, plans=PLANS_8, slots=8)
+    padded, _ = run_engine(speech, "padded", plans=PLANS_8, slots=8)
+    print(f"{dtype}: SDPA backends of the captured buckets {stats['sdpa_backends']}; voice prefill {stats['voice_prefill']['sdpa_backends']}")
+    assert stats["eager_fallback_buckets"] == 0, stats
+    assert stats["voice_prefill"]["eager_fallback_buckets"] == 0, stats["voice_prefill"]
+    if DEVICE == "cuda":
+        assert stats["cuda_graphs"] == 4 * 2 * 3  # batch 1, 2, 4, 8 x width 1, 3 x kv_len 64, 128, 256
+    assert graphs == padded
+
+
+def test_full_size_heads_in_every_mode_equal_the_offline_loop():
+    """float32 at batch > 1 with CUDA's own (non-contiguous) SDPA outputs: eager, padded and graphs all give the
+    offline loop's frames."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    speech = random_model(torch.float32, FULL_HEADS)
+    expected = [offline(speech, seed, v, frames) for seed, v, frames, _ in PLANS]
+    for mode in ("eager", "padded", GRAPHS):
+        got, stats = run_engine(speech, mode)
+        assert got == expected, mode
+
+
+def test_compiled_graph_frames_equal_the_padded_eager_step():
+    """torch.compile (inductor: fused norms, rotary, residual adds and sampling math), then one CUDA graph per bucket:
+    float32 frames equal the padded eager step's. (gpu_check.sh runs this one in a stage of its own: compiling takes
+    a while.)"""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    speech = random_model(torch.float32)
+    compiled, stats = run_engine(speech, COMPILED_GRAPHS)
+    padded, _ = run_engine(speech, "padded")
+    assert stats["eager_fallback_buckets"] == 0, stats
+    assert compiled == padded

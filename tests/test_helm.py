@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.ops.kuberay import build_cluster, hosts_for
 from cluster.ops.local import merge_args
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')")
@@ -456,6 +457,66 @@ def test_observability_options(chart):
     dashboard = json.loads(r.one("ConfigMap", "-dashboard")["data"]["chroma-serve.json"])
     assert dashboard["uid"] == "chroma-serve" and dashboard["panels"]
     assert render(chart).all("ServiceMonitor") == [] and render(chart).all("ConfigMap") == []
+
+
+# --- the pods KubeRay builds from it (cluster/ops/kuberay.py mirrors KubeRay v1.7.0; `make chart-test` runs them) ---
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        present, value = expression["key"] in labels, labels.get(expression["key"])
+        operator = expression["operator"]
+        if (operator == "In" and value not in expression["values"]) or (operator == "NotIn" and value in expression["values"]) \
+                or (operator == "Exists" and not present) or (operator == "DoesNotExist" and present):
+            return False
+    return True
+
+
+def test_cpu_dev_runs_the_ingress_on_the_head_and_the_stages_on_a_worker(chart):
+    r = render(chart, CPU_DEV)
+    cluster = build_cluster(r.rayservice, NAMESPACE)
+    assert [w.group for w in cluster.workers] == ["cpu"]  # a worker at install, not only once the head is full
+    pods = [cluster.head, *cluster.workers]
+    where = {name: hosts_for(d["ray_actor_options"], pods) for name, d in r.deployments.items()}
+    assert where == {"Ingress": ["headgroup"], "Reasoner": ["cpu"], "SpeechStack": ["cpu"], "Codec": ["cpu"]}
+
+
+def test_default_values_run_every_replica_on_the_gpu_workers(chart):
+    r = render(chart)
+    cluster = build_cluster(r.rayservice, NAMESPACE)
+    assert cluster.head.ray_start_params["num-cpus"] == "0" and cluster.workers[0].ray_start_params["num-gpus"] == "1"
+    pods = [cluster.head, *cluster.workers]
+    assert {name: hosts_for(d["ray_actor_options"], pods) for name, d in r.deployments.items()} == {
+        "Reasoner": ["gpu"], "SpeechStack": ["gpu"], "Codec": ["gpu"], "Ingress": ["gpu"]}
+
+
+def test_a_label_selector_reaches_ray_actor_options(chart):
+    r = render(chart, {"serve": {"deployments": {"codec": {"labelSelector": {"ray.io/node-group": "gpu"}}}}})
+    assert r.deployments["Codec"]["ray_actor_options"]["label_selector"] == {"ray.io/node-group": "gpu"}
+    assert "label_selector" not in r.deployments["Reasoner"]["ray_actor_options"]
+
+
+def test_the_chart_selects_the_pods_kuberay_builds(chart):
+    r = render(chart, CPU_DEV)
+    cluster = build_cluster(r.rayservice, NAMESPACE)
+    pods = [cluster.head, *cluster.workers]
+    policy = r.one("NetworkPolicy", "-ray")["spec"]["podSelector"]
+    assert all(_selects(policy, pod.labels) for pod in pods)
+    serve = r.one("Service", "-serve")["spec"]["selector"]
+    # workers serve once ready; KubeRay turns the head's ray.io/serve label on after checking its proxy
+    assert [pod.group for pod in pods if _selects({"matchLabels": serve}, pod.labels)] == ["cpu"]
+
+
+def test_the_cpu_worker_holds_its_stages_and_the_kv_cache(chart):
+    """vLLM on CPU takes its KV cache out of the container's memory limit and refuses to start when less is left:
+    the worker's limit covers the stages (3.5 GB in `make chart-test`) and the cache."""
+    r = render(chart, CPU_DEV)
+    worker = build_cluster(r.rayservice, NAMESPACE).workers[0]
+    limit = int(worker.ray_start_params["memory"])  # KubeRay passes the limit on to Ray
+    kv_cache = r.app["args"]["reasoner"]["vllm"]["cpu_kvcache_gib"] * 2**30
+    assert limit - kv_cache >= 3.5e9 * 1.25  # a quarter of headroom over what the stages were seen to use
 
 
 # --- every rendered object validates -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.chroma.config import SpeechTransformerConfig
 from model.chroma.layers import RotaryEmbedding, StepInputs, TransformerStack
+from tests.conftest import cuda_layout_sdpa
 
 ROPES = [
     {"rope_type": "default", "rope_theta": 500000.0},
@@ -76,3 +77,26 @@ def test_padded_rows_do_not_disturb_each_other():
     torch.testing.assert_close(out[0], solo_a[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1, :2], solo_b[0], rtol=1e-5, atol=1e-5)
     assert not cache.visible[1, 2:].any()  # padding went to the scratch column, invisible
+
+
+def test_attention_takes_sdpa_outputs_in_the_cuda_layout():
+    """CUDA's SDPA returns a non-contiguous output; the stack gives the same outputs as with the CPU's contiguous
+    one, at batch > 1, over several query positions, with padding and through the cache."""
+    torch.manual_seed(2)
+    cfg = config(ROPES[0])  # 4 query heads over 2 kv heads: the folded output is no plain view of [B, H, L, d]
+    stack = TransformerStack(cfg).eval()
+    x = torch.randn(3, 4, cfg.hidden_size)
+
+    def run():
+        cache = stack.allocate_cache(rows=3, capacity=16)
+        with torch.no_grad():
+            first = stack(x, cache, StepInputs.contiguous([0, 1, 2], [0, 0, 0], [4, 2, 3], "cpu"))
+            second = stack(x[:, :1], cache, StepInputs.contiguous([0, 1, 2], [4, 2, 3], [1, 1, 1], "cpu"))
+        return first, second
+
+    expected = run()
+    with cuda_layout_sdpa():
+        assert not torch.nn.functional.scaled_dot_product_attention(*[torch.randn(2, 2, 3, 4)] * 3).is_contiguous()
+        got = run()
+    for want, have in zip(expected, got):
+        assert torch.equal(want, have)

@@ -7,12 +7,15 @@ import threading
 import pytest
 import torch
 
-from model.offline import generate_turn
+from model.chroma.speech import DecodeInputs
+from model.chroma.turn import VoicePrompt
+from model.offline import generate_turn, speak_turn
+from model.testing.random_speech import random_speech, speech_config
 from model.reasoner.hf import ReasonerSession
 from model.processing.processor import Conversation, Message
 from model.chroma.sampling import SamplingParams
 from model.engines.speech import CapacityError, SpeechEngine, SpeechEngineSettings
-from tests.conftest import speech_like
+from tests.conftest import cuda_layout_sdpa, speech_like
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,16 @@ def codes_of(generated):
     return [f.codes for f in generated if f.codes is not None]
 
 
+async def cancel_after(engine, turn_id, frames, count):
+    """Collect a turn's frames and cancel it once `count` frames came (whatever the engine's speed)."""
+    got = []
+    async for frame in frames:
+        got.append(frame)
+        if len(codes_of(got)) == count:
+            assert engine.cancel(turn_id)
+    return got
+
+
 async def wait_for_steps(engine, count):
     while engine.steps < count:
         await asyncio.sleep(0.005)
@@ -77,9 +90,7 @@ async def test_batched_greedy_frames_equal_offline_frames(chroma, voices):
         await wait_for_steps(engine, join_at)
         stream = reasoner_stream(chroma.thinker, inputs[i], delay=0.002 * i, im_end=im_end)
         frames = await engine.submit(f"turn-{i}", voices[v], stream, max_frames=max_frames)
-        tasks.append(asyncio.create_task(collect(frames)))
-    await wait_for_steps(engine, 14)
-    assert engine.cancel("turn-4")
+        tasks.append(asyncio.create_task(collect(frames) if i < 4 else cancel_after(engine, f"turn-{i}", frames, 5)))
     results = await asyncio.gather(*tasks)
 
     for i in range(4):
@@ -262,3 +273,148 @@ async def test_submit_and_cancel_return_while_a_voice_prompt_is_prefilled(chroma
         blocking.release.set()
         watchdog.cancel()
         speech.backbone.model = blocking.stack
+
+
+def gqa_speech():
+    """RANDOM weights with Chroma-4B's kind of grouped-query attention (2 kv heads; the tiny checkpoint has 1, where
+    the fold of the query heads is a plain view whatever the strides), one layer per stack."""
+    layers = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return random_speech(speech_config(
+        {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "max_position_embeddings": 256, **layers},
+        {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, **layers},
+    ))
+
+
+def synthetic_turn(speech, seed, pairs=8):
+    """(voice, Reasoner pairs) of random ids and hidden states."""
+    generator = torch.Generator().manual_seed(seed)
+    voice = VoicePrompt(torch.randint(0, 4000, (5 + seed,), generator=generator),
+                        torch.randint(1, 2048, (8 + 2 * seed, 8), generator=generator), 8 + 2 * seed)
+    hidden = speech.config.backbone_config.hidden_size
+    items = [(int(torch.randint(0, 4000, (1,), generator=generator)), torch.randn(hidden, generator=generator)) for _ in range(pairs)]
+    return voice, items
+
+
+def offline_frames(speech, turns, frames):
+    """Each (voice, pairs) turn's frames from the offline loop."""
+    expected = []
+    for voice, items in turns:
+        pairs = iter(items)
+        expected.append(speak_turn(speech, voice, lambda _: next(pairs), frames).frames)
+    return expected
+
+
+async def as_stream(items):
+    for item in items:
+        yield item
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded", "compiled"])
+async def test_batched_steps_take_sdpa_outputs_in_the_cuda_layout(mode):
+    """Every step mode at batch > 1 with SDPA returning non-contiguous outputs, as on CUDA: the frames are the offline
+    loop's (computed with the CPU's contiguous outputs)."""
+    speech = gqa_speech()
+    turns = [synthetic_turn(speech, seed) for seed in range(3)]
+    expected = offline_frames(speech, turns, 10)
+    with cuda_layout_sdpa():
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4, step_mode=mode, compile_backend="eager"))
+        streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=10) for i, (voice, items) in enumerate(turns)]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.close()
+    assert [codes_of(r) for r in results] == expected
+
+
+class ReplayingGraph:
+    """A CUDA graph's contract on a CPU: capture runs the step once; replay reruns it on the same tensors and writes
+    the captured outputs."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.outputs = fn(*args)
+
+    def replay(self):
+        outputs = self.fn(*self.args)
+        if outputs is not None:
+            self.outputs.copy_(outputs)
+
+    def pool(self):
+        return None
+
+
+async def test_buckets_that_cannot_be_captured_run_padded_eager(monkeypatch, caplog):
+    """A capture that fails (here every bucket of batch 2, as a capture fails on a GPU) leaves its bucket to padded
+    eager: logged once when the engine is built, counted in stats, and the frames are still the offline loop's."""
+    import model.engines.graphs as graphs
+    import model.engines.speech as speech_engine
+
+    def capture(fn, args, stream, pool):
+        if isinstance(args[2], DecodeInputs) and args[2].start.shape[0] == 2:  # the decode step's, not the prefill's
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        graph = ReplayingGraph(fn, args)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    monkeypatch.setattr(speech_engine, "resolve_step_mode", lambda mode, device: mode)  # graph modes on a CPU
+    speech = gqa_speech()
+    turns = [synthetic_turn(speech, seed) for seed in range(2)]
+    expected = offline_frames(speech, turns, 10)
+
+    with caplog.at_level("WARNING", logger="model.engines.graphs"):
+        engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=2, step_mode="cuda_graphs"))
+    buckets = engine.decode_steps.step.buckets
+    failing = [key for key in buckets if key[0] == 2]
+    assert failing and len(failing) < len(buckets)
+    [record] = caplog.records
+    assert "operation not permitted when stream is capturing" in record.getMessage()
+    assert f"{len(failing)} of {len(buckets)} buckets run padded eager" in record.getMessage()
+
+    streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=10) for i, (voice, items) in enumerate(turns)]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    stats = engine.stats()
+    await engine.close()
+    assert [codes_of(r) for r in results] == expected
+    assert stats["cuda_graphs"] == len(buckets) - len(failing)
+    assert stats["eager_fallback_buckets"] == len(failing)
+    assert stats["eager_fallback_steps"] > 0  # both turns stepped together, in a batch-2 bucket
+    assert sum(engine.decode_steps.bucket_steps.values()) == stats["steps"]
+    assert len(caplog.records) == 1  # the steps themselves log nothing
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded"])
+def test_voice_prompts_are_prefilled_together_in_one_forward(mode):
+    """Three voices of different lengths in one forward give each the keys/values of its prompt prefilled alone."""
+    from model.chroma.layers import StepInputs
+    from model.chroma.turn import voice_prompt_attend
+    from model.engines.voice_prefill import VoicePrefill
+
+    speech = gqa_speech()
+    voices = [synthetic_turn(speech, seed)[0] for seed in range(3)]
+    prefill = VoicePrefill(speech, mode, max_voices=4)
+    together = prefill.run(voices)
+    assert prefill.stats()["forwards"] == 1 and prefill.stats()["voices"] == 3
+    for voice, prefix in zip(voices, together):
+        embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
+        alone = speech.allocate_backbone_cache(rows=1, capacity=embeds.shape[0])
+        with torch.inference_mode():
+            step = StepInputs.contiguous([0], [0], [embeds.shape[0]], "cpu", attend=voice_prompt_attend(voice)[None])
+            speech.backbone.model(embeds[None], alone, step)
+        assert torch.equal(prefix.keys, alone.keys[0, :, :, :-1]) and torch.equal(prefix.values, alone.values[0, :, :, :-1])
+        assert torch.equal(prefix.visible, alone.visible[0, :-1])
+
+
+async def test_a_cached_voice_skips_its_prefill():
+    """Turns in two new voices that start together are prefilled once per voice; a later turn in a cached voice is
+    not prefilled again. Every turn's frames are the offline loop's."""
+    speech = gqa_speech()
+    (voice_a, pairs_a), (voice_b, pairs_b) = synthetic_turn(speech, 0), synthetic_turn(speech, 1)
+    plans = [(voice_a, pairs_a), (voice_b, pairs_b), (voice_a, pairs_b)]
+    expected = offline_frames(speech, plans + [(voice_b, pairs_a)], 8)
+    engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4))
+    streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=8) for i, (voice, items) in enumerate(plans)]
+    results = [codes_of(r) for r in await asyncio.gather(*(collect(s) for s in streams))]
+    prefilled = engine.stats()["voice_prefill"]
+    assert prefilled["voices"] == 2 and prefilled["forwards"] <= 2
+    results.append(codes_of(await collect(await engine.submit("again", voice_b, as_stream(pairs_a), max_frames=8))))
+    assert engine.stats()["voice_prefill"] == prefilled  # voice b came from the cache
+    await engine.close()
+    assert results == expected

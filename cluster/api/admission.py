@@ -38,7 +38,7 @@ from cluster.api.metrics import ApiMetrics
 from cluster.pipeline.turn import StageStatus
 from cluster.state.ledger import AdmissionLedger, Verdict
 from cluster.state.tenants import Kind, TenantDirectory
-from model.errors import CapacityError, ChromaError, StageUnavailable, TenantLimit
+from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable, TenantLimit
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,12 @@ class Admission:
             self.metrics.capacity.set(self.capacity() or 0)
         self._stop_unstarted()
         self._poll_now.set()
+
+    def note_failure(self, error: BaseException) -> None:
+        """A turn's or a call's reply failed with `error`: a replica that died under it takes its stage out of
+        admission until it answers again, so the next turn is refused at once rather than sent to it."""
+        if isinstance(error, StageFailed) and error.died:
+            self.stage_failed(error.stage)
 
     def _stop_unstarted(self) -> None:
         for ticket in self._held.values():

@@ -33,7 +33,7 @@ from cluster.api.services import Services, ServicesDep, TenantDep
 from cluster.pipeline.history import TurnPlan, UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone
 from cluster.state.store import Session
-from model.errors import Conflict, InternalError, NotFound, StageFailed, StageUnavailable
+from model.errors import Conflict, InternalError, NotFound, StageUnavailable
 from model.processing.audio import CODEC_RATE, REASONER_RATE, ReplyFormat, StreamingAudioEncoder, decode_audio
 from model.processing.audio import resample
 
@@ -148,7 +148,7 @@ class LiveTurn:
             raise InternalError("the backend ended the turn without a reply") from None
         except BaseException as error:
             self.outcome = "failed"
-            self._note_stage(error)
+            self.services.admission.note_failure(error)
             await self.close()
             raise
 
@@ -199,16 +199,11 @@ class LiveTurn:
                 yield data
         except Exception as error:
             self.outcome = "conflict" if isinstance(error, (Conflict, NotFound)) else "failed"
-            self._note_stage(error)
+            self.services.admission.note_failure(error)
             body = stream_error(error, self.request_id)
             self.services.metrics.errors.labels(body.error.code).inc()
             if data := writer.event("error", body.model_dump()):
                 yield data
-
-    def _note_stage(self, error: BaseException) -> None:
-        """A replica that died under this turn takes its stage out of admission until it answers again."""
-        if isinstance(error, StageFailed) and error.died:
-            self.services.admission.stage_failed(error.stage)
 
     async def _reply(self, writer: ReplyWriter) -> AsyncIterator[bytes]:
         event, audio_samples, first_audio_ms = self.first, 0, None

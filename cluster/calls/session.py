@@ -233,9 +233,11 @@ class CallSession:
     def __init__(
         self, tenant: str, state: StateStore, backend: TurnBackend, processor: ChromaProcessor,
         settings: CallSettings, metrics: ApiMetrics, cursor_factory: Callable[[], PlaybackCursor] = PlaybackCursor,
+        on_failure: Callable[[BaseException], None] | None = None,
     ):
         self.tenant, self.state, self.backend, self.processor = tenant, state, backend, processor
         self.settings, self.metrics, self.cursor_factory = settings, metrics, cursor_factory
+        self.on_failure = on_failure  # told of every failed reply (admission takes a stage that died out)
         self.queue: asyncio.Queue[CallEvent | None] = asyncio.Queue()
         self.session: Session | None = None
         self.voice: Voice | None = None
@@ -470,6 +472,8 @@ class CallSession:
                 self._out(reply, CallError(error.code, error.message))
             if not isinstance(error, ChromaError):
                 log.exception("call reply %s failed", reply.id)
+            if self.on_failure is not None:
+                self.on_failure(error)
         finally:
             if reply.held is None and reply.status in ("completed", "failed"):
                 self._finished(reply)

@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -266,10 +266,11 @@ def http_status(url: str, timeout: float = 5.0) -> int | None:
 class Checks:
     passed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = _log
 
     def check(self, name: str, ok: bool, detail: str = "") -> bool:
         (self.passed if ok else self.failed).append(name)
-        _log(f"{'PASS' if ok else 'FAIL'}  {name}" + (f": {detail}" if detail else ""))
+        self.log(f"{'PASS' if ok else 'FAIL'}  {name}" + (f": {detail}" if detail else ""))
         return ok
 
 

@@ -3,9 +3,12 @@ Serve proxy) the way a crash would, and see which replicas are alive.
 
 A stage is a Serve deployment (Ingress, Codec, SpeechStack, Reasoner), or `proxy` for Serve's HTTP proxy. A kill
 is `ray.kill` of one ALIVE actor, which dies at once, mid-request; the Serve controller then starts a new one.
+`paused(pids)` stops a stage's replica processes where they stand (SIGSTOP, as a stalled process or a long GC pause
+would) for the length of a block: their calls wait and nothing is lost. It needs the replicas on this machine.
 
 `python -m cluster.ops.faults` joins the cluster named by the CHROMA_LOCAL_* settings and answers one JSON line
 per command line read from stdin: `kill STAGE` -> {"killed": actor id}, `alive` -> {stage: [actor ids]},
+`pids STAGE` -> {"pids": the live replicas' process ids},
 `replicas` -> {deployment: RUNNING replicas}, `stats` -> each engine's live work (`cluster.ops.local.engine_stats`).
 `FaultAgent` runs it as a child process. Ray reads
 its auth settings once per process, so a test process that serves several clusters drives each one through such
@@ -14,8 +17,10 @@ a child process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -53,6 +58,20 @@ def kill(stage: str) -> str:
     return victim.actor_id
 
 
+@contextlib.contextmanager
+def paused(pids: list[int]):
+    """Stop these processes where they stand until the block ends. The pids come first (`FaultAgent.pids`), so the
+    stop itself is instant."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # it was killed meanwhile
+                os.kill(pid, signal.SIGCONT)
+
+
 def running_replicas() -> dict[str, int]:
     """RUNNING replicas per deployment, as the Serve controller counts them (STARTING and STOPPING ones not)."""
     from ray import serve
@@ -74,6 +93,8 @@ def answer(line: str) -> dict:
     try:
         if command == "kill":
             return {"killed": kill(rest[0])}
+        if command == "pids":
+            return {"pids": [a.pid for a in alive(rest[0])]}
         if command == "alive":
             return {stage: [a.actor_id for a in alive(stage)] for stage in STAGES}
         if command == "replicas":
@@ -107,6 +128,9 @@ class FaultAgent:
 
     def kill(self, stage: str) -> str:
         return self.ask(f"kill {stage}")["killed"]
+
+    def pids(self, stage: str) -> list[int]:
+        return self.ask(f"pids {stage}")["pids"]
 
     def alive(self) -> dict[str, list[str]]:
         return self.ask("alive")

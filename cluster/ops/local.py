@@ -259,9 +259,9 @@ def ray_running(settings: LocalClusterSettings) -> bool:
 
 
 def ray_temp_dir(settings: LocalClusterSettings) -> Path:
-    """This cluster's own Ray temp dir: every process of the cluster names it on its command line, which is how
-    `down` finds them (`ray stop` would stop every Ray cluster of the machine). Short, since Ray puts unix
-    sockets under it."""
+    """This cluster's own Ray temp dir: the processes the cluster starts name it on their command lines, which is how
+    `down` finds them and their children (`ray stop` would stop every Ray cluster of the machine). Short, since Ray
+    puts unix sockets under it."""
     return Path(tempfile.gettempdir()) / f"chroma-ray-{hashlib.sha1(str(settings.home.resolve()).encode()).hexdigest()[:10]}"
 
 
@@ -383,25 +383,48 @@ def up(
     )
 
 
-def stop_ray(settings: LocalClusterSettings, timeout_s: float = 30.0) -> int:
-    """Stop this cluster's Ray processes (SIGTERM, then SIGKILL after `timeout_s`); returns how many there were."""
+def cluster_processes(settings: LocalClusterSettings) -> list:
+    """This cluster's Ray processes (psutil): those whose command line names its temp dir, and all their descendants.
+    The raylet's agents retitle themselves (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`), so only their parentage
+    says whose they are."""
     import psutil
 
     marker = str(ray_temp_dir(settings))
-    processes = []
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
-                processes.append(proc)
+                found[proc.pid] = proc
+                found.update((child.pid, child) for child in proc.children(recursive=True))
+    return list(found.values())
+
+
+def stop_ray(settings: LocalClusterSettings, timeout_s: float = 30.0, stragglers_s: float = 3.0) -> int:
+    """Stop this cluster's Ray processes; returns how many there were. SIGTERM to all; once the ones that exit on it
+    have (at most `timeout_s`), whatever is left after `stragglers_s` more is killed by pid: the agents ignore
+    SIGTERM, and outlive their raylet as orphans otherwise."""
+    import psutil
+
+    processes = cluster_processes(settings)
     for proc in processes:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    for proc in alive:
+    agents = [p for p in processes if _is_agent(p)]
+    _, alive = psutil.wait_procs([p for p in processes if p not in agents], timeout=timeout_s)
+    _, stragglers = psutil.wait_procs(agents, timeout=stragglers_s)
+    for proc in alive + stragglers:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(alive + stragglers, timeout=5)
     return len(processes)
+
+
+def _is_agent(proc) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return proc.name().startswith("ray::") and proc.name().endswith("Agent")
+    return False
 
 
 def down(settings: LocalClusterSettings | None = None, progress=print) -> None:

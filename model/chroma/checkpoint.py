@@ -217,6 +217,30 @@ def split_thinker(src: str | Path, out: str | Path) -> Path:
     return out
 
 
+def split_thinker_once(src: str | Path, out: str | Path) -> Path:
+    """`out`, a thinker-only directory of `src`, split out unless it is already there. Safe when several processes
+    (replicas on one node) race: each splits beside `out` and renames into place; the first rename wins."""
+    import os
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        split_thinker(src, staging)
+        staging.chmod(0o755)  # mkdtemp's is private
+        os.rename(staging, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # not another process's win: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def describe(path: str | Path) -> dict:
     """Components, parameter counts, dtypes and bytes, from the safetensors headers alone."""
     checkpoint = Checkpoint(path)

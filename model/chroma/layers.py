@@ -30,9 +30,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.to(torch.float32)
+        x = to_dtype(x, torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * to_dtype(x, dtype)
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), without the call where it is a no-op: at the engine's small sizes a step costs its op dispatches,
+    and a no-op cast costs one like any other op."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class RotaryEmbedding:
@@ -56,17 +62,27 @@ class RotaryEmbedding:
         self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[...] integer positions -> (cos, sin) [..., head_dim], transformers' tables."""
         inv_freq = self._by_device.get(positions.device)
-        if inv_freq is None:
+        if inv_freq is None:  # a host-to-device copy: the first (warm-up) forward on a device makes it, never a capture
             inv_freq = self._by_device[positions.device] = self.inv_freq.to(positions.device, torch.float)
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
+    def for_attention(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] positions -> (cos, signed sin) [B, L, 1, head_dim], for `rotate` over [B, L, heads, head_dim]: the
+        sin's first half negated."""
+        cos, sin = self(positions, dtype)
+        half = sin.shape[-1] // 2
+        return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin in four ops instead of seven: rotate_half(x) = cat(-x2, x1) is
+    roll(x) = cat(x2, x1) with x2's sign moved onto the sin, and a sign flip is exact, so the result is bitwise
+    the same."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass
@@ -97,16 +113,15 @@ class KVCache:
 
 @dataclass
 class StepInputs:
-    """Addressing for one forward over `rows` of a cache.
+    """Addressing for one forward over consecutive `rows` of a cache.
 
-    rows:         [B] cache rows the batch rows use
+    rows:         [B] cache rows the batch rows use, consecutive: attention reads them as a view of the cache
     write_index:  [B, L] cache column of each new position, -1 for padding
     positions:    [B, L] rotary position of each new position
     attend:       [B, L] whether later positions may attend to this one (upstream's attention_mask)
     kv_len:       cache columns attention reads, at least 1 + the largest write index; known on the host so
                   the forward needs no device sync
-    row_range:    (first, last + 1) when `rows` are consecutive, so attention can read the cache as a view
-                  instead of gathering a copy of every row's keys per layer
+    row_range:    (first, last + 1) of `rows`, on the host
     """
 
     rows: torch.Tensor
@@ -114,18 +129,14 @@ class StepInputs:
     positions: torch.Tensor
     attend: torch.Tensor
     kv_len: int
-    row_range: tuple[int, int] | None = None
-
-    def cached(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
-        """The rows' cached keys or values of one layer, up to kv_len: [B, kv_heads, kv_len, head_dim]."""
-        if self.row_range is not None:
-            return tensor[self.row_range[0]:self.row_range[1], layer, :, : self.kv_len]
-        return tensor[self.rows, layer, :, : self.kv_len]
+    row_range: tuple[int, int]
 
     @classmethod
     def contiguous(cls, rows: list[int], starts: list[int], lengths: list[int], device, attend=None, positions=None) -> "StepInputs":
         """Row i writes `lengths[i]` new positions from cache column `starts[i]`; rotary positions equal the
         cache columns unless given. Shorter rows are padded to the longest."""
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            raise ValueError(f"a step's cache rows must be consecutive, got {rows}")
         write_index, real = _write_index(torch.tensor(starts), torch.tensor(lengths), max(lengths))
         return cls(
             rows=torch.tensor(rows, device=device),
@@ -133,23 +144,32 @@ class StepInputs:
             positions=(write_index.clamp(min=0) if positions is None else positions).to(device),
             attend=(real if attend is None else attend & real).to(device),
             kv_len=max(s + n for s, n in zip(starts, lengths)),
-            row_range=(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else None,
+            row_range=(rows[0], rows[-1] + 1),
         )
 
     @classmethod
-    def first_rows(cls, starts: torch.Tensor, lengths: torch.Tensor, width: int, kv_len: int) -> "StepInputs":
+    def first_rows(cls, starts: torch.Tensor, lengths: torch.Tensor, width: int, kv_len: int, attend=None) -> "StepInputs":
         """Addressing built on the device, with no host data: batch row i is cache row i, writes `lengths[i]`
         (0..width) new positions from column `starts[i]`, and attention reads columns [0, kv_len) of rows
-        [0, B) as a view. Static shapes for a given (B, width, kv_len): what a CUDA graph replays."""
+        [0, B). Static shapes for a given (B, width, kv_len): what a CUDA graph replays."""
         write_index, real = _write_index(starts, lengths, width)
         return cls(
             rows=torch.arange(starts.shape[0], device=starts.device),
             write_index=write_index,
             positions=write_index.clamp(min=0),
-            attend=real,
+            attend=real if attend is None else attend & real,
             kv_len=kv_len,
             row_range=(0, starts.shape[0]),
         )
+
+    def address(self, cache: KVCache, rotary: RotaryEmbedding, groups: int, dtype: torch.dtype) -> Addressing:
+        """Record which new positions later ones may attend to in `cache.visible`, and make what every layer of
+        this forward reads (`Addressing`). `groups`: query heads per kv head."""
+        rows = self.rows[:, None]
+        columns = torch.where(self.write_index < 0, cache.capacity, self.write_index)
+        cache.visible[rows, columns] = self.attend & (self.write_index >= 0)
+        cos, sin = rotary.for_attention(self.positions, dtype)
+        return Addressing(rows, columns, self.attention_mask(cache, groups), cos, sin)
 
     def attention_mask(self, cache: KVCache, groups: int = 1) -> torch.Tensor:
         """[B, 1, groups * L, kv_len] bool: a query sees every visible column up to its own (causal); repeated for
@@ -157,6 +177,19 @@ class StepInputs:
         columns = torch.arange(self.kv_len, device=self.write_index.device)
         causal = columns[None, None, :] <= self.write_index[:, :, None]
         return (causal & cache.visible[self.rows, None, : self.kv_len]).repeat(1, groups, 1)[:, None]
+
+
+@dataclass
+class Addressing:
+    """What every layer of one forward reads, made once per forward (`StepInputs.address`). A caller whose steps
+    repeat exactly (the decoder's sub-steps, every frame) makes them once and passes them in: a step then costs no
+    addressing ops at all."""
+
+    rows: torch.Tensor  # [B, 1] cache rows, for the scatter of the new keys
+    columns: torch.Tensor  # [B, L] cache column of each new position, padding on the scratch column
+    mask: torch.Tensor  # [B, 1, groups * L, kv_len] bool
+    cos: torch.Tensor  # [B, L, 1, head_dim]
+    sin: torch.Tensor  # [B, L, 1, head_dim], signed for `rotate`
 
 
 def _write_index(starts: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,29 +210,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask) -> torch.Tensor:
+    def forward(self, x, layer: int, cache: KVCache, at: Addressing, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """x [B, L, hidden]; keys/values: this layer's cache rows [B, kv_heads, kv_len, head_dim], views that see the
+        new keys written here."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        # [B, L, heads, head_dim] as the projections make them: rotary and the cache scatter need no transpose. (A view
+        # that only splits a dim is valid whatever the tensor's strides.)
+        q = rotate(self.q_proj(x).view(batch, length, self.n_heads, self.head_dim), at.cos, at.sin)
+        k = rotate(self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim), at.cos, at.sin)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
 
         # Scatter the new keys into each row's cache (padding lands in the scratch column).
-        columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
-        rows = step.rows[:, None]
-        cache.keys[rows, layer, :, columns] = k.transpose(1, 2).to(cache.keys.dtype)
-        cache.values[rows, layer, :, columns] = v.transpose(1, 2).to(cache.values.dtype)
-        keys, values = step.cached(cache.keys, layer), step.cached(cache.values, layer)
+        cache.keys[at.rows, layer, :, at.columns] = to_dtype(k, cache.keys.dtype)
+        cache.values[at.rows, layer, :, at.columns] = to_dtype(v, cache.values.dtype)
 
         # Grouped-query attention: the query heads of one kv head are folded into its query rows ([B, heads, L, d]
-        # -> [B, kv_heads, groups * L, d]; `mask` is repeated to match), so attention reads the cache once, never
+        # -> [B, kv_heads, groups * L, d]; the mask is repeated to match), so attention reads the cache once, never
         # a copy repeated per query head.
-        q = q.reshape(batch, self.n_kv_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
-        out = out.view(batch, self.n_heads, length, self.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        q = q.transpose(1, 2).reshape(batch, self.n_kv_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, to_dtype(keys, q.dtype), to_dtype(values, q.dtype), attn_mask=at.mask)
+        # Back to [B, L, heads * d]: split the folded rows, permute, then reshape (a copy where needed). Never a view
+        # that merges dims: the output's strides depend on the device and kernel (on CUDA it is not contiguous).
+        out = out.view(batch, self.n_kv_heads, -1, length, self.head_dim).permute(0, 3, 1, 2, 4).reshape(batch, length, -1)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -222,8 +255,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache, step: StepInputs, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, step, mask)
+    def forward(self, x, layer: int, cache: KVCache, at: Addressing, keys: torch.Tensor, values: torch.Tensor):
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, at, keys, values)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -243,16 +276,18 @@ class TransformerStack(nn.Module):
             self.config, rows, capacity or self.config.max_position_embeddings, weight.device, weight.dtype
         )
 
-    def forward(self, x: torch.Tensor, cache: KVCache, step: StepInputs) -> torch.Tensor:
-        """x [B, L, hidden] -> final-normed outputs [B, L, hidden]; writes the new keys into `cache`."""
+    def address(self, cache: KVCache, step: StepInputs, dtype: torch.dtype) -> Addressing:
+        attention = self.layers[0].self_attn
+        return step.address(cache, self.rotary, attention.n_heads // attention.n_kv_heads, dtype)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, step: StepInputs, at: Addressing | None = None) -> torch.Tensor:
+        """x [B, L, hidden] -> final-normed outputs [B, L, hidden]; writes the new keys into `cache`. `at`: this
+        step's addressing when the caller made it before (`address`), else it is made here."""
         if step.kv_len > cache.capacity:
             raise ValueError(f"sequence longer than the KV cache ({cache.capacity} positions)")
-        rows = step.rows[:, None]
-        columns = torch.where(step.write_index < 0, cache.capacity, step.write_index)
-        cache.visible[rows, columns] = step.attend & (step.write_index >= 0)
-        attention = self.layers[0].self_attn
-        mask = step.attention_mask(cache, attention.n_heads // attention.n_kv_heads)
-        cos, sin = self.rotary(step.positions, x.dtype)
+        at = at if at is not None else self.address(cache, step, x.dtype)
+        first, last = step.row_range
+        keys, values = cache.keys[first:last, :, :, : step.kv_len], cache.values[first:last, :, :, : step.kv_len]
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, index, cache, step, mask)
+            x = layer(x, index, cache, at, keys[:, index], values[:, index])
         return self.norm(x)

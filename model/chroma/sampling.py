@@ -68,7 +68,7 @@ class SamplingBatch:
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingBatch, codebook: int) -> torch.Tensor:
     """logits [B, V] float -> token ids [B]: argmax for greedy rows, top-k/temperature draws for the others."""
-    greedy = logits.argmax(dim=-1)
+    greedy = _argmax(logits)
     if sampling.greedy_only:
         return greedy
     vocab = logits.shape[-1]
@@ -76,8 +76,14 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingBatch, codebook: int) 
     kth = scores.sort(dim=-1, descending=True).values.gather(1, (sampling.top_k.clamp(1, vocab) - 1)[:, None])
     probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
     # Exponential-race sampling: argmax(p / q) with q ~ Exp(1) draws from p.
-    drawn = torch.argmax(probs / sampling.noise[:, codebook], dim=-1)
+    drawn = _argmax(probs / sampling.noise[:, codebook])
     return torch.where(sampling.temperature > 0, drawn, greedy)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B], the first index of each row's maximum, as argmax gives it; max's indices are the same (both
+    take the first) and come from a faster CPU kernel (2.5x at batch 8 over 2051 codes)."""
+    return x.max(dim=-1).indices
 
 
 def _uniform(seed: torch.Tensor, frame: torch.Tensor, codebooks: int, size: int) -> torch.Tensor:

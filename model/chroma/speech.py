@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.chroma.config import ChromaConfig, SpeechTransformerConfig
-from model.chroma.layers import KVCache, StepInputs, TransformerStack
+from model.chroma.layers import Addressing, KVCache, StepInputs, TransformerStack, to_dtype
 from model.chroma.sampling import SamplingBatch, sample_tokens
 
 
@@ -87,7 +87,7 @@ class SpeechModel(nn.Module):
         # The thinker's input token embedding (its hidden size equals the backbone's): E_text in the SPEC.
         text_vocab = config.thinker_config["text_config"]["vocab_size"]
         self.text_embedding = nn.Embedding(text_vocab, config.backbone_config.hidden_size)
-        self._decoder_step_cache: dict[tuple[int, torch.device], list[StepInputs]] = {}
+        self._decoder_step_cache: dict[tuple[int, torch.device], list[tuple[StepInputs, Addressing]]] = {}
 
     def tie_weights(self) -> None:
         # Upstream ties the two audio embeddings; its checkpoints carry only the decoder's copy.
@@ -127,7 +127,7 @@ class SpeechModel(nn.Module):
     def backbone_step(self, embeds: torch.Tensor, cache: KVCache, step: StepInputs, last: torch.Tensor):
         """Run the backbone over new positions and return (x, codebook-0 logits) at each row's last real
         position `last` [B] (an index into L)."""
-        out = self.backbone.model(embeds.to(self.dtype), cache, step)
+        out = self.backbone.model(to_dtype(embeds, self.dtype), cache, step)
         x = out[torch.arange(out.shape[0], device=out.device), last]
         return x, self.backbone.codebook0_head(x)
 
@@ -173,32 +173,36 @@ class SpeechModel(nn.Module):
         cache = decoder.model.allocate_cache(batch, capacity=self.config.audio_num_codebooks)
         inputs = torch.stack([x, decoder.audio_embedding.codebook(codebook0, 0)], dim=1)
         codes = [codebook0]
-        for codebook, step in enumerate(self._decoder_steps(batch, x.device), start=1):
-            out = decoder.model(decoder.projection(inputs.to(self.dtype)), cache, step)[:, -1]
+        for codebook, (step, addressing) in enumerate(self._decoder_steps(batch, x.device), start=1):
+            out = decoder.model(decoder.projection(to_dtype(inputs, self.dtype)), cache, step, addressing)[:, -1]
             logits = out @ decoder.codebook_head.weight[codebook - 1]
             code = self.sample(logits, sampling, codebook)
             codes.append(code)
             inputs = decoder.audio_embedding.codebook(code, codebook)[:, None]
         return torch.stack(codes, dim=1)
 
-    def _decoder_steps(self, batch: int, device: torch.device) -> list[StepInputs]:
-        """Addressing of the 7 decoder sub-steps for a batch size, built once: creating device tensors in the
-        per-frame loop would cost a host-device copy (and, on CUDA, a stall) per sub-step."""
+    def _decoder_steps(self, batch: int, device: torch.device) -> list[tuple[StepInputs, Addressing]]:
+        """Addressing of the 7 decoder sub-steps for a batch size, made once: they are the same every frame, and
+        making device tensors in the per-frame loop would cost host-device copies (on CUDA, a stall; inside a graph
+        capture, an error: the warm-up run before a capture makes them)."""
         key = (batch, device)
         if key not in self._decoder_step_cache:
+            stack = self.decoder.model
+            cache = stack.allocate_cache(batch, capacity=self.config.audio_num_codebooks)  # only its `visible` is used
             rows = list(range(batch))
             steps = []
             for codebook in range(1, self.config.audio_num_codebooks):
                 # Sub-step 1 writes cache columns 0 and 1, both at rotary position 0; sub-step k column k at k - 1.
                 start, length = (0, 2) if codebook == 1 else (codebook, 1)
                 positions = torch.full((batch, length), max(codebook - 1, 0))
-                steps.append(StepInputs.contiguous(rows, [start] * batch, [length] * batch, device, positions=positions))
+                step = StepInputs.contiguous(rows, [start] * batch, [length] * batch, device, positions=positions)
+                steps.append((step, stack.address(cache, step, self.dtype)))
             self._decoder_step_cache[key] = steps
         return self._decoder_step_cache[key]
 
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch, codebook: int) -> torch.Tensor:
         # Codes the codec cannot decode (the pad/eos extension of the vocab) are never produced: upstream
         # would crash in the codec on them, so masking them keeps parity for every decodable output.
-        logits = logits.float()
+        logits = to_dtype(logits, torch.float32)
         logits[:, self.config.codec_codebook_size:] = float("-inf")
         return sample_tokens(logits, sampling, codebook)

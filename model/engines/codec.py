@@ -57,9 +57,9 @@ class CodecSettings(BaseModel):
     chunk_frames: int = Field(DEFAULT_CHUNK_FRAMES, ge=1, description="frames per streamed audio chunk (2 = 160 ms)")
     decode_mode: StepMode = Field(
         "auto", description='how a batched chunk decode runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
-        '"eager", "padded", "cuda_graphs", "compiled" (see model/engines/graphs.py)',
+        '"eager", "padded", "cuda_graphs", "compiled", "compiled_graphs" (see model/engines/graphs.py)',
     )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of decode_mode "compiled"')
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled decode modes')
     max_step_rtf: StepRtf = 0.8  # of one chunk's audio per batched decode
 
 
@@ -126,11 +126,12 @@ class CodecEngine:
         self.batch_buckets = power_of_two_buckets(max_streams)
         self._step_codes = torch.zeros(max_streams, chunk_frames, self.num_codebooks, dtype=torch.long, device=device)
         self._step_slots = torch.full((max_streams,), max_streams, dtype=torch.long, device=device)
-        self._decode_step = BucketedStep(self._decode_rows, self.decode_mode, compile_backend)
-        if self.decode_mode == "cuda_graphs":
-            with torch.no_grad():
-                for batch in reversed(self.batch_buckets):  # padding rows only: scratch state alone changes
-                    self._decode_step.capture((batch,), self._step_codes[:batch], self._step_slots[:batch])
+        self._decode_step = BucketedStep(self._decode_rows, self.decode_mode, compile_backend, name="codec decode")
+        if self.decode_mode != "eager":  # every batch bucket up to max_streams; padding rows only: scratch state alone changes
+            self._decode_step.prepare(
+                (((batch,), (self._step_codes[:batch], self._step_slots[:batch])) for batch in reversed(self.batch_buckets)),
+                device,
+            )
 
     def encode_voice(
         self, transcript_ids: torch.Tensor, audio_24k: torch.Tensor, num_samples: int | None = None
@@ -209,7 +210,7 @@ class CodecEngine:
             "state_bytes_per_stream": state_bytes // self.max_streams,
             "kv_positions_per_stream": self._kv.shape[-2],  # the sliding window's, whatever the turn's length
             "decode_mode": self.decode_mode,
-            "cuda_graphs": len(self._decode_step.graphs),
+            **self._decode_step.stats(),
             "decode_ms_by_batch": self.batch_step_times.snapshot_ms(),
             "realtime_streams": self.realtime_streams(),
         }

@@ -4,18 +4,17 @@ The step itself is model math (`SpeechModel.decode_step`): batch row i is cache 
 cache rows [0, B) as a view (the engine keeps its live turns in the lowest slots). This module turns the engine's
 per-turn inputs into that step's tensors and runs it in one of the modes of `model.engines.graphs`:
 - "eager": B = the highest ready slot + 1, width and kv_len exact;
-- "padded", "cuda_graphs", "compiled": B rounded up to a batch bucket (1, 2, 4, ..., max_slots), width to 1 or 3,
-  kv_len to a power of two from 64 (up to the cache capacity). Rows past the real ones are padding (length 0).
-  "cuda_graphs" captures every (B, width, kv_len) at construction: capture is the only time a graph is built.
+- the bucketed modes ("padded", "cuda_graphs", "compiled", "compiled_graphs"): B rounded up to a batch bucket (1, 2,
+  4, ..., max_slots), width to 1 or 3, kv_len to a power of two from 64 (up to the cache capacity). Rows past the
+  real ones are padding (length 0). On CUDA every (B, width, kv_len) is settled at construction (its SDPA backend;
+  in the graph modes its capture, the only time a graph is built), largest first.
 
-A voice-prompt prefill is not a decode step: it runs eagerly, once per voice (the engine caches its keys/values).
-The first step after it (the Reasoner pair alone, 2 positions) and frame + pair steps (3) share the width-3 graphs.
+A voice-prompt prefill is not a decode step: `model.engines.voice_prefill` runs the prompts of the voices a step
+needs in one forward, once per voice (the engine caches their keys/values). The first step after it (the Reasoner pair alone, 2 positions) and frame + pair steps (3) share the width-3 graphs.
 """
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -62,19 +61,18 @@ class DecodeSteps:
         self._host_hidden = torch.zeros(rows, hidden, dtype=torch.float32, pin_memory=pinned)
         self.batch_buckets = power_of_two_buckets(rows)
         self.kv_buckets = power_of_two_buckets(cache.capacity, min(SMALLEST_KV_BUCKET, cache.capacity))
-        self._step = BucketedStep(speech.decode_step, mode, compile_backend)
-        self.capture_s = 0.0
-        self.bucket_steps: Counter[tuple[int, int, int]] = Counter()  # steps run per (batch, width, kv_len)
-        if mode == "cuda_graphs":
-            self._capture_all()
+        self.step = BucketedStep(speech.decode_step, mode, compile_backend, name="speech step")
+        if self.padded:
+            self._prepare_buckets()
 
     @property
     def padded(self) -> bool:
         return self.mode != "eager"
 
     @property
-    def graphs(self) -> int:
-        return len(self._step.graphs)
+    def bucket_steps(self) -> dict[tuple[int, int, int], int]:
+        """Steps run per (batch, width, kv_len) bucket, in the bucketed modes."""
+        return {key: bucket.steps for key, bucket in self.step.buckets.items() if bucket.steps}
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Move a turn's state from one slot to another (the engine compacts its slots)."""
@@ -92,9 +90,8 @@ class DecodeSteps:
         kv_len = max(row.start + row.length for row in rows)
         if self.padded:
             count, width, kv_len = bucket_for(count, self.batch_buckets), bucket_for(width, WIDTHS), bucket_for(kv_len, self.kv_buckets)
-        self.bucket_steps[count, width, kv_len] += 1
         inputs = self._fill(rows, count, greedy_only=not self.padded and all(row.sampling.greedy for row in rows))
-        frames = self._step((count, width, kv_len), self.cache, self.frame_embedding, inputs, width, kv_len)
+        frames = self.step((count, width, kv_len), self.cache, self.frame_embedding, inputs, width, kv_len)
         codes = frames.cpu().tolist()
         return {row.slot: codes[row.slot] for row in rows}
 
@@ -128,15 +125,12 @@ class DecodeSteps:
         )
 
     @torch.inference_mode()
-    def _capture_all(self) -> None:
-        """One graph per (batch, width, kv_len) bucket, largest first so the smaller ones reuse its memory. The
-        static inputs hold zeros, i.e. padding rows only: the warm-up run of each capture changes no turn's state."""
-        started = time.perf_counter()
+    def _prepare_buckets(self) -> None:
+        """Every (batch, width, kv_len) bucket, largest first so the smaller graphs reuse its memory. The static inputs
+        hold zeros, i.e. padding rows only: a bucket's runs here change no turn's state."""
         self._ints.zero_()
-        for count in reversed(self.batch_buckets):
-            for width in WIDTHS:
-                for kv_len in reversed(self.kv_buckets):
-                    inputs = self._inputs(count)
-                    self._step.capture((count, width, kv_len), self.cache, self.frame_embedding, inputs, width, kv_len)
-        torch.cuda.synchronize()
-        self.capture_s = time.perf_counter() - started
+        self.step.prepare(
+            (((count, width, kv_len), (self.cache, self.frame_embedding, self._inputs(count), width, kv_len))
+             for count in reversed(self.batch_buckets) for width in WIDTHS for kv_len in reversed(self.kv_buckets)),
+            self.speech.device,
+        )

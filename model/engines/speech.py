@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.chroma.checkpoint import Checkpoint, load_speech, resolve_dtype
-from model.chroma.layers import KVCache, StepInputs
+from model.chroma.layers import KVCache
 from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import (
@@ -37,11 +37,12 @@ from model.chroma.turn import (
     TurnProgress,
     VoicePrompt,
     turn_frame_budget,
-    voice_prompt_attend,
 )
+from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
 from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
 from model.engines.realtime import StepRtf, StepTimes
+from model.engines.voice_prefill import VoicePrefill, VoicePrefix
 from model.errors import CapacityError
 
 
@@ -54,27 +55,19 @@ class SpeechEngineSettings(BaseModel):
     max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="frame limit per turn (60 s at 12.5 frames/s)")
     step_mode: StepMode = Field(
         "auto", description='how the batched decode step runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
-        '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile)',
+        '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile), '
+        '"compiled_graphs" (compiled, then captured): model/engines/graphs.py',
     )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of step_mode "compiled"')
+    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled step modes')
+    prefill_voices: int = Field(
+        8, ge=1, description="voice prompts prefilled in one forward: turns in new voices that arrive together share it",
+    )
+    cpu_threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads of the engine thread when the model is on a CPU (null: torch's "
+        "count). 1: a step of a small model is many small ops, which more threads only slow down from a second "
+        "thread (model/engines/cpu_threads.py); raise it for a large model on a CPU with cores to spare",
+    )
     max_step_rtf: StepRtf = 0.8  # of one frame's 80 ms per batched step
-
-
-@dataclass
-class VoicePrefix:
-    """Backbone keys/values of one voice prompt, ready to copy into a slot."""
-
-    keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
-    values: torch.Tensor
-    visible: torch.Tensor  # [P]
-
-    @property
-    def length(self) -> int:
-        return self.visible.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.visible.nbytes
 
 
 @dataclass
@@ -144,6 +137,9 @@ class SpeechEngine:
         self._position_bytes = (self.cache.keys[0, :, :, 0].nbytes + self.cache.values[0, :, :, 0].nbytes)
         mode = resolve_step_mode(self.settings.step_mode, speech.device)
         self.decode_steps = DecodeSteps(speech, self.cache, mode, self.settings.compile_backend)
+        self.voice_prefill = VoicePrefill(
+            speech, mode, min(self.settings.prefill_voices, self.settings.max_slots), self.settings.compile_backend
+        )
 
     # ---- public API (event loop thread) -----------------------------------------------------------------
     async def submit(
@@ -204,8 +200,8 @@ class SpeechEngine:
                 "voice_cache_entries": len(self.voice_cache),
                 "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
                 "step_mode": self.decode_steps.mode,
-                "cuda_graphs": self.decode_steps.graphs,
-                "graph_capture_s": self.decode_steps.capture_s,
+                **self.decode_steps.step.stats(),
+                "voice_prefill": self.voice_prefill.stats(),
                 "step_ms_by_batch": self.batch_step_times.snapshot_ms(),
                 "realtime_slots": self.realtime_slots(),
             }
@@ -306,6 +302,8 @@ class SpeechEngine:
 
     # ---- the engine thread --------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.speech.device.type == "cpu" and self.settings.cpu_threads is not None:
+            use_intra_op_threads(self.settings.cpu_threads)
         try:
             self._step_until_stopped()
         except BaseException as failure:  # an engine bug must fail the live turns, not leave them hanging
@@ -409,13 +407,11 @@ class SpeechEngine:
     @torch.inference_mode()
     def _load_voice_prefixes(self, first_steps: list[_Row]) -> dict[str, VoicePrefix]:
         """Engine thread, without the lock (the rows' slots are in flight): copy each first-step turn's voice
-        prefix into its slot, prefilling voices the cache lacks. Returns the prefixes made."""
-        made: dict[str, VoicePrefix] = {}
+        prefix into its slot, prefilling the voices the cache lacks in one forward. Returns the prefixes made."""
+        missing = {row.turn.voice_key: row.turn.voice for row in first_steps if row.prefix is None}
+        made = dict(zip(missing, self.voice_prefill.run(list(missing.values())))) if missing else {}
         for row in first_steps:
-            key = row.turn.voice_key
-            prefix = row.prefix or made.get(key)
-            if prefix is None:
-                prefix = made[key] = self._prefill_voice(row.turn.voice)
+            prefix = row.prefix or made[row.turn.voice_key]
             slot, length = row.input.slot, prefix.length
             self.cache.keys[slot, :, :, :length] = prefix.keys
             self.cache.values[slot, :, :, :length] = prefix.values
@@ -431,21 +427,6 @@ class SpeechEngine:
             self.voice_cache.move_to_end(key)
         if prefixes:
             self._evict_voices()
-
-    @torch.inference_mode()
-    def _prefill_voice(self, voice: VoicePrompt) -> VoicePrefix:
-        speech = self.speech
-        embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
-        length = embeds.shape[0]
-        scratch = speech.allocate_backbone_cache(rows=1, capacity=length)
-        attend = voice_prompt_attend(voice)
-        step = StepInputs.contiguous([0], [0], [length], speech.device, attend=attend[None])
-        speech.backbone.model(embeds[None].to(speech.dtype), scratch, step)
-        return VoicePrefix(
-            keys=scratch.keys[0, :, :, :length].clone(),
-            values=scratch.values[0, :, :, :length].clone(),
-            visible=scratch.visible[0, :length].clone(),
-        )
 
     def _evict_voices(self) -> None:
         budget = self.settings.voice_cache_mb * 2**20

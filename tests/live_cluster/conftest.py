@@ -12,10 +12,11 @@ import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 
 from cluster.ops.client import ChromaClient
-from cluster.ops.local import down, ray_running, settings_env, up
+from cluster.ops.local import cluster_processes, down, ray_running, settings_env, up
 from model.processing.audio import decode_audio, encode_wav
 from model.testing.speech import synthetic_speech
 from tests.conftest import cluster_settings
@@ -46,8 +47,13 @@ def cluster(tiny_checkpoint, tmp_path_factory):
         down(settings)
         raise
     yield {"url": info.url, "settings": settings}
+    processes = cluster_processes(settings)
+    names = {p.name() for p in processes}
     down(settings)
     assert not ray_running(settings)
+    # `down` leaves nothing running, the raylet's agents (which ignore SIGTERM) included.
+    assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
+    assert [p.name() for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert not (home / "redis" / "redis.pid").exists()
 
 

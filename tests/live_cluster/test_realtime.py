@@ -13,9 +13,11 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from websockets.exceptions import InvalidStatus
 from pydantic import TypeAdapter
 
 from cluster.ops.call_client import RealtimeCaller
+from cluster.ops.faults import FaultAgent, paused
 from model.processing.audio import CODEC_RATE, encode_wav, pcm16_bytes
 from model.testing.speech import speak, speak_at
 from tests.live_cluster.conftest import CALL_LIMIT_PER_TENANT, wait_for_no_slots_in_use
@@ -86,27 +88,72 @@ async def test_the_openai_sdk_holds_a_call(cluster, voice_id):
     await wait_for_no_slots_in_use(cluster)
 
 
-async def test_barge_in_cancels_and_history_keeps_what_was_played(cluster, voice_id):
+@pytest.fixture(scope="module")
+def codec_pids(cluster) -> list[int]:
+    agent = FaultAgent(cluster["settings"])
+    try:
+        return agent.pids("Codec")
+    finally:
+        agent.close()
+
+
+async def test_barge_in_cancels_and_history_keeps_what_was_played(cluster, voice_id, codec_pids):
+    """A reply still generating when the caller talks over it is cancelled. The generation is held: once the first
+    audio is out, the Codec replica is paused, so the rest of the reply cannot reach the Ingress however fast the
+    machine generated it."""
     async with RealtimeCaller(cluster["url"], "key-acme") as call:
         await call.configure(voice_id, "Be brief.")
         await call.say(speak_at(QUESTION, CODEC_RATE), trailing_silence_s=0.0)
         silence = asyncio.create_task(call.say(np.zeros(30 * CODEC_RATE, np.float32)))
         await call.wait_for("response.output_audio.delta", timeout_s=180)
-        await asyncio.sleep(0.6)  # the caller listens a little, then talks over the reply
-        silence.cancel()
-        interrupting = asyncio.create_task(call.say(speak_at(INTERRUPTION, CODEC_RATE), trailing_silence_s=1.0))
+        with paused(codec_pids):
+            mark = len(call.events)
+            silence.cancel()
+            interrupting = asyncio.create_task(call.say(speak_at(INTERRUPTION, CODEC_RATE), trailing_silence_s=1.0))
+            barge_in = await call.wait_for("input_audio_buffer.speech_started", after=mark)
         reply = await call.next_reply()
-        assert reply.status == "cancelled"
+        # Only a reply whose generation ended before the pause (so its response.done preceded the barge-in) could
+        # complete; once paused, nothing more of it reaches the Ingress until the caller has spoken.
+        ended_first = any(e["type"] == "response.done" for e in call.events[:call.events.index(barge_in)])
+        assert reply.status == ("completed" if ended_first else "cancelled")
         played_ms = int(reply.played_ms(reply.done_at))
-        await call.send({"type": "conversation.item.truncate", "item_id": reply.item_id, "content_index": 0,
-                         "audio_end_ms": played_ms})
-        truncated = await call.wait_for("conversation.item.truncated", item_id=reply.item_id)
-        assert truncated["audio_end_ms"] == played_ms
+        await truncate(call, reply, played_ms)
         await interrupting
         session_id = session_of(call)
-        assert not call.errors(), call.errors()
-    # The interrupted turn is in the history with the tokens of the frames that were played: token k entered
-    # with frame 2k, and each transcript delta here is one token.
+    await check_history_keeps_what_was_played(cluster, session_id, reply, played_ms)
+
+
+async def test_barge_in_on_a_generated_reply_keeps_what_was_played(cluster, voice_id):
+    """A reply fully generated but still playing ends `completed`; the caller's barge-in and truncate cut the history
+    to what was played."""
+    async with RealtimeCaller(cluster["url"], "key-acme") as call:
+        await call.configure(voice_id, "Be brief.")
+        await call.say(speak_at(QUESTION, CODEC_RATE), trailing_silence_s=0.0)
+        silence = asyncio.create_task(call.say(np.zeros(30 * CODEC_RATE, np.float32)))
+        reply = await call.next_reply()
+        assert reply.status == "completed"
+        mark = len(call.events)
+        silence.cancel()
+        interrupting = asyncio.create_task(call.say(speak_at(INTERRUPTION, CODEC_RATE), trailing_silence_s=1.0))
+        barge_in = await call.wait_for("input_audio_buffer.speech_started", after=mark)
+        played_ms = int(reply.played_ms(barge_in["_at"]))  # the client stops playing here, as pipecat and LiveKit do
+        await truncate(call, reply, played_ms)
+        await interrupting
+        session_id = session_of(call)
+    await check_history_keeps_what_was_played(cluster, session_id, reply, played_ms)
+
+
+async def truncate(call: RealtimeCaller, reply, played_ms: int) -> None:
+    await call.send({"type": "conversation.item.truncate", "item_id": reply.item_id, "content_index": 0,
+                     "audio_end_ms": played_ms})
+    truncated = await call.wait_for("conversation.item.truncated", item_id=reply.item_id)
+    assert truncated["audio_end_ms"] == played_ms
+    assert not call.errors(), call.errors()
+
+
+async def check_history_keeps_what_was_played(cluster, session_id: str, reply, played_ms: int) -> None:
+    """The interrupted turn is in the history with the tokens of the frames that were played: token k entered with
+    frame 2k, and each transcript delta here is one token."""
     heard_frames = played_ms // 80
     turns = history(cluster, session_id)["history"]
     assert [m["role"] for m in turns[:2]] == ["user", "assistant"]
@@ -187,7 +234,7 @@ async def test_bad_input_gets_errors_and_the_call_goes_on(cluster, voice_id):
 async def test_refusals_at_the_handshake(cluster):
     url = cluster["url"].replace("http", "ws") + "/v1/realtime"
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(url, additional_headers=headers):
                 pass
         assert refused.value.response.status_code == 401
@@ -195,7 +242,7 @@ async def test_refusals_at_the_handshake(cluster):
     calls = [await websockets.connect(url, additional_headers={"Authorization": "Bearer key-other"})
              for _ in range(CALL_LIMIT_PER_TENANT)]
     try:
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(url, additional_headers={"Authorization": "Bearer key-other"}):
                 pass
         assert refused.value.response.status_code == 429
