@@ -168,7 +168,8 @@ def test_a_read_only_checkpoint_has_its_thinker_split_on_the_node(tiny_checkpoin
     from cluster.config import AppConfig
 
     checkpoint = tmp_path / "ro"
-    shutil.copytree(tiny_checkpoint, checkpoint)
+    # without a thinker split beside it (an earlier test in the session may have split the shared one)
+    shutil.copytree(tiny_checkpoint, checkpoint, ignore=shutil.ignore_patterns("thinker"))
     real_mkdtemp = tempfile.mkdtemp
 
     def read_only_mount(*args, dir=None, **kwargs):  # what a read-only volume answers (tests run as root)
@@ -191,7 +192,7 @@ def test_a_writable_checkpoint_keeps_its_thinker_beside_it(tiny_checkpoint, tmp_
     from cluster.config import AppConfig
 
     checkpoint = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, checkpoint)
+    shutil.copytree(tiny_checkpoint, checkpoint, ignore=shutil.ignore_patterns("thinker"))
     config = AppConfig.model_validate({"checkpoint": {"path": str(checkpoint)}, "reasoner": {"engine": "vllm"}})
     assert config.reasoner_path() == str(checkpoint / "thinker") and (checkpoint / "thinker" / "config.json").is_file()
     assert config.reasoner_path() == str(checkpoint / "thinker")
