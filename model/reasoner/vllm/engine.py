@@ -88,6 +88,15 @@ def vllm_prompt(layout: PromptLayout) -> dict:
     return prompt
 
 
+def _is_cache_miss(error: BaseException | None) -> bool:
+    """Whether `error`, or what caused it, is vLLM's processor cache missing an audio sent by id only."""
+    while error is not None:
+        if isinstance(error, ValueError) and "Cache miss" in str(error):
+            return True
+        error = error.__cause__
+    return False
+
+
 class _Mailbox:
     """Hidden rows of one request by position; first row per position wins, consumed positions are ignored."""
 
@@ -294,8 +303,8 @@ class VLLMReasoner:
                     yield int(token), hidden
                     if token == im_end or produced >= budget:
                         return
-        except ValueError as error:
-            if produced or not held or "Cache miss" not in str(error):
+        except Exception as error:  # vLLM raises the processor's ValueError wrapped in an EngineGenerateError
+            if produced or not held or not _is_cache_miss(error):
                 raise
             for audio_id in held:  # vLLM's processor cache evicted one of them: send them all again
                 self._held.pop(audio_id, None)
