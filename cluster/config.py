@@ -8,6 +8,7 @@ the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.api.admission import AdmissionSettings
 from cluster.api.settings import ApiSettings
 from cluster.calls.settings import CallSettings, TelephonySettings
+from cluster.pipeline.history import HistorySettings
 from cluster.pipeline.turn import TurnSettings
 from cluster.state.store import StateSettings
 from cluster.state.tenants import TenantSettings
@@ -61,6 +63,7 @@ class AppConfig(BaseModel):
     speech: SpeechEngineSettings = Field(default_factory=SpeechEngineSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     turns: TurnSettings = Field(default_factory=TurnSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     state: StateSettings = Field(default_factory=StateSettings)
@@ -84,6 +87,17 @@ class AppConfig(BaseModel):
             return str(split_thinker_once(model.path, Path(model.path) / "thinker"))
         except OSError:  # nothing can be written beside it
             return str(split_thinker_once(model.path, _node_thinker_dir(model.path)))
+
+    def reasoner_context(self) -> int:
+        """The Reasoner's context in positions: vLLM's max_model_len where set, else the thinker's own."""
+        if self.reasoner.engine == "vllm" and self.reasoner.vllm.max_model_len is not None:
+            return self.reasoner.vllm.max_model_len
+        config = json.loads((Path(self.checkpoint.path) / "config.json").read_text())
+        return config["thinker_config"]["text_config"]["max_position_embeddings"]
+
+    def reasoner_max_audios(self) -> int | None:
+        """The most caller utterances one prompt may hold (vLLM's limit_mm_per_prompt; none on transformers)."""
+        return self.reasoner.vllm.max_audios_per_prompt if self.reasoner.engine == "vllm" else None
 
     def longest_turn_s(self) -> float:
         """The longest an admitted turn may last: its start timeout, then its longest reply at real time (admitted

@@ -1,7 +1,7 @@
 """Serve deployment of the codec: voice encoding, and the streaming Mimi decode of every live reply per replica.
 
 A reply pulls its frames from the SpeechStack as they are generated; the replica's CodecLoop decodes the ready
-chunks of all replies in one batched forward on its own thread.
+chunks of all replies in one batched forward on its own thread. The Reasoner's PromptStats go on up the stream.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
-from cluster.pipeline.turn import TurnRequest
+from cluster.pipeline.turn import SpeechRequest, peel, surfaced
 from deployments.streams import CallerWatch, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
 from model.engines.codec_loop import CodecLoop
 from model.processing.processor import VoicePromptInputs
+from model.reasoner.base import PromptStats
 
 
 @serve.deployment(name="Codec")
@@ -31,13 +32,14 @@ class CodecDeployment:
     async def encode_voice(self, inputs: VoicePromptInputs) -> VoicePrompt:
         return await self.loop.encode_voice(inputs.text_ids[0], inputs.input_values, inputs.num_samples)
 
-    async def reply(self, request: TurnRequest, caller: ActorHandle | None = None):
+    async def reply(self, request: SpeechRequest, caller: ActorHandle | None = None):
         """The reply's chunks; stopped if `caller` (the Ingress replica) dies."""
         generate = self.speech.options(stream=True).generate
         groups = relay(lambda: generate.remote(request, self.loop.engine.chunk_frames, this_replica()), "SpeechStack")
+        found: list[PromptStats] = []
         with self.callers.guard(caller):
-            async for chunk in self.loop.decode(request.turn_id, groups):
-                yield chunk
+            async for item in surfaced(self.loop.decode(request.turn_id, peel(groups, PromptStats, found)), found):
+                yield item
 
     def stats(self) -> dict:
         return self.loop.stats()

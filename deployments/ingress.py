@@ -2,7 +2,9 @@
 
 `RayTurnBackend` is the API's TurnBackend on Serve handles: a turn is one streaming call to the Codec, which
 pulls frames from the SpeechStack, which pulls (token, hidden state) pairs from the Reasoner. Closing the
-reply (the caller hung up) cancels that call, and each stage cancels its own upstream.
+reply (the caller hung up) cancels that call, and each stage cancels its own upstream. The turn's prompt goes
+into Ray's object store once; the Codec and the SpeechStack hand on its reference, the Reasoner reads it. What
+each stage received (bytes of its request) goes into the turn's TurnDone.
 
 For admission control it reads every stage's state: each stage's `probe()` (its health check, and the turns
 one replica holds at once) through the same handles the turns use, so a stage whose replicas are gone or
@@ -13,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.api.app import build_api
 from cluster.config import AppConfig
+from cluster.pipeline.history import HistoryPolicy, TurnPlan
 from cluster.pipeline.turn import (
     STAGES,
     ReplyEvent,
@@ -34,7 +40,7 @@ from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
 from deployments.streams import relay, result, this_replica
 from model.chroma.turn import VoicePrompt
-from model.processing.processor import ChromaProcessor, Message, VoicePromptInputs
+from model.processing.processor import ChromaProcessor, VoicePromptInputs
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,13 @@ log = logging.getLogger(__name__)
 class RayTurnBackend:
     def __init__(
         self, stages: dict[str, DeploymentHandle], processor: ChromaProcessor, turns: TurnSettings,
-        probe_timeout_s: float, app_name: str,
+        history: HistoryPolicy, probe_timeout_s: float, app_name: str,
     ):
         self.codec = stages["Codec"]  # the stage a turn is sent to: it pulls frames from the speech stack
         self.stage_handles = stages
         self.processor = processor
         self.turns = turns
+        self.history = history
         self.probe_timeout_s = probe_timeout_s
         self.app_name = app_name
         self._replicas: dict[str, int] = {}  # last known RUNNING replicas per stage
@@ -91,12 +98,19 @@ class RayTurnBackend:
     async def _encode_voice(self, inputs: VoicePromptInputs) -> VoicePrompt:
         return await result(self.codec.encode_voice.remote(inputs), "Codec")
 
-    def run_turn(
-        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
-    ) -> AsyncIterator[ReplyEvent]:
-        request = build_turn_request(turn_id, voice, session, history_audio, user, self.turns)
+    def run_turn(self, turn_id: str, voice: Voice, session: Session, plan: TurnPlan) -> AsyncIterator[ReplyEvent]:
+        request = build_turn_request(turn_id, voice, session, plan, self.turns)
+        prompt = request.reasoner.prompt
+        # The reference lives in `request` until the reply ends: the stages borrow it, the Reasoner reads it once.
+        request.reasoner = replace(request.reasoner, prompt=ray.put(prompt))
+        shipped = {"Codec": _size(request), "SpeechStack": _size(request), "Reasoner": _size(prompt)}
         reply = self.codec.options(stream=True).reply
-        return reply_events(self.processor, relay(lambda: reply.remote(request, this_replica()), "Codec"))
+        return reply_events(self.processor, relay(lambda: reply.remote(request, this_replica()), "Codec"), shipped)
+
+
+def _size(value) -> int:
+    """Bytes of `value` as pickled (what Ray ships of it; an object reference counts as its id)."""
+    return len(pickle.dumps(value, protocol=5))
 
 
 @serve.deployment(name="Ingress")
@@ -104,9 +118,12 @@ class RayTurnBackend:
 class IngressDeployment:
     def __init__(self, config: AppConfig, codec: DeploymentHandle, speech: DeploymentHandle, reasoner: DeploymentHandle):
         stages = dict(zip(STAGES, (reasoner, speech, codec), strict=True))
+        processor = ChromaProcessor.from_pretrained(config.checkpoint.path)
+        history = HistoryPolicy(processor, config.reasoner_context(), config.turns.reply_tokens(),
+                                config.reasoner_max_audios(), config.history)
         self.backend = RayTurnBackend(
-            stages, ChromaProcessor.from_pretrained(config.checkpoint.path), config.turns,
-            config.admission.probe_timeout_s, serve.get_replica_context().app_name,
+            stages, processor, config.turns, history, config.admission.probe_timeout_s,
+            serve.get_replica_context().app_name,
         )
         self.state = StateStore(redis_client(config.state), config.state)
         self.tenants = TenantDirectory.from_settings(config.tenants)

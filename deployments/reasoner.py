@@ -1,35 +1,51 @@
 """Serve deployment of the Reasoner: streams (token id, hidden state) pairs as the thinker produces them.
 
 Every pair is yielded on its own (no response batching: a 1:2 text/audio interleave at 80 ms frames cannot
-wait 50 ms for a batch); hidden states leave as numpy arrays, which Ray ships as plain objects.
+wait 50 ms for a batch); hidden states leave as numpy arrays, which Ray ships as plain objects. The turn's prompt
+arrives by reference (the Ingress put it in the object store once); the history's caller audio this replica does
+not hold yet is read from Redis. A session's turns are routed to the replica that holds its prefix
+(`deployments/routing.py`); its `PromptStats` go up the stream first.
 """
 
 from __future__ import annotations
 
+import ray
 from ray import serve
 from ray.actor import ActorHandle
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import AppConfig
+from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
+from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch
-from model.processing.processor import Conversation
+from model.reasoner.base import PromptStats
 from model.reasoner.settings import build_reasoner
 
 
-@serve.deployment(name="Reasoner")
+@serve.deployment(
+    name="Reasoner",
+    request_router_config=RequestRouterConfig(request_router_class="deployments.routing.SessionAffinityRouter"),
+)
 class ReasonerDeployment:
     def __init__(self, config: AppConfig):
         model = config.checkpoint
         self.reasoner = build_reasoner(config.reasoner, config.reasoner_path(), model.dtype, model.device)
+        self.state = StateStore(redis_client(config.state), config.state)
         self.callers = CallerWatch()
 
-    async def stream(self, conversation: Conversation, max_tokens: int, caller: ActorHandle | None = None):
-        """Stopped if `caller` (the SpeechStack replica) dies."""
+    async def stream(self, call: ReasonerCall, caller: ActorHandle | None = None):
+        """The prompt's PromptStats, then its pairs; stopped if `caller` (the SpeechStack replica) dies."""
+        prompt = await call.prompt if isinstance(call.prompt, ray.ObjectRef) else call.prompt
+        found: list[PromptStats] = []
         with self.callers.guard(caller):
-            async for token, hidden in self.reasoner.stream(conversation, max_tokens):
-                yield token, hidden.numpy()
+            async for item in surfaced(reasoner_pairs(self.reasoner, prompt, self.state, found.append), found):
+                yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
 
     def stats(self) -> dict:
-        return {"unfinished_requests": self.reasoner.num_unfinished_requests()}
+        stats = {"unfinished_requests": self.reasoner.num_unfinished_requests()}
+        if hasattr(self.reasoner, "prefix_cache_stats"):  # vLLM's: what its prefix cache served of the prompts
+            stats.update(self.reasoner.prefix_cache_stats())
+        return stats
 
     async def check_health(self) -> None:
         """Serve's health check: the engine (vLLM's processes) is alive; Serve restarts the replica when not."""

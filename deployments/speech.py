@@ -1,7 +1,8 @@
 """Serve deployment of the speech stack: a SpeechEngine (Backbone + Decoder, continuous batching) per replica.
 
 A turn's Reasoner input is the Reasoner's stream, consumed as it arrives; closing a turn (finished, cancelled
-by the caller) closes that stream, which cancels the Reasoner's request.
+by the caller) closes that stream, which cancels the Reasoner's request. The Reasoner's PromptStats go on up the
+stream, ahead of the frames.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
-from cluster.pipeline.turn import TurnRequest, speech_frames
+from cluster.pipeline.turn import SpeechRequest, peel, speech_frames, surfaced
 from deployments.streams import CallerWatch, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.engines.speech import SpeechEngine
+from model.reasoner.base import PromptStats
 
 
 @serve.deployment(name="SpeechStack")
@@ -29,14 +31,15 @@ class SpeechStackDeployment:
         self.reasoner = reasoner
         self.callers = CallerWatch()
 
-    async def generate(self, request: TurnRequest, group_size: int, caller: ActorHandle | None = None):
+    async def generate(self, request: SpeechRequest, group_size: int, caller: ActorHandle | None = None):
         """The turn's frames, in groups of `group_size` (the codec's chunk size); stopped if `caller` (the Codec
         replica) dies."""
         stream = self.reasoner.options(stream=True).stream
-        pairs = relay(lambda: stream.remote(request.conversation, request.max_tokens, this_replica()), "Reasoner")
+        found: list[PromptStats] = []
+        pairs = peel(relay(lambda: stream.remote(request.reasoner, this_replica()), "Reasoner"), PromptStats, found)
         with self.callers.guard(caller):
-            async for group in speech_frames(self.engine, request, _as_tensors(pairs), group_size):
-                yield group
+            async for item in surfaced(speech_frames(self.engine, request, _as_tensors(pairs), group_size), found):
+                yield item
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -20,6 +20,7 @@ from cluster.api.app import build_api
 from cluster.api.settings import ApiSettings
 from cluster.config import AppConfig
 from cluster.pipeline import turn as pipeline
+from cluster.pipeline.history import HistorySettings, TurnPlan
 from cluster.pipeline.local import LocalTurnBackend
 from model.chroma.turn import VoicePrompt
 from cluster.state.store import StateSettings, StateStore
@@ -55,14 +56,14 @@ async def store(redis_port):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def backend(tiny_checkpoint):
+async def backend(tiny_checkpoint, store):
     backend = LocalTurnBackend.from_config(AppConfig(
         checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
         # Bounded by slots alone: these tests need two turns at once, whatever this machine's step times say
         # (test_capacity_is_what_the_engines_keep_real_time covers the measured bound).
         speech={"max_slots": 2, "max_queue": 2, "max_step_rtf": None}, codec={"max_streams": 4, "max_step_rtf": None},
         turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
-    ))
+    ), state=store)
     yield backend
     await backend.close()
 
@@ -132,8 +133,8 @@ async def test_voice_session_and_two_turns(client, backend, monkeypatch):
     assert session["output_format"] == "pcm16_24k" and session["history"] == [] and session["version"] == 0
 
     conversations = []
-    build = pipeline.build_conversation
-    monkeypatch.setattr(pipeline, "build_conversation", lambda *a: conversations.append(build(*a)) or conversations[-1])
+    stream = backend.reasoner.stream
+    monkeypatch.setattr(backend.reasoner, "stream", lambda c, *a: conversations.append(c) or stream(c, *a))
 
     first_audio = caller_wave(seed=1)
     response = await client.post(
@@ -363,7 +364,21 @@ async def test_client_disconnect_stops_the_turn(store, backend, client):
     assert "chroma_live_turns 0.0" in (metrics := (await client.get("/metrics")).text) and "chroma_turns_waiting 0.0" in metrics
 
 
+class WholeHistory:
+    """A stub backend's history policy: every turn reads the whole history."""
+
+    settings = HistorySettings()
+
+    def plan(self, session, user):
+        return TurnPlan(user, session.history)
+
+    def text_positions(self, role, text):
+        return None
+
+
 class StubBackend:
+    history = WholeHistory()
+
     def __init__(self, ready=True, busy=False):
         self._ready, self.busy = ready, busy
 
@@ -373,7 +388,7 @@ class StubBackend:
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
 
-    async def run_turn(self, turn_id, voice, session, history_audio, user):
+    async def run_turn(self, turn_id, voice, session, plan):
         if self.busy:
             raise CapacityError("no free slots")
         yield  # pragma: no cover
@@ -410,7 +425,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
         checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
         speech={"max_slots": 4, "max_queue": 0, "max_step_rtf": 1e-6}, codec={"max_streams": 4, "max_step_rtf": None},
         turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
-    ))
+    ), state=store)
     try:
         async with client_for(build_api(store, TenantDirectory(KEYS), backend)) as client:
             voice = await make_voice(client)
@@ -444,7 +459,8 @@ async def test_openapi_document_describes_every_route(client):
     paths = spec["paths"]
     assert set(paths) == {
         "/v1/voices", "/v1/voices/{voice_id}", "/v1/sessions", "/v1/sessions/{session_id}",
-        "/v1/sessions/{session_id}/turns", "/healthz", "/readyz", "/metrics",
+        "/v1/sessions/{session_id}/turns", "/v1/sessions/{session_id}/history/{item_id}", "/healthz", "/readyz",
+        "/metrics",
     }
     schemes = spec["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
@@ -467,7 +483,7 @@ async def test_openapi_document_describes_every_route(client):
 
 
 class FailingBackend(StubBackend):
-    async def run_turn(self, turn_id, voice, session, history_audio, user):
+    async def run_turn(self, turn_id, voice, session, plan):
         raise RuntimeError("/srv/secret/path.py exploded in actor 1234")
         yield  # pragma: no cover
 
@@ -491,6 +507,7 @@ class FailingMidReply:
 
     def __init__(self, backend):
         self.backend, self.failing = backend, True
+        self.history = backend.history
 
     async def stages(self):
         return await self.backend.stages()
@@ -553,7 +570,7 @@ async def test_over_the_tenants_quota_is_429_with_retry_after(store, backend):
 
 
 class SilentBackend(StubBackend):
-    async def run_turn(self, turn_id, voice, session, history_audio, user_audio):
+    async def run_turn(self, turn_id, voice, session, plan):
         await asyncio.Event().wait()  # a stage that never answers
         yield  # pragma: no cover
 
@@ -567,3 +584,99 @@ async def test_a_reply_that_never_starts_is_refused_not_left_waiting(store):
                                      content=encode_wav(caller_wave(), 16000))
         assert "did not start" in assert_error(response, 503, "stage_unavailable")["message"]
         assert app.state.services.admission.held() == 0
+
+
+# ---- a session longer than the Reasoner's context ---------------------------------------------------------------
+async def turn_done(client, session_id: str, audio: np.ndarray) -> dict:
+    response = await client.post(f"/v1/sessions/{session_id}/turns", headers={**ACME, "Accept": "text/event-stream"},
+                                 content=encode_wav(audio, 16000), timeout=300)
+    assert response.status_code == 200, response.text
+    kind, done = parse_sse(response.text)[-1]
+    assert kind == "done", done
+    return done
+
+
+async def offline_reply_to_last_turn(store, chroma, session_id: str):
+    """The offline reference's reply to the session's last turn, given the history that turn read (what it
+    committed, less the turn itself) and the caller audio as the server heard it."""
+    from cluster.pipeline.turn import build_conversation
+    from model.processing.audio import decode_audio, pcm16_wave
+    from model.processing.processor import Message
+
+    state = await store.get_session("acme", session_id)
+    audio = await store.load_history_audio(state)
+    read = state.model_copy(update={"history": state.history[:-2]})
+    user = Message("user", audio=pcm16_wave(audio[-2]), sample_rate=16000)
+    voice = chroma.voice("Hello there, this is me.", decode_audio(voice_wav())[0], 24000)
+    return chroma.reply(build_conversation(read, audio[:-2], user), voice, max_frames=MAX_FRAMES)
+
+
+async def test_a_long_session_drops_its_oldest_history_and_every_turn_is_the_offline_reply(client, store, chroma):
+    """A token limit far below the context makes a few short turns a long session. Every turn answers; what it
+    dropped is the oldest, shows in the session, and leaves Redis; each reply equals the offline reference's reply
+    to the history the turn read."""
+    voice = await make_voice(client)
+    truncation = {"type": "retention_ratio", "retention_ratio": 0.6, "token_limits": {"post_instructions": 120}}
+    session = await make_session(client, voice["id"], system_prompt="Be brief.", truncation=truncation)
+    assert session["truncation"] == truncation and session["dropped"] == {"messages": 0, "caller_audio": 0,
+                                                                           "deleted": 0, "item_ids": []}
+    dropped, audio_key = [], store._session_keys("acme", session["id"])[1]
+    for n in range(6):
+        before = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"]
+        done = await turn_done(client, session["id"], caller_wave(seed=20 + n, seconds=0.8))
+        state = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()
+        read = [m["id"] for m in state["history"][:-2]]
+        assert read == [m["id"] for m in before if m["id"] not in done["dropped"]]
+        for role in ("user", "assistant"):  # the oldest went: caller audio first, then reply text
+            ids = [m["id"] for m in before if m["role"] == role]
+            assert ids[: len(set(ids) & set(done["dropped"]))] == [i for i in done["dropped"] if i in ids]
+        assert done["prompt_tokens"] > 0 and done["cached_tokens"] == 0  # transformers: no prefix cache
+        spoken = {m["id"] for m in state["history"] if m["audio_bytes"]}
+        assert {k.decode() for k in await store.redis.hkeys(audio_key)} == spoken  # Redis holds what is read
+        expected = await offline_reply_to_last_turn(store, chroma, session["id"])
+        assert (done["text"], done["frames"]) == (expected.text, expected.frames.shape[0]), n
+        dropped += done["dropped"]
+    assert dropped and state["dropped"]["messages"] == len(dropped) == len(state["dropped"]["item_ids"])
+    assert state["version"] == 6 and len(state["history"]) < 12
+    metrics = (await client.get("/metrics")).text
+    assert f'chroma_history_dropped_total{{what="messages"}} {float(len(dropped))}' in metrics
+    assert "chroma_reasoner_prompt_tokens_total" in metrics and "chroma_reasoner_cached_tokens_total" in metrics
+
+
+async def test_with_truncation_disabled_a_full_context_is_refused_until_items_are_deleted(client):
+    """Two turns of 58 s fill most of the tiny thinker's 4096 positions: the third is refused, naming the limit;
+    once the client deletes the oldest caller message it is answered."""
+    voice = await make_voice(client)
+    session = await make_session(client, voice["id"], truncation="disabled")
+    turns = f"/v1/sessions/{session['id']}/turns"
+    for n in range(2):
+        await turn_done(client, session["id"], caller_wave(seed=40 + n, seconds=58.0))
+    body = encode_wav(caller_wave(seed=42, seconds=58.0), 16000)
+    error = assert_error(await client.post(turns, headers=ACME, content=body, timeout=300), 409, "context_full")
+    assert "context of 4096" in error["message"] and "disabled" in error["message"]
+    history = (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"]
+    assert len(history) == 4
+    deleted = await client.delete(f"/v1/sessions/{session['id']}/history/{history[0]['id']}", headers=ACME)
+    assert deleted.status_code == 200 and [m["id"] for m in deleted.json()["history"]] == [m["id"] for m in history[1:]]
+    assert deleted.json()["dropped"]["deleted"] == 1
+    assert_error(await client.delete(f"/v1/sessions/{session['id']}/history/{history[0]['id']}", headers=ACME), 404)
+    done = await turn_done(client, session["id"], caller_wave(seed=42, seconds=58.0))
+    assert done["session_version"] == 3 and done["dropped"] == []
+
+
+async def test_only_an_utterance_that_cannot_fit_by_itself_is_refused_and_truncation_can_change(client):
+    voice = await make_voice(client)
+    long_prompt = " ".join(f"rule {n}: answer politely and briefly." for n in range(400))  # > 4096 positions
+    session = await make_session(client, voice["id"], system_prompt=long_prompt)
+    turns = f"/v1/sessions/{session['id']}/turns"
+    error = assert_error(await client.post(turns, headers=ACME, content=encode_wav(caller_wave(), 16000)), 422,
+                         "utterance_too_long")
+    assert "context of 4096" in error["message"]
+    patched = await client.patch(f"/v1/sessions/{session['id']}", headers=ACME,
+                                 json={"system_prompt": "Be brief.", "truncation": "disabled"})
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["system_prompt"], patched.json()["truncation"]) == ("Be brief.", "disabled")
+    assert (await turn_done(client, session["id"], caller_wave()))["session_version"] == 1
+    assert_error(await client.patch(f"/v1/sessions/{session['id']}", headers=ACME,
+                                    json={"truncation": {"type": "retention_ratio", "retention_ratio": 2}}), 422)
+    assert_error(await client.post("/v1/sessions", headers=ACME, json={"voice_id": voice["id"], "truncation": "no"}), 422)

@@ -23,6 +23,7 @@ from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
 from cluster.calls.settings import CallSettings
 from cluster.ops.call_client import ReplyPlayback
 from cluster.ops.client import TurnReply, playback_gaps
+from cluster.pipeline.history import HistoryPolicy, HistorySettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
@@ -38,6 +39,7 @@ class SilentBackend:
     """Room for two live calls or turns, and never a reply."""
 
     processor = None
+    history = HistoryPolicy(None, 4096, 64, None, HistorySettings())
 
     async def stages(self):
         return [StageStatus.of("SpeechStack", 2)]
@@ -120,8 +122,9 @@ class DyingBackend(SilentBackend):
     """Its Codec replica dies under the first reply; after that nothing answers, and a reading of the stages says
     so (the admission's next poll is a minute away)."""
 
-    def __init__(self):
+    def __init__(self, processor: ChromaProcessor):
         self.replies = 0
+        self.history = HistoryPolicy(processor, 4096, 64, None, HistorySettings())  # its reply is planned first
 
     async def stages(self):
         return [StageStatus.of("Codec", 4) if not self.replies else StageStatus.of("Codec", None, 0, "no replica answers")]
@@ -134,13 +137,13 @@ class DyingBackend(SilentBackend):
         yield  # pragma: no cover
 
 
-async def test_a_stage_that_died_under_a_call_refuses_the_next_turn_at_once(redis_port):
+async def test_a_stage_that_died_under_a_call_refuses_the_next_turn_at_once(redis_port, tiny_checkpoint):
     """Seen in `make chart-test`: a node died under two live calls, yet the next HTTP turn was admitted and waited
     for the dead Codec until the stages' next reading. A call's failed reply takes its stage out of admission, as a
     turn's does."""
     state = StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}")
     store = StateStore(redis.asyncio.Redis(port=redis_port), state)  # this loop's; the app gets its own client
-    app = build_api(StateStore(redis.asyncio.Redis(port=redis_port), state), TenantDirectory(KEYS), DyingBackend(),
+    app = build_api(StateStore(redis.asyncio.Redis(port=redis_port), state), TenantDirectory(KEYS), DyingBackend(ChromaProcessor.from_pretrained(tiny_checkpoint)),
                     admission=AdmissionSettings(stage_poll_s=60, start_timeout_s=1.0))  # no reading catches up
     server = serving(app)
     url = next(server)

@@ -208,10 +208,13 @@ async def test_a_stage_killed_mid_reply_ends_the_reply_loudly_and_comes_back(clu
 async def test_the_reasoner_killed_mid_turn(cluster):
     """The Reasoner streams a reply's text ahead of its speech, so it is killed as the turn starts, while it is
     still generating: the client gets a 503 or an error event; a restarting vLLM (about a minute on CPU) refuses
-    new turns at once instead of keeping them waiting."""
+    new turns at once instead of keeping them waiting. A session that talked to the dead replica goes on with the
+    new one, which reads the history's caller audio it lacks from Redis."""
     faults = cluster["faults"]
     async with client(cluster) as api:
         session = await new_session(api, seed=5)
+        talked = await api.create_session(session["voice_id"])
+        await api.turn(talked["id"], caller(3), 16000)
         before = await replicas_once_ready(cluster)
         turn = asyncio.create_task(api.turn(session["id"], caller(2), 16000))
         await asyncio.sleep(0.3)  # the request is in: admitted, the Reasoner prefilling
@@ -225,6 +228,7 @@ async def test_the_reasoner_killed_mid_turn(cluster):
         error = await refused_while_down(api, session["id"])
         assert "Reasoner" in error["message"]
         back_s = await stage_came_back_clean(cluster, api, "Reasoner", killed, before, failed)
+        assert (await api.turn(talked["id"], caller(4), 16000)).done["session_version"] == 2
     print(f"\nReasoner: the client saw {saw}; back after {back_s:.1f} s")
 
 

@@ -17,7 +17,7 @@ import torch
 
 from model.chroma.checkpoint import split_thinker
 from model.processing.processor import Conversation, Message
-from model.reasoner.base import Reasoner, ReasonerError
+from model.reasoner.base import AudioNotHeld, PromptStats, Reasoner, ReasonerError
 from model.reasoner.hf import HFReasoner
 from tests.conftest import speech_like
 
@@ -51,7 +51,8 @@ def vllm_reasoner(thinker_dir):
     from model.reasoner.settings import VLLMSettings
     from model.reasoner.vllm.engine import VLLMReasoner
 
-    reasoner = VLLMReasoner(thinker_dir, VLLMSettings(cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16))
+    reasoner = VLLMReasoner(thinker_dir, VLLMSettings(cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16,
+                                                      block_size=32))
     yield reasoner
     reasoner.shutdown()
 
@@ -230,3 +231,57 @@ async def test_vllm_cancelled_request_stops_generating(vllm_reasoner, how):
     assert vllm_reasoner.rows_received == settled, "the engine kept generating for the cancelled request"
     # And the engine still serves.
     assert len(await collect(vllm_reasoner, conversation, max_tokens=3)) == 3
+
+
+# -- a call's later turns: audio held by id, the prefix from the cache ---------------------------------------------
+
+
+def call_turns() -> tuple[Conversation, Conversation, Conversation]:
+    """A call's first two turns, the second with the first's audio given, and again held by id."""
+    first_audio, second_audio = speech_like(16000, 5.0, seed=7), speech_like(16000, 2.0, seed=8)
+    first = Message("user", audio=first_audio, sample_rate=16000, audio_id="aud_call_first")
+    second = Message("user", audio=second_audio, sample_rate=16000, audio_id="aud_call_second")
+    held = Message("user", audio_samples=first_audio.size, audio_id="aud_call_first")
+    reply = Message("assistant", text="Of course. Could you tell me your name?")
+    return (Conversation(SYSTEM, [first]), Conversation(SYSTEM, [first, reply, second]),
+            Conversation(SYSTEM, [held, reply, second]))
+
+
+async def test_hf_reasoner_needs_every_audio_and_reports_its_prompt(hf_reasoner):
+    first, second, held = call_turns()
+    with pytest.raises(AudioNotHeld) as refused:
+        await collect(hf_reasoner, held)
+    assert refused.value.ids == ["aud_call_first"] and not hf_reasoner.holds_audio("aud_call_first")
+    stats = []
+    pairs = [p async for p in hf_reasoner.stream(second, 3, stats.append)]
+    assert 1 <= len(pairs) <= 3 and stats == [PromptStats(hf_reasoner.processor.layout(second).length, 0)]
+
+
+@pytest.mark.vllm
+async def test_vllm_reads_held_audio_by_id_and_prefills_only_what_is_new(vllm_reasoner, hf_reasoner):
+    first, second, held = call_turns()
+    with pytest.raises(AudioNotHeld):  # never sent: it cannot be read by id
+        await collect(vllm_reasoner, held)
+    stats = []
+    await collect_with(vllm_reasoner, first, stats)
+    assert vllm_reasoner.holds_audio("aud_call_first")
+    want = await collect(hf_reasoner, second)
+    got = await collect_with(vllm_reasoner, held, stats)
+    assert_pairs_equal(got, want, "the second turn with its first audio held by id")
+    first_len = hf_reasoner.processor.layout(first).length
+    # The second prompt starts with the first (up to its generation prompt): vLLM's prefix cache serves whole
+    # 32-position blocks of it, the audio's included (same id, same hashes).
+    assert stats[1].prompt_tokens == hf_reasoner.processor.layout(second).length
+    assert stats[1].cached_tokens >= first_len // 32 * 32 > 0
+    assert vllm_reasoner.prefix_cache_stats()["cached_tokens"] >= stats[1].cached_tokens
+    # An id this engine believes it sent, which vLLM's processor cache does not have (as after an eviction).
+    vllm_reasoner._held["aud_evicted"] = None
+    evicted = Conversation(SYSTEM, [Message("user", audio_samples=16000, audio_id="aud_evicted")])
+    with pytest.raises(AudioNotHeld) as refused:
+        await collect(vllm_reasoner, evicted)
+    assert refused.value.ids == ["aud_evicted"] and not vllm_reasoner.holds_audio("aud_evicted")
+    assert vllm_reasoner.num_unfinished_requests() == 0
+
+
+async def collect_with(reasoner, conversation, stats: list):
+    return [pair async for pair in reasoner.stream(conversation, MAX_TOKENS, stats.append)]

@@ -13,7 +13,8 @@ import redis.asyncio
 import torch
 
 from cluster.state.redis_server import start_local_redis, stop_local_redis
-from cluster.state.store import SessionSampling, StateSettings, StateStore, VersionConflict, redis_client
+from cluster.state.history import HistoryDrop
+from cluster.state.store import SessionSampling, StateSettings, StateStore, VersionConflict, audio_digest, redis_client
 from cluster.state.tenants import TenantDirectory, TenantSettings
 from model.errors import NotFound, StateUnavailable
 from model.processing.audio import ReplyFormat
@@ -142,6 +143,51 @@ async def test_append_turn_keeps_history_and_audio(store):
     assert await store.load_history_audio(got) == [first, None, second, None]
     with pytest.raises(ValueError):
         await store.append_turn("acme", session.id, b"\x00\x01\x02", "odd", expected_version=2)
+
+
+async def test_caller_audio_is_kept_losslessly_and_compactly(store, redis_db):
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    speech = (0.3 * np.sin(np.arange(48000) * 2 * np.pi * 180 / 16000) * 32767).astype("<i2").tobytes()
+    session = await store.append_turn("acme", session.id, speech, "One.", 0, ids=("item_u", "item_a"),
+                                      positions=(90, 7))
+    stored = await redis_db.hget(store._session_keys("acme", session.id)[1], "item_u")
+    assert stored.startswith(b"fLaC") and len(stored) < len(speech) / 2  # FLAC: a fraction of the PCM
+    assert await store.load_audio("acme", session.id, ["item_u"]) == {"item_u": speech}  # the very samples
+    user, reply = session.history
+    assert (user.id, user.audio_bytes, user.audio_id, user.positions) == ("item_u", 96000, audio_digest(speech), 90)
+    assert (reply.id, reply.positions) == ("item_a", 7)
+    # A session stored before FLAC and before message ids: its audio, raw PCM16 under the message's index.
+    key, audio_key = store._session_keys("acme", session.id)
+    old = json.loads(await redis_db.get(key))
+    for message in old["history"]:
+        del message["id"]
+    await redis_db.set(key, json.dumps(old))
+    await redis_db.hset(audio_key, "0", speech)
+    legacy = await store.get_session("acme", session.id)
+    assert [m.id for m in legacy.history] == ["0", "1"]
+    assert await store.load_history_audio(legacy) == [speech, None]
+
+
+async def test_a_turn_commits_what_truncation_dropped_and_deletes_are_recorded(store, redis_db):
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    for n in range(3):
+        session = await store.append_turn("acme", session.id, pcm(0.2, seed=n), f"r{n}", n, ids=(f"u{n}", f"a{n}"),
+                                          user_text="words" if n == 1 else None)
+    _, audio_key = store._session_keys("acme", session.id)
+    drop = HistoryDrop(messages=["u0", "a0", "gone-already"], audio=["u1"])
+    session = await store.append_turn("acme", session.id, pcm(0.2, seed=9), "r3", 3, ids=("u3", "a3"), drop=drop)
+    assert [m.id for m in session.history] == ["u1", "a1", "u2", "a2", "u3", "a3"]
+    assert session.history[0].text == "words" and session.history[0].audio_bytes == 0
+    assert sorted(k.decode() for k in await redis_db.hkeys(audio_key)) == ["u2", "u3"]  # dropped audio left Redis
+    assert session.dropped.messages == 2 and session.dropped.caller_audio == 2
+    assert session.dropped.item_ids == ["u0", "a0"] and session.version == 4
+    session = await store.delete_item("acme", session.id, "u2")
+    assert [m.id for m in session.history] == ["u1", "a1", "a2", "u3", "a3"] and session.version == 4
+    assert session.dropped.deleted == 1 and session.dropped.item_ids[-1] == "u2"
+    assert sorted(k.decode() for k in await redis_db.hkeys(audio_key)) == ["u3"]
+    with pytest.raises(NotFound, match="item 'u2'"):
+        await store.delete_item("acme", session.id, "u2")
+    assert await store.get_session("acme", session.id) == session
 
 
 async def test_concurrent_appends_exactly_one_wins(store, redis_db):

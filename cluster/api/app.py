@@ -8,9 +8,11 @@ the docs at /docs.
     GET    /v1/voices                  {"voices": [Voice, ...]}
     GET    /v1/voices/{id}             Voice
     DELETE /v1/voices/{id}             204
-    POST   /v1/sessions                JSON {voice_id, system_prompt?, output_format?, sampling?} -> 201 Session
+    POST   /v1/sessions                JSON {voice_id, system_prompt?, output_format?, sampling?, truncation?} -> 201
     GET    /v1/sessions/{id}           Session
+    PATCH  /v1/sessions/{id}           JSON {voice_id?, system_prompt?, truncation?} -> Session
     DELETE /v1/sessions/{id}           204
+    DELETE /v1/sessions/{id}/history/{item_id}   Session, without that message
     POST   /v1/sessions/{id}/turns     body: caller audio; the reply streamed (cluster.api.turns)
     GET    /healthz  /readyz  /metrics
     WS     /v1/realtime                a live call, OpenAI Realtime protocol (cluster.api.realtime)

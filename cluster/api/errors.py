@@ -44,8 +44,11 @@ def error_responses(*statuses: int) -> dict:
     """OpenAPI `responses` entries for a route's error statuses."""
     descriptions = {
         400: "Malformed request", 401: "Missing or unknown API key", 404: "Unknown id (or another tenant's)",
-        406: "No acceptable reply type", 409: "The session changed meanwhile", 413: "Body or audio over the limit",
-        415: "Unsupported media type", 422: "Invalid request or audio",
+        406: "No acceptable reply type",
+        409: "The session changed meanwhile, or (context_full) its history fills the Reasoner's context and its "
+        "truncation is disabled",
+        413: "Body or audio over the limit", 415: "Unsupported media type",
+        422: "Invalid request or audio (utterance_too_long: it does not fit the Reasoner's context by itself)",
         429: "The tenant's concurrency quota is used up (tenant_concurrency_limit): retry after Retry-After seconds",
         503: "Over capacity, a stage or the state store unavailable: retry after Retry-After seconds",
     }

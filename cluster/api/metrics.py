@@ -31,6 +31,17 @@ class ApiMetrics:
             "chroma_capacity", "Turns and calls the cluster holds at once (its smallest stage)", registry=self.registry,
         )
         self.queued = Gauge("chroma_admission_line", "Turns waiting for capacity", registry=self.registry)
+        self.prompt_tokens = Counter(
+            "chroma_reasoner_prompt_tokens", "Reasoner prompt positions of completed turns", registry=self.registry,
+        )
+        self.cached_tokens = Counter(
+            "chroma_reasoner_cached_tokens", "Of those, served by vLLM's prefix cache (hit rate: the ratio of the two)",
+            registry=self.registry,
+        )
+        self.history_dropped = Counter(
+            "chroma_history_dropped", "History the sessions' truncation removed to fit the Reasoner's context: "
+            "messages, and caller audio whose message kept its text", ["what"], registry=self.registry,
+        )
         self.errors = Counter("chroma_errors", "Error responses and failed streams by kind", ["kind"], registry=self.registry)
         # Live calls (cluster.calls).
         self.calls_live = Gauge("chroma_calls_live", "Live calls now", ["protocol"], registry=self.registry)
@@ -56,3 +67,5 @@ class ApiMetrics:
             self.calls_refused.labels(reason)
         for window in ("included", "excluded"):
             self.voice_to_voice.labels(window)
+        for what in ("messages", "caller_audio"):
+            self.history_dropped.labels(what)

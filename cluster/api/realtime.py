@@ -5,10 +5,14 @@ URL. `Authorization: Bearer <key>` on the handshake names the tenant; `?session_
 instructions and history), so a dropped connection can reconnect and go on. Every message is one JSON text frame.
 
 Client events: session.update, input_audio_buffer.append|commit|clear, conversation.item.create (a user
-message: input_text / input_audio), conversation.item.truncate, response.create, response.cancel. Server
-events use the GA names (response.output_audio.delta, ...); the beta spellings are accepted on input
-(input_audio_format, turn_detection and voice at the session's top level). Anything malformed or out of order
-gets an `error` event with a code, and the call goes on.
+message: input_text / input_audio), conversation.item.truncate, conversation.item.delete, response.create,
+response.cancel. Server events use the GA names (response.output_audio.delta, ...); the beta spellings are
+accepted on input (input_audio_format, turn_detection and voice at the session's top level). Anything malformed
+or out of order gets an `error` event with a code, and the call goes on.
+
+A long call: `session.truncation` ("auto", "disabled" or {"type": "retention_ratio", ...}, GA semantics) says
+what happens when the conversation outgrows the Reasoner's context. Items that truncation drops are gone from
+the conversation, and the client hears `conversation.item.deleted` for each, as for an item it deletes itself.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cluster.api.errors import validation_message
 from cluster.api.services import Services
@@ -37,6 +41,7 @@ from cluster.calls.session import (
     CallSession,
     InputCleared,
     InputCommitted,
+    ItemDeleted,
     ItemTruncated,
     PlaybackStopped,
     Reply,
@@ -48,6 +53,7 @@ from cluster.calls.session import (
     SpeechStoppedEvent,
 )
 from cluster.calls.vad import TurnDetection
+from cluster.state.history import Truncation
 from model.errors import CallerError, ChromaError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 MODEL_NAME = "chroma-1.0"
+TRUNCATION = TypeAdapter(Truncation)
 
 
 # ---- client events --------------------------------------------------------------------------------------
@@ -92,6 +99,7 @@ class AudioConfig(_Lenient):
 class SessionConfig(_Lenient):
     instructions: str | None = None
     audio: AudioConfig = Field(default_factory=AudioConfig)
+    truncation: Truncation | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> SessionConfig:
@@ -245,7 +253,7 @@ class RealtimeCall:
         detection = config.audio.input.turn_detection
         turn_detection = "unchanged" if detection == {"unchanged": True} else _turn_detection(detection, self.settings.early_start)
         await self.call.configure(instructions=config.instructions, voice_id=config.audio.output.voice,
-                                  turn_detection=turn_detection)
+                                  turn_detection=turn_detection, truncation=config.truncation)
         if config.audio.input.format is not None and config.audio.input.format.line() is not self.input_format:
             self.input_format = config.audio.input.format.line()
             self.inbound = InboundAudio(self.input_format)
@@ -284,6 +292,12 @@ class RealtimeCall:
             raise CallerError("only content_index 0 (the item's audio) can be truncated", code="invalid_event")
         await self.call.truncate(item_id, audio_end_ms)
 
+    async def _item_delete(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str):
+            raise CallerError("conversation.item.delete needs item_id (string)", code="invalid_event")
+        await self.call.delete_item(item_id)
+
     async def _response_create(self, event: dict) -> None:
         await self.call.create_response()
 
@@ -298,6 +312,7 @@ class RealtimeCall:
         "input_audio_buffer.clear": _clear,
         "conversation.item.create": _item_create,
         "conversation.item.truncate": _truncate,
+        "conversation.item.delete": _item_delete,
         "response.create": _response_create,
         "response.cancel": _response_cancel,
     }
@@ -333,6 +348,8 @@ class RealtimeCall:
                 "item": _user_item(event.item_id, None, "completed")}]
         if isinstance(event, InputCleared):
             return [{"type": "input_audio_buffer.cleared"}]
+        if isinstance(event, ItemDeleted):
+            return [{"type": "conversation.item.deleted", "item_id": event.item_id}]
         if isinstance(event, ItemTruncated):
             return [{"type": "conversation.item.truncated", "item_id": event.item_id, "content_index": 0,
                      "audio_end_ms": event.audio_end_ms}]
@@ -378,6 +395,8 @@ class RealtimeCall:
             "type": "realtime", "id": self.call.session.id if self.call.session else self.call_id,
             "object": "realtime.session", "model": MODEL_NAME,
             "output_modalities": ["audio"], "instructions": self.call.instructions,
+            "truncation": TRUNCATION.dump_python(self.call.truncation or self.services.backend.history.settings.truncation,
+                                                 exclude_none=True),
             "audio": {
                 "input": {"format": _format(self.input_format),
                           "turn_detection": None if detection is None else detection.model_dump(exclude={"early_start"})},

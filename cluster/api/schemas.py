@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.state.history import Truncation
 from cluster.state.store import Session, SessionSampling, Voice
 from model.processing.audio import ReplyFormat
 
@@ -48,6 +49,17 @@ class SessionCreate(BaseModel):
     system_prompt: str = ""
     output_format: ReplyFormat = ReplyFormat.PCM16_24K
     sampling: SessionSampling = Field(default_factory=SessionSampling)
+    truncation: Truncation | None = Field(None, description="default: the server's (history.truncation, \"auto\")")
+
+
+class SessionUpdate(BaseModel):
+    """`PATCH /v1/sessions/{id}`: the settings to change (the history stays)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    voice_id: str | None = None
+    system_prompt: str | None = None
+    truncation: Truncation | None = None
 
 
 SessionOut = Session
@@ -64,6 +76,10 @@ class TurnDoneEvent(BaseModel):
     audio_seconds: float
     session_version: int
     timings: dict[str, float]
+    prompt_tokens: int | None = Field(None, description="the Reasoner's prompt positions")
+    cached_tokens: int | None = Field(None, description="of them, served by its prefix cache (not computed again)")
+    shipped_bytes: dict[str, int] = Field(default_factory=dict, description="the turn's request, as each stage got it")
+    dropped: list[str] = Field(default_factory=list, description="history item ids this turn's truncation removed, or took the caller audio of")
 
 
 class Health(BaseModel):

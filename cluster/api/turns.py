@@ -1,8 +1,11 @@
 """POST /v1/sessions/{id}/turns: caller audio in, the spoken reply streamed out (SSE or raw audio).
 
-The turn is admitted or refused once, before anything runs (`cluster.api.admission`: 429 over the tenant's
-quota, 503 at capacity or while a stage is down). The turn and its reply join the session's history atomically
-when the reply ends; a failed or abandoned turn leaves the session as it was. A reply that fails after it started
+The turn's prompt is planned first (`cluster.pipeline.history`: the session's truncation drops the oldest
+history that does not fit the Reasoner's context; 422 `utterance_too_long` for an utterance that does not fit by
+itself, 409 `context_full` where the session disabled truncation). Then it is admitted or refused once, before
+anything runs (`cluster.api.admission`: 429 over the tenant's quota, 503 at capacity or while a stage is down).
+The turn and its reply join the session's history atomically when the reply ends, with what the plan dropped; a
+failed or abandoned turn leaves the session as it was. A reply that fails after it started
 (a stage died) ends with an `error` event over SSE; a raw-audio body simply ends (the session's version says the
 turn did not join the history).
 """
@@ -27,11 +30,12 @@ from cluster.api.errors import error_responses, request_id, stream_error
 from cluster.api.media import caller_encoding, check_duration, negotiate_reply, read_body
 from cluster.api.schemas import TurnDoneEvent
 from cluster.api.services import Services, ServicesDep, TenantDep
-from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone, caller_message
+from cluster.pipeline.history import TurnPlan, UserTurn
+from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnDone
 from cluster.state.store import Session
 from model.errors import Conflict, InternalError, NotFound, StageUnavailable
 from model.processing.audio import CODEC_RATE, REASONER_RATE, ReplyFormat, StreamingAudioEncoder, decode_audio
-from model.processing.audio import pcm16_bytes, resample
+from model.processing.audio import resample
 
 router = APIRouter(prefix="/v1/sessions", tags=["turns"])
 
@@ -72,17 +76,13 @@ async def create_turn(session_id: str, request: Request, tenant: TenantDep, serv
     check_duration(wave, rate, services.settings.max_audio_seconds, "caller audio")
     session = await services.state.get_session(tenant, session_id)
     sse, reply_format = negotiate_reply(request.headers.get("accept"), session)
+    voice, user_audio = await asyncio.gather(  # independent: overlap them
+        services.state.get_voice(tenant, session.voice_id), asyncio.to_thread(resample, wave, rate, REASONER_RATE),
+    )
+    plan = services.backend.history.plan(session, UserTurn.of(_item_id(), user_audio))
     ticket = await services.admission.admit(tenant, "turn")
-    try:
-        voice, history_audio, user_audio = await asyncio.gather(  # independent: overlap them
-            services.state.get_voice(tenant, session.voice_id), services.state.load_history_audio(session),
-            asyncio.to_thread(resample, wave, rate, REASONER_RATE),
-        )
-    except BaseException:
-        await ticket.release()
-        raise
-    turn = LiveTurn(services, tenant, session, user_audio, received, ticket, request_id(request))
-    await turn.start(services.backend.run_turn(turn.id, voice, session, history_audio, caller_message(user_audio)))
+    turn = LiveTurn(services, tenant, session, plan, received, ticket, request_id(request))
+    await turn.start(services.backend.run_turn(turn.id, voice, session, plan))
     writer = ReplyWriter(sse, reply_format)
     headers = {"Cache-Control": "no-cache", "X-Turn-Id": turn.id, "X-Accel-Buffering": "no"}
     return TurnResponse(turn.stream(writer), media_type=writer.media_type, headers=headers, on_close=turn.close)
@@ -118,11 +118,11 @@ class LiveTurn:
     it ends, however it ends."""
 
     def __init__(
-        self, services: Services, tenant: str, session: Session, user_audio: np.ndarray, received: float,
+        self, services: Services, tenant: str, session: Session, plan: TurnPlan, received: float,
         ticket: Ticket, request_id: str,
     ):
         self.services, self.tenant, self.session = services, tenant, session
-        self.user_audio, self.received = user_audio, received
+        self.plan, self.received = plan, received
         self.ticket, self.request_id = ticket, request_id
         self.id = f"turn_{uuid.uuid4().hex}"
         self.outcome = "cancelled"
@@ -172,9 +172,15 @@ class LiveTurn:
         raise StageUnavailable(f"the reply did not start within {timeout:g} s; retry shortly")
 
     async def commit(self, text: str) -> Session:
-        return await self.services.state.append_turn(
-            self.tenant, self.session.id, pcm16_bytes(self.user_audio), text, self.session.version
+        plan, history = self.plan, self.services.backend.history
+        committed = await self.services.state.append_turn(
+            self.tenant, self.session.id, plan.user.audio, text, self.session.version, user_text=plan.user.text,
+            ids=(plan.user.id, _item_id()), positions=(plan.user_positions, history.text_positions("assistant", text)),
+            drop=plan.drop,
         )
+        self.services.metrics.history_dropped.labels("messages").inc(len(plan.drop.messages))
+        self.services.metrics.history_dropped.labels("caller_audio").inc(len(plan.drop.audio))
+        return committed
 
     def _first_audio(self) -> float:
         """Time to first audio in ms, recorded once."""
@@ -223,14 +229,21 @@ class LiveTurn:
     def _done(self, event: TurnDone, saved: Session, audio_samples: int, first_audio_ms: float | None) -> TurnDoneEvent:
         seconds = audio_samples / CODEC_RATE
         rtf = (time.perf_counter() - self.received) / seconds if seconds else None
-        self.services.metrics.frames.inc(event.frames)
+        metrics = self.services.metrics
+        metrics.frames.inc(event.frames)
         if rtf is not None:
-            self.services.metrics.rtf.observe(rtf)
+            metrics.rtf.observe(rtf)
+        if event.prompt is not None:
+            metrics.prompt_tokens.inc(event.prompt.prompt_tokens)
+            metrics.cached_tokens.inc(event.prompt.cached_tokens)
         self.outcome = "completed"
         return TurnDoneEvent(
             turn_id=self.id, frames=event.frames, text=event.text, ttfa_ms=first_audio_ms,
             rtf=None if rtf is None else round(rtf, 4), audio_seconds=round(seconds, 4),
             session_version=saved.version, timings=event.timings,
+            prompt_tokens=None if event.prompt is None else event.prompt.prompt_tokens,
+            cached_tokens=None if event.prompt is None else event.prompt.cached_tokens,
+            shipped_bytes=event.shipped, dropped=self.plan.drop.messages + self.plan.drop.audio,
         )
 
     async def close(self) -> None:
@@ -244,6 +257,10 @@ class LiveTurn:
                 await self.events.aclose()
         finally:
             await self.ticket.release()
+
+
+def _item_id() -> str:
+    return f"item_{uuid.uuid4().hex[:24]}"
 
 
 class TurnResponse(StreamingResponse):

@@ -12,6 +12,9 @@ reply's playback cursor: generated, sent and played ms.
   (`truncate`) revises it.
 - Early start: optionally, the reply starts while the caller is still in the silence window; its events are
   held back until the window ends, and the reply is dropped without a trace if the caller resumes.
+- A long call: each reply's prompt is planned by the backend's history policy (the session's truncation); what
+  it drops leaves the session with the turn's commit, and the call says so (`ItemDeleted`), as it does for an
+  item the client deletes (`delete_item`).
 
 The protocol owns the transport: it reads `events()`, sends them, tells `audio_sent` what it sent and, where
 the transport says what was played (telephony marks), reports it on the reply's cursor.
@@ -33,11 +36,13 @@ import numpy as np
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.settings import CallSettings
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
-from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone, caller_message
+from cluster.pipeline.history import TurnPlan, UserTurn
+from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
+from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
-from model.errors import ChromaError, Conflict, InvalidInput, NotFound
-from model.processing.audio import CODEC_RATE, REASONER_RATE, pcm16_bytes
-from model.processing.processor import ChromaProcessor, Message
+from model.errors import CallerError, ChromaError, Conflict, InvalidInput, NotFound
+from model.processing.audio import CODEC_RATE, REASONER_RATE
+from model.processing.processor import ChromaProcessor
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +112,8 @@ class UserInput:
         if later.text:
             self.text = f"{self.text} {later.text}" if self.text else later.text
 
-    def message(self) -> Message:
-        if self.audio is None:
-            return Message("user", text=self.text)
-        message = caller_message(self.audio)
-        message.text = self.text
-        return message
+    def turn(self) -> UserTurn:
+        return UserTurn.of(self.item_id, self.audio, self.text)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Reply:
     tokens: list[tuple[int, list[int]]] = field(default_factory=list)  # (frame it entered with, tokens)
     transcript: str = ""
     frames: int = 0  # generated
+    plan: TurnPlan | None = None  # its prompt, as the history policy planned it
     committed_version: int | None = None  # the session version its turn was committed as
     committed_text: str | None = None
     settled: bool = False  # over for the caller: no more history changes but a truncation's
@@ -210,6 +212,13 @@ class ItemTruncated(CallEvent):
 
 
 @dataclass
+class ItemDeleted(CallEvent):
+    """An item left the conversation: the client deleted it, or the session's truncation dropped it."""
+
+    item_id: str
+
+
+@dataclass
 class CallError(CallEvent):
     """Something the client should know about; the call goes on."""
 
@@ -233,6 +242,7 @@ class CallSession:
         self.session: Session | None = None
         self.voice: Voice | None = None
         self.instructions = ""
+        self.truncation: Truncation | None = None  # until set: the session's, or the server's default
         self.turn_detection: TurnDetection | None = TurnDetection(early_start=settings.early_start)
         self.detector: TurnDetector | None = None
         self.manual_buffer: list[np.ndarray] = []  # caller audio while turn detection is off
@@ -253,22 +263,27 @@ class CallSession:
         """Go on with an existing session (its voice, instructions and history)."""
         self.session = await self.state.get_session(self.tenant, session_id)
         self.voice = await self.state.get_voice(self.tenant, self.session.voice_id)
-        self.instructions = self.session.system_prompt
+        self.instructions, self.truncation = self.session.system_prompt, self.session.truncation
 
     async def configure(
         self, *, instructions: str | None = None, voice_id: str | None = None,
-        turn_detection: TurnDetection | None | Literal["unchanged"] = "unchanged",
+        turn_detection: TurnDetection | None | Literal["unchanged"] = "unchanged", truncation: Truncation | None = None,
     ) -> None:
         """session.update; an unknown voice raises NotFound and changes nothing. The call's Redis session exists
-        from the moment it has a voice, and keeps the call's instructions and voice for a resumed call."""
+        from the moment it has a voice, and keeps the call's instructions, voice and truncation for a resumed call
+        (`truncation` None: unchanged, or the server's default for a new session)."""
         voice = await self.state.get_voice(self.tenant, voice_id) if voice_id is not None else self.voice
         instructions = self.instructions if instructions is None else instructions
+        truncation = self.truncation if truncation is None else truncation
         if voice is not None and self.session is None:
-            self.session = await self.state.create_session(self.tenant, voice.id, instructions)
-        elif self.session is not None and (voice.id, instructions) != (self.session.voice_id, self.session.system_prompt):
+            self.session = await self.state.create_session(
+                self.tenant, voice.id, instructions, truncation=truncation or self.backend.history.settings.truncation)
+        elif self.session is not None and (voice.id, instructions, truncation) != (
+                self.session.voice_id, self.session.system_prompt, self.session.truncation):
             self.session = await self.state.update_settings(self.tenant, self.session, system_prompt=instructions,
-                                                            voice_id=voice.id)
+                                                            voice_id=voice.id, truncation=truncation)
         self.voice, self.instructions = voice, instructions
+        self.truncation = truncation if self.session is None else self.session.truncation
         if turn_detection != "unchanged":
             self.turn_detection, self.detector, self.manual_buffer = turn_detection, None, []
 
@@ -379,6 +394,23 @@ class CallSession:
         await self._stop(reply, "truncated")
         self.emit(ItemTruncated(item_id, audio_end_ms))
 
+    async def delete_item(self, item_id: str) -> None:
+        """conversation.item.delete: the item leaves the conversation the Reasoner reads."""
+        if self.pending is not None and self.pending.item_id == item_id:
+            self.pending = None  # committed, not answered yet: it never reaches the history
+        elif self.reply is not None and item_id in (self.reply.item_id, self.reply.user.item_id):
+            raise InvalidInput(f"item {item_id!r} belongs to the response in progress; cancel it first",
+                               code="conversation_already_has_active_response")
+        else:
+            try:
+                if self.session is None:
+                    raise NotFound("item", item_id)
+                self.session = await self.state.delete_item(self.tenant, self.session.id, item_id)
+            except NotFound:
+                raise InvalidInput(f"no item {item_id!r} in this conversation", code="item_not_found") from None
+            self.replies.pop(item_id, None)
+        self.emit(ItemDeleted(item_id))
+
     async def _answer(self) -> None:
         """Start the reply to the pending turn, or take over the one started in the silence window."""
         await self._finish_barge_in()  # the interrupted turn joins the history before the next one reads it
@@ -423,8 +455,8 @@ class CallSession:
     async def _generate(self, reply: Reply) -> None:
         try:
             session, voice = self.session, self.voice
-            history_audio = await self.state.load_history_audio(session)
-            events = self.backend.run_turn(f"turn_{reply.id}", voice, session, history_audio, reply.user.message())
+            reply.plan = self.backend.history.plan(session, reply.user.turn())
+            events = self.backend.run_turn(f"turn_{reply.id}", voice, session, reply.plan)
             async with contextlib.aclosing(events):
                 async for event in events:
                     self._on_reply_event(reply, event)
@@ -436,6 +468,8 @@ class CallSession:
         except Exception as error:
             reply.status = "failed"
             reply.reason = error.code if isinstance(error, ChromaError) else "internal_error"
+            if isinstance(error, CallerError):  # e.g. context_full: what the client can do about it
+                self._out(reply, CallError(error.code, error.message))
             if not isinstance(error, ChromaError):
                 log.exception("call reply %s failed", reply.id)
             if self.on_failure is not None:
@@ -533,17 +567,28 @@ class CallSession:
             text = self._heard_text(reply)
             try:
                 if reply.committed_version is None:
-                    user, session = reply.user, self.session
-                    audio = pcm16_bytes(user.audio) if user.audio is not None else None
+                    user, session, plan = reply.user.turn(), self.session, reply.plan
                     self.session = await self.state.append_turn(
-                        self.tenant, session.id, audio, text, session.version, user_text=user.text
+                        self.tenant, session.id, user.audio, text, session.version, user_text=user.text,
+                        ids=(user.id, reply.item_id), positions=self._positions(reply, user, text),
+                        drop=None if plan is None else plan.drop,
                     )
                     reply.committed_version = self.session.version
+                    for item_id in [] if plan is None else plan.drop.messages:
+                        self.emit(ItemDeleted(item_id))
                 elif text != reply.committed_text:
-                    self.session = await self.state.revise_reply(self.tenant, self.session.id, reply.committed_version, text)
+                    self.session = await self.state.revise_reply(self.tenant, self.session.id, reply.committed_version,
+                                                                 text, self._positions(reply, None, text)[1])
                 reply.committed_text = text
             except (Conflict, NotFound) as error:
                 self.emit(CallError(error.code, f"the reply could not be saved to the session: {error.message}"))
+
+    def _positions(self, reply: Reply, user: UserTurn | None, text: str) -> tuple[int | None, int | None]:
+        """What the turn's messages take of the Reasoner's context (counted later where it was never planned)."""
+        if reply.plan is None:
+            return None, None
+        history = self.backend.history
+        return None if user is None else history.user_positions(user), history.text_positions("assistant", text)
 
     def _heard_text(self, reply: Reply) -> str:
         """The reply's text up to the last frame the caller heard (all of it once everything played)."""

@@ -2,14 +2,17 @@
 
 A turn flows through three stages, each consuming the one before it as it streams:
 
-    Reasoner.stream(conversation, max_tokens)      (token id, hidden state) pairs
+    reasoner_pairs(Reasoner, ReasonerPrompt)           (token id, hidden state) pairs
       -> speech_frames(SpeechEngine, request, pairs)   groups of GeneratedFrame
       -> CodecLoop.decode(turn_id, groups)             ReplyChunk (text tokens, PCM)
       -> reply_events(processor, chunks)               TextDelta / AudioChunk, then one TurnDone
 
 In one process (`cluster.pipeline.local`) the stages are direct calls; in the cluster each one is a Serve
-deployment and the arrows are streaming handle calls (`deployments/`). This module also builds the request:
-the conversation from the session, and the token budget.
+deployment and the arrows are streaming handle calls (`deployments/`). Each stage gets what it reads: the Codec
+and the SpeechStack a `SpeechRequest` (turn id, voice, sampling, limits), the Reasoner alone the conversation
+(`ReasonerPrompt`), which the Ingress hands over once, by reference (`ReasonerCall`). The prompt carries the
+history by reference too: its caller audio stays in Redis, and a Reasoner reads only what it does not hold
+already (`reasoner_pairs`). The Reasoner's `PromptStats` ride up the streams to the turn's `TurnDone`.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.state.store import Session, Voice
+from cluster.pipeline.history import HistoryPolicy, TurnPlan, UserTurn
+from cluster.state.store import HistoryMessage, Session, Voice
 from model.chroma.sampling import SamplingParams
 from model.chroma.turn import (
     DEFAULT_MAX_FRAMES,
@@ -37,8 +41,10 @@ from model.chroma.turn import (
     reasoner_tokens_for,
 )
 from model.engines.speech import SpeechEngine
+from model.errors import InternalError
 from model.processing.audio import REASONER_RATE, pcm16_wave
 from model.processing.processor import ChromaProcessor, Conversation, Message, VoicePromptInputs
+from model.reasoner.base import AudioNotHeld, PromptStats, Reasoner
 
 
 class TurnSettings(BaseModel):
@@ -47,50 +53,105 @@ class TurnSettings(BaseModel):
     max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="reply frame limit (12.5 frames per second)")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Reasoner token limit per reply")
 
+    def reply_tokens(self) -> int:
+        """The Reasoner tokens a reply may take: `max_tokens`, capped by what `max_frames` frames can speak."""
+        return min(self.max_tokens, reasoner_tokens_for(self.max_frames))
+
 
 @dataclass
-class TurnRequest:
-    """Everything the stages need for one reply (it travels through Ray as one object)."""
+class ReasonerPrompt:
+    """A turn's conversation as the Reasoner reads it: the history as its messages (their caller audio by item id,
+    digest and length: it stays in Redis under the session) and the new message itself."""
+
+    tenant: str
+    session_id: str
+    system_prompt: str
+    history: list[HistoryMessage]
+    user: UserTurn
+    max_tokens: int
+
+
+@dataclass
+class ReasonerCall:
+    """How the SpeechStack asks the Reasoner for a turn's pairs."""
+
+    session_id: str  # routes a session's turns to the Reasoner replica that holds its prefix (deployments/routing.py)
+    prompt: Any  # the ReasonerPrompt; in the cluster a Ray object reference to it, put once by the Ingress
+
+
+@dataclass
+class SpeechRequest:
+    """What the Codec and the SpeechStack read for one reply (no conversation: that reaches the Reasoner alone)."""
 
     turn_id: str
     voice: VoicePrompt
-    conversation: Conversation
     sampling: SamplingParams
     max_frames: int
-    max_tokens: int  # already capped by what `max_frames` frames can speak
+    reasoner: ReasonerCall
 
 
-def build_turn_request(
-    turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message,
-    settings: TurnSettings,
-) -> TurnRequest:
-    """`history_audio` is `StateStore.load_history_audio(session)`; `user` is the caller's new message."""
-    return TurnRequest(
-        turn_id=turn_id,
-        voice=voice_prompt(voice),
-        conversation=build_conversation(session, history_audio, user),
-        sampling=session.sampling,
-        max_frames=settings.max_frames,
-        max_tokens=min(settings.max_tokens, reasoner_tokens_for(settings.max_frames)),
-    )
+def build_turn_request(turn_id: str, voice: Voice, session: Session, plan: TurnPlan, settings: TurnSettings) -> SpeechRequest:
+    """The request of a turn planned by `HistoryPolicy.plan`."""
+    prompt = ReasonerPrompt(session.tenant, session.id, session.system_prompt, plan.history, plan.user,
+                            settings.reply_tokens())
+    return SpeechRequest(turn_id, voice_prompt(voice), session.sampling, settings.max_frames,
+                         ReasonerCall(session.id, prompt))
+
+
+class AudioSource(Protocol):
+    """Where a Reasoner reads the history's caller audio it does not hold: `StateStore`."""
+
+    async def load_audio(self, tenant: str, session_id: str, item_ids: list[str]) -> dict[str, bytes]: ...
+
+
+def history_message(message: HistoryMessage, audio: bytes | None = None, held: bool = False) -> Message | None:
+    """A history message as the Reasoner reads it: its caller audio given (`audio`, 16 kHz PCM16) or held by the
+    Reasoner under its digest; None for a message that leaves nothing to read (a reply with no words)."""
+    if message.role == "assistant" or not message.audio_bytes:
+        return Message(message.role, text=message.text) if message.text else None
+    if audio is not None:
+        return Message("user", text=message.text, audio=pcm16_wave(audio), sample_rate=REASONER_RATE,
+                       audio_id=message.audio_id)
+    if not held:
+        raise InternalError(f"the caller audio of history message {message.id} was neither given nor held")
+    return Message("user", text=message.text, audio_samples=message.audio_samples, audio_id=message.audio_id)
 
 
 def build_conversation(session: Session, history_audio: list[bytes | None], user: Message) -> Conversation:
-    """The session's system prompt, its history (caller audio or text, reply text) and the new user message."""
-    messages = []
-    for entry, audio in zip(session.history, history_audio):
-        if entry.role == "user":
-            spoken = audio is not None
-            messages.append(Message("user", text=entry.text, audio=pcm16_wave(audio) if spoken else None,
-                                    sample_rate=REASONER_RATE if spoken else None))
-        elif entry.text:  # a reply with no words leaves nothing for the Reasoner to read
-            messages.append(Message("assistant", text=entry.text))
-    return Conversation(session.system_prompt, [*messages, user])
+    """The session's system prompt, its history with all its caller audio (`StateStore.load_history_audio`) and
+    the new user message: the conversation the offline reference answers."""
+    messages = [history_message(m, audio) for m, audio in zip(session.history, history_audio)]
+    return Conversation(session.system_prompt, [*(m for m in messages if m is not None), user])
 
 
-def caller_message(audio: np.ndarray) -> Message:
-    """The caller's utterance (float32 at REASONER_RATE) as the conversation's new user message."""
-    return Message("user", audio=np.asarray(audio, dtype=np.float32), sample_rate=REASONER_RATE)
+async def reasoner_pairs(
+    reasoner: Reasoner, prompt: ReasonerPrompt, audio: AudioSource | None,
+    on_prompt: Callable[[PromptStats], None] | None = None,
+) -> AsyncIterator[ReasonerPair]:
+    """The Reasoner stage: the prompt's pairs. History audio the Reasoner holds (by digest) goes by id; the rest is
+    read from `audio`, and read again only if the engine let go of what it held (AudioNotHeld)."""
+    given: dict[str, bytes] = {}
+    let_go: set[str] = set()
+
+    def held(message: HistoryMessage) -> bool:
+        return message.audio_id is not None and message.audio_id not in let_go and reasoner.holds_audio(message.audio_id)
+
+    for _ in range(2):
+        missing = [m.id for m in prompt.history
+                   if m.role == "user" and m.audio_bytes and m.id not in given and not held(m)]
+        if missing:
+            if audio is None:
+                raise InternalError("the Reasoner has no state store to read the history's caller audio from")
+            given.update(await audio.load_audio(prompt.tenant, prompt.session_id, missing))
+        messages = [history_message(m, given.get(m.id), held(m)) for m in prompt.history]
+        conversation = Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), prompt.user.message()])
+        try:
+            async for pair in reasoner.stream(conversation, prompt.max_tokens, on_prompt):
+                yield pair
+            return
+        except AudioNotHeld as error:  # raised before any pair: nothing was streamed yet
+            let_go.update(error.ids)
+    raise InternalError("the Reasoner let go of the history's audio twice in one turn")
 
 
 def voice_prompt(voice: Voice) -> VoicePrompt:
@@ -111,7 +172,7 @@ async def clone_voice(
 
 
 async def speech_frames(
-    engine: SpeechEngine, request: TurnRequest, pairs: AsyncIterator[ReasonerPair], group_size: int = 1
+    engine: SpeechEngine, request: SpeechRequest, pairs: AsyncIterator[ReasonerPair], group_size: int = 1
 ) -> AsyncIterator[list[GeneratedFrame]]:
     """The speech stage: frames in groups of `group_size` with codes (the last may be shorter). The codec
     decodes in chunks of its own size anyway, so grouping frames to it halves the messages between stages."""
@@ -125,6 +186,28 @@ async def speech_frames(
                 group = []
     if group:
         yield group
+
+
+async def peel(items: AsyncIterator, kind: type, found: list) -> AsyncIterator:
+    """`items` without those of type `kind`, which go to `found`: a value riding on a stream past a stage that
+    consumes it (the Reasoner's PromptStats, past the SpeechEngine and the CodecLoop)."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            if isinstance(item, kind):
+                found.append(item)
+            else:
+                yield item
+
+
+async def surfaced(items: AsyncIterator, found: list) -> AsyncIterator:
+    """`items`, each preceded by what has come into `found` meanwhile (what `peel` took off upstream)."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            while found:
+                yield found.pop(0)
+            yield item
+    while found:
+        yield found.pop(0)
 
 
 # ---- the reply as the API streams it ------------------------------------------------------------------
@@ -145,6 +228,8 @@ class TurnDone:
     frames: int
     text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    prompt: PromptStats | None = None  # the Reasoner's prompt: its positions and what its prefix cache served
+    shipped: dict[str, int] = field(default_factory=dict)  # bytes of the turn's request each stage received
 
 
 ReplyEvent = TextDelta | AudioChunk | TurnDone
@@ -175,13 +260,18 @@ class IncrementalText:
         return delta
 
 
-async def reply_events(processor: ChromaProcessor, chunks: AsyncIterator[ReplyChunk]) -> AsyncIterator[ReplyEvent]:
+async def reply_events(
+    processor: ChromaProcessor, chunks: AsyncIterator[ReplyChunk | PromptStats], shipped: dict[str, int] | None = None,
+) -> AsyncIterator[ReplyEvent]:
     """The codec's chunks as API events: text deltas and audio as they come, then TurnDone with the figures.
     Closing this closes `chunks`, which cancels the turn down to the Reasoner."""
     started = time.perf_counter()
-    text, frames, first_audio = IncrementalText(processor), 0, None
+    text, frames, first_audio, prompt = IncrementalText(processor), 0, None, None
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
+            if isinstance(chunk, PromptStats):
+                prompt = chunk
+                continue
             if chunk.text_tokens:
                 yield TextDelta(text.add(chunk.text_tokens), chunk.text_tokens, chunk.text_at_frame)
             if chunk.audio is not None:
@@ -193,7 +283,7 @@ async def reply_events(processor: ChromaProcessor, chunks: AsyncIterator[ReplyCh
     timings = {"total_s": time.perf_counter() - started}
     if first_audio is not None:
         timings["first_audio_s"] = first_audio - started
-    yield TurnDone(frames=frames, text=text.text, timings=timings)
+    yield TurnDone(frames=frames, text=text.text, timings=timings, prompt=prompt, shipped=shipped or {})
 
 
 @dataclass
@@ -230,14 +320,13 @@ class TurnBackend(Protocol):
     cluster (`deployments.ingress.RayTurnBackend`)."""
 
     processor: ChromaProcessor
+    history: HistoryPolicy  # plans each turn's prompt: `run_turn` takes its TurnPlan
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:
         """The voice prompt of a reference clip (any rate). InvalidInput / AudioError for unusable input."""
         ...
 
-    def run_turn(
-        self, turn_id: str, voice: Voice, session: Session, history_audio: list[bytes | None], user: Message
-    ) -> AsyncIterator[ReplyEvent]:
+    def run_turn(self, turn_id: str, voice: Voice, session: Session, plan: TurnPlan) -> AsyncIterator[ReplyEvent]:
         """Text deltas and audio chunks as they are produced, then exactly one TurnDone. Closing the iterator
         cancels the turn and frees its engine slots. CapacityError when full."""
         ...

@@ -5,8 +5,11 @@ not there; the braces are Redis Cluster hash tags that keep each transaction's k
   chroma:{acme}:voices                     set of the tenant's voice ids
   chroma:{acme}:voice:voice_<hex>          hash: `meta` (Voice JSON without codes), `codes` (int16 LE bytes [F, K])
   chroma:acme:session:{sess_<hex>}         string: Session JSON (settings + turn history without audio)
-  chroma:acme:session:{sess_<hex>}:audio   hash: history index -> caller's 16 kHz PCM16 audio of that user turn
+  chroma:acme:session:{sess_<hex>}:audio   hash: message id -> the caller's audio of that user turn, 16 kHz PCM16
+                                           as FLAC (lossless: it decodes to the very samples the Reasoner heard)
 Voices never expire; both session keys share the session TTL, refreshed whenever the session is read or written.
+The history holds what the Reasoner's context holds: messages dropped by the session's truncation (or deleted by
+the client) leave the document and their audio leaves the hash, so a session's state is bounded by the context.
 
 Durability comes from Redis itself: a voice or a committed turn is acknowledged only once it is on disk. Redis
 answers a write after fsyncing it when it runs with `appendonly yes` and `appendfsync always` (WAITAOF, which
@@ -17,6 +20,8 @@ when it does not. `cluster.state.redis_server` and the Helm chart run redis-serv
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -28,12 +33,14 @@ from typing import Literal
 import numpy as np
 import redis
 import redis.asyncio
-from pydantic import BaseModel, ConfigDict, Field
+import soundfile
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import WatchError
 
+from cluster.state.history import DroppedHistory, HistoryDrop, Truncation
 from model.chroma.sampling import SamplingParams
 from model.errors import Conflict, InternalError, NotFound, StateUnavailable
-from model.processing.audio import ReplyFormat
+from model.processing.audio import REASONER_RATE, ReplyFormat
 
 
 class StateSettings(BaseModel):
@@ -109,9 +116,36 @@ class SessionSampling(SamplingParams):
 class HistoryMessage(BaseModel):
     """One side of a committed turn: the caller's audio (kept beside the document) or the reply text."""
 
+    id: str = ""  # the message's item id (a live call's item ids; item_<hex> for HTTP turns)
     role: Literal["user", "assistant"]
     text: str | None = None  # the reply, or a typed user message
     audio_bytes: int = 0  # a spoken user message: size of its 16 kHz PCM16 audio kept beside the document
+    audio_id: str | None = None  # that audio's content digest (`audio_digest`): engines cache what they compute by it
+    positions: int | None = None  # what it takes of the Reasoner's context (None: not counted yet)
+
+    @property
+    def audio_samples(self) -> int:
+        return self.audio_bytes // 2
+
+
+def audio_digest(pcm16: bytes) -> str:
+    """A name for a caller utterance's content: the same samples, the same id, so what the Reasoner computed for
+    them (vLLM's processor and prefix caches) is found again at every later turn."""
+    return "aud_" + hashlib.blake2b(pcm16, digest_size=16).hexdigest()
+
+
+def _flac(pcm16: bytes) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.frombuffer(pcm16, dtype="<i2"), REASONER_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _pcm16(stored: bytes) -> bytes:
+    """PCM16 bytes of stored caller audio (FLAC; raw PCM16 from before FLAC)."""
+    if not stored.startswith(b"fLaC"):
+        return stored
+    samples, _ = soundfile.read(io.BytesIO(stored), dtype="int16")
+    return samples.astype("<i2").tobytes()
 
 
 class KeyPress(BaseModel):
@@ -131,11 +165,20 @@ class Session(BaseModel):
     system_prompt: str = ""
     output_format: ReplyFormat = ReplyFormat.PCM16_24K
     sampling: SessionSampling = Field(default_factory=SessionSampling)
+    truncation: Truncation = "auto"
     history: list[HistoryMessage] = Field(default_factory=list)
+    dropped: DroppedHistory = Field(default_factory=DroppedHistory)
     version: int = 0  # committed turns; `append_turn` takes it back to refuse a turn built on a stale history
     key_presses: list[KeyPress] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
+
+    @model_validator(mode="after")
+    def _name_old_messages(self) -> Session:
+        """Sessions stored before messages had ids kept their audio under the message's index: that is its id."""
+        for index, message in enumerate(self.history):
+            message.id = message.id or str(index)
+        return self
 
 
 _VOICE_ID = re.compile(r"voice_[0-9a-f]{32}")
@@ -241,12 +284,14 @@ class StateStore:
     async def create_session(
         self, tenant: str, voice_id: str, system_prompt: str = "",
         output_format: ReplyFormat = ReplyFormat.PCM16_24K, sampling: SessionSampling | None = None,
+        truncation: Truncation = "auto",
     ) -> Session:
         await self.get_voice(tenant, voice_id)  # NotFound for a missing voice or another tenant's
         now = _now()
         session = Session(
             id=f"sess_{uuid.uuid4().hex}", tenant=tenant, voice_id=voice_id, system_prompt=system_prompt,
-            output_format=output_format, sampling=sampling or SessionSampling(), created_at=now, updated_at=now,
+            output_format=output_format, sampling=sampling or SessionSampling(), truncation=truncation,
+            created_at=now, updated_at=now,
         )
         key, _ = self._session_keys(tenant, session.id)
         await self.redis.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
@@ -274,54 +319,97 @@ class StateStore:
 
     async def append_turn(
         self, tenant: str, session_id: str, user_audio_16k: bytes | None, assistant_text: str, expected_version: int,
-        *, user_text: str | None = None,
+        *, user_text: str | None = None, ids: tuple[str, str] | None = None,
+        positions: tuple[int | None, int | None] = (None, None), drop: HistoryDrop | None = None,
     ) -> Session:
         """Commit one finished turn (the caller's 16 kHz PCM16 audio, or a typed user message, and the reply text)
         all at once, or nothing.
 
         A failed or cancelled turn simply never calls this. `expected_version` is the version the turn was built
         on; if another turn committed since, this raises VersionConflict instead of interleaving histories.
+        `ids`: the user and reply messages' item ids (default: new ones); `positions`: what each takes of the
+        Reasoner's context; `drop`: what the turn's history policy took out of the history (by id: what the client
+        deleted meanwhile is simply gone already).
         """
         if user_audio_16k is None:
             if not user_text:
                 raise ValueError("a turn needs the user's audio or text")
         elif not user_audio_16k or len(user_audio_16k) % 2:
             raise ValueError(f"user audio must be non-empty 16-bit PCM, got {len(user_audio_16k)} bytes")
+        user_id, reply_id = ids or (_message_id(), _message_id())
+        stored_audio = None if user_audio_16k is None else _flac(user_audio_16k)
 
         def add_turn(session: Session, pipe) -> None:
             _, audio_key = self._session_keys(tenant, session_id)
-            if user_audio_16k is not None:
-                pipe.hset(audio_key, str(len(session.history)), user_audio_16k)
+            if drop:
+                self._drop(session, drop, pipe)
+            if stored_audio is not None:
+                pipe.hset(audio_key, user_id, stored_audio)
                 pipe.expire(audio_key, self.settings.session_ttl_s)
             session.history += [
-                HistoryMessage(role="user", audio_bytes=len(user_audio_16k or b""), text=user_text),
-                HistoryMessage(role="assistant", text=assistant_text),
+                HistoryMessage(id=user_id, role="user", text=user_text, audio_bytes=len(user_audio_16k or b""),
+                               audio_id=None if user_audio_16k is None else audio_digest(user_audio_16k),
+                               positions=positions[0]),
+                HistoryMessage(id=reply_id, role="assistant", text=assistant_text, positions=positions[1]),
             ]
             session.version += 1
 
         return await self._update_session(tenant, session_id, expected_version, add_turn)
 
-    async def revise_reply(self, tenant: str, session_id: str, version: int, assistant_text: str) -> Session:
+    def _drop(self, session: Session, drop: HistoryDrop, pipe) -> None:
+        """Take `drop` out of the history (and its audio out of Redis), and record it."""
+        removed = [m.id for m in session.history if m.id in drop.messages]
+        audio_gone = []
+        for message in session.history:
+            if message.audio_bytes and (message.id in removed or message.id in drop.audio):
+                audio_gone.append(message.id)
+                message.audio_bytes, message.audio_id, message.positions = 0, None, None
+        session.history = [m for m in session.history if m.id not in removed]
+        session.dropped.record(removed, audio=len(audio_gone))
+        if audio_gone:
+            pipe.hdel(self._session_keys(session.tenant, session.id)[1], *audio_gone)
+
+    async def delete_item(self, tenant: str, session_id: str, item_id: str) -> Session:
+        """Remove one message from the history (a client's `conversation.item.delete`); NotFound if it is not there.
+        No version: the turns committed stay committed, and a turn in flight commits on top."""
+
+        def delete(session: Session, pipe) -> None:
+            message = next((m for m in session.history if m.id == item_id), None)
+            if message is None:
+                raise NotFound("item", item_id)
+            session.history = [m for m in session.history if m is not message]
+            session.dropped.record([item_id], deleted=True)
+            if message.audio_bytes:
+                pipe.hdel(self._session_keys(tenant, session_id)[1], item_id)
+
+        return await self._update_any_version(tenant, session_id, delete)
+
+    async def revise_reply(
+        self, tenant: str, session_id: str, version: int, assistant_text: str, positions: int | None = None
+    ) -> Session:
         """Replace the text of the reply that `version` committed (the caller heard less of it than was sent,
         e.g. a live call's truncated reply). VersionConflict once a later turn has committed."""
 
         def revise(session: Session, pipe) -> None:
             if not session.history or session.history[-1].role != "assistant":
                 raise VersionConflict(session_id, version, session.version)
-            session.history[-1].text = assistant_text
+            session.history[-1].text, session.history[-1].positions = assistant_text, positions
 
         return await self._update_session(tenant, session_id, version, revise)
 
     async def update_settings(
-        self, tenant: str, session: Session, *, system_prompt: str | None = None, voice_id: str | None = None
+        self, tenant: str, session: Session, *, system_prompt: str | None = None, voice_id: str | None = None,
+        truncation: Truncation | None = None,
     ) -> Session:
-        """Change a session's system prompt or voice (a live call's session.update); the history stays."""
+        """Change a session's system prompt, voice or truncation (a live call's session.update, or PATCH); the
+        history stays."""
         if voice_id is not None:
             await self.get_voice(tenant, voice_id)  # NotFound for a missing voice or another tenant's
 
         def change(current: Session, pipe) -> None:
             current.system_prompt = current.system_prompt if system_prompt is None else system_prompt
             current.voice_id = voice_id or current.voice_id
+            current.truncation = current.truncation if truncation is None else truncation
 
         return await self._update_session(tenant, session.id, session.version, change)
 
@@ -331,9 +419,13 @@ class StateStore:
         def press(session: Session, pipe) -> None:
             session.key_presses = [*session.key_presses, KeyPress(digit=digit, at=_now())][-MAX_KEY_PRESSES:]
 
+        return await self._update_any_version(tenant, session_id, press)
+
+    async def _update_any_version(self, tenant: str, session_id: str, change) -> Session:
+        """`_update_session` of a change that holds whatever the version: read again when another write landed."""
         for attempt in range(3):
             try:
-                return await self._update_session(tenant, session_id, None, press)
+                return await self._update_session(tenant, session_id, None, change)
             except VersionConflict:  # another write landed between our read and our commit: read again
                 if attempt == 2:
                     raise
@@ -365,15 +457,22 @@ class StateStore:
         return session
 
     async def load_history_audio(self, session: Session) -> list[bytes | None]:
-        """The caller audio of each turn in `session.history` (None for assistant turns), to rebuild the context."""
-        _, audio_key = self._session_keys(session.tenant, session.id)
-        user_turns = [i for i, entry in enumerate(session.history) if entry.role == "user" and entry.audio_bytes]
-        audio: list[bytes | None] = [None] * len(session.history)
-        if not user_turns:
-            return audio
-        values = await self.redis.hmget(audio_key, [str(i) for i in user_turns])
-        if any(v is None for v in values):  # the session expired or was deleted since it was read
-            raise NotFound("session", session.id)
-        for i, value in zip(user_turns, values):
-            audio[i] = value
-        return audio
+        """The caller audio (16 kHz PCM16) of each message in `session.history` (None for messages without)."""
+        spoken = [m.id for m in session.history if m.role == "user" and m.audio_bytes]
+        audio = await self.load_audio(session.tenant, session.id, spoken)
+        return [audio.get(m.id) for m in session.history]
+
+    async def load_audio(self, tenant: str, session_id: str, item_ids: list[str]) -> dict[str, bytes]:
+        """The caller audio (16 kHz PCM16) of these user messages; NotFound if one is gone (the session expired or
+        was deleted, or the client deleted the message)."""
+        if not item_ids:
+            return {}
+        _, audio_key = self._session_keys(tenant, session_id)
+        values = await self.redis.hmget(audio_key, item_ids)
+        if any(v is None for v in values):
+            raise NotFound("session", session_id)
+        return {item_id: _pcm16(value) for item_id, value in zip(item_ids, values)}
+
+
+def _message_id() -> str:
+    return f"item_{uuid.uuid4().hex[:24]}"

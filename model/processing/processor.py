@@ -4,10 +4,16 @@ transformers' Qwen2_5OmniProcessor cannot be built without torchvision (its vide
 module reproduces its text and audio behaviour: the Qwen2.5-Omni chat template, Whisper log-mel
 features, and one <|AUDIO|> id per audio-encoder output frame. The tokenizer files of tiny test
 checkpoints are written by `model.testing.processor_files`.
+
+A prompt is composed message by message: every message of the chat template starts with <|im_start|>, a special
+token the tokenizer splits on, so tokenising the messages one by one gives the ids of the whole prompt. Each
+message's ids are kept (an LRU), and each audio's features are computed for that audio alone: a turn late in a
+long call tokenises and featurises only what is new.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,16 +63,26 @@ def _mono_float(audio: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass
 class Message:
-    """One side's turn in the conversation: user messages carry audio and/or text, assistant messages text."""
+    """One side's turn in the conversation: user messages carry audio and/or text, assistant messages text.
+
+    `audio_id` names the audio's content (stored caller audio: a digest of its PCM16 samples): an engine may keep
+    what it computed from it under that id. A user message may then leave `audio` out and give `audio_samples`
+    (its length at REASONER_RATE) instead: the audio is *held*, by id, by the engine that will read it."""
 
     role: Literal["user", "assistant"]
     text: str | None = None
     audio: np.ndarray | None = None
     sample_rate: int | None = None
+    audio_id: str | None = None
+    audio_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("user", "assistant"):
             raise InvalidInput(f"turn role must be 'user' or 'assistant', got {self.role!r}")
+        if self.audio is None and self.audio_samples is not None:
+            if self.role != "user" or not self.audio_id or self.audio_samples < 1:
+                raise InvalidInput("audio held by id needs a user turn, its audio_id and a positive audio_samples")
+            return
         if not self.text and self.audio is None:
             raise InvalidInput(f"{self.role} turn has neither text nor audio")
         if self.audio is None:
@@ -76,6 +92,10 @@ class Message:
         self.audio = _mono_float(self.audio, "turn audio")
         if self.sample_rate is None or self.sample_rate <= 0:
             raise InvalidInput(f"turn audio needs a positive sample_rate, got {self.sample_rate}")
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None or self.audio_samples is not None
 
 
 @dataclass
@@ -101,6 +121,29 @@ class ReasonerInputs:
 
 
 @dataclass
+class PromptLayout:
+    """A conversation's prompt before expansion: its ids with one <|AUDIO|> per audio, and per audio (in order)
+    the encoder positions it expands to, its 16 kHz wave (None: held by id) and its id."""
+
+    ids: list[int]
+    audio_positions: list[int] = field(default_factory=list)
+    waves: list[np.ndarray | None] = field(default_factory=list)
+    audio_ids: list[str | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Positions of the expanded prompt (what the Reasoner's context must hold)."""
+        return len(self.ids) + sum(self.audio_positions) - len(self.audio_positions)
+
+    def expanded_ids(self, audio_token: int) -> list[int]:
+        expanded: list[int] = []
+        pending = iter(self.audio_positions)
+        for token_id in self.ids:
+            expanded.extend([token_id] * next(pending) if token_id == audio_token else [token_id])
+        return expanded
+
+
+@dataclass
 class VoicePromptInputs:
     text_ids: torch.Tensor  # [1, n] long, transcript without special tokens
     input_values: torch.Tensor  # [1, 1, S] float32 at 24 kHz
@@ -122,6 +165,23 @@ def audio_token_count(feature_len: int) -> int:
     (Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths)."""
     after_cnn = (feature_len - 1) // 2 + 1
     return (after_cnn - 2) // 2 + 1
+
+
+def whisper_features(feature_extractor: WhisperFeatureExtractor, wave: np.ndarray) -> np.ndarray:
+    """Log-mel features [128, frames] of one 16 kHz wave, its valid frames only.
+
+    Qwen2.5-Omni pads every audio to chunk_length (300 s). We pad to the audio plus n_fft zeros instead: every frame
+    that touches real samples then sees the same zeros after the audio and the same maximum for Whisper's
+    dynamic-range clamp, so the valid frames equal the 300 s version at a fraction of the cost. One audio at a time:
+    an audio's features never depend on what else is in the conversation, so they are computed once."""
+    fe = feature_extractor
+    padded_len = -(-(len(wave) + fe.n_fft) // fe.hop_length) * fe.hop_length
+    out = fe(
+        [np.asarray(wave, dtype=np.float32)], sampling_rate=REASONER_RATE, padding="max_length",
+        max_length=padded_len, truncation=False, return_attention_mask=True, return_tensors="np",
+    )
+    frames = int(out["attention_mask"][0].sum())
+    return out["input_features"][0, :, :frames].astype(np.float32)
 
 
 class ChromaProcessor:
@@ -150,6 +210,12 @@ class ChromaProcessor:
             )
         # Texts that would be read as control tokens if they appeared inside user or system text.
         self._added_token_texts = tuple(tokenizer.get_added_vocab())
+        self._im_start = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["im_start"]))
+        self._empty_system = self._render([{"role": "system", "content": ""}])
+        self.generation_ids = self._tokens(self._render([{"role": "system", "content": ""}], True)[len(self._empty_system):])
+        # Tokenising text is the costly part of building a long prompt: each message's ids are kept.
+        self._message_ids = functools.lru_cache(maxsize=4096)(self._message_ids_uncached)
+        self._system_ids = functools.lru_cache(maxsize=64)(self._system_ids_uncached)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ChromaProcessor:
@@ -184,75 +250,92 @@ class ChromaProcessor:
             if token in text:
                 raise InvalidInput(f"{what} contains the reserved token {token}")
 
-    def _features(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Log-mel features [n, 128, T] and frame mask [n, T] for 16 kHz waves.
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-        Qwen2.5-Omni pads every audio to chunk_length (300 s). We pad to the longest audio plus
-        n_fft zeros instead: every frame that touches real samples then sees the same zeros after
-        the audio and the same per-audio maximum for Whisper's dynamic-range clamp, so the valid
-        frames equal the 300 s version (up to float rounding) at a fraction of the cost. Frames past
-        the longest valid length are trimmed; the thinker ignores them through the mask anyway.
-        """
-        fe = self.feature_extractor
-        longest = max(len(w) for w in waves) + fe.n_fft
-        padded_len = -(-longest // fe.hop_length) * fe.hop_length
-        out = fe(
-            waves,
-            sampling_rate=REASONER_RATE,
-            padding="max_length",
-            max_length=padded_len,
-            truncation=False,
-            return_attention_mask=True,
-            return_tensors="np",
-        )
-        mask = out["attention_mask"].astype(np.int64)
-        frames = int(mask.sum(-1).max())
-        return out["input_features"][:, :, :frames].astype(np.float32), mask[:, :frames]
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_conversation(self, conv: Conversation, max_audio_seconds: float = 300.0) -> ReasonerInputs:
-        self._check_text(conv.system_prompt, "system prompt")
-        messages: list[dict[str, object]] = [{"role": "system", "content": conv.system_prompt}]
-        waves: list[np.ndarray] = []
+    def _message_ids_uncached(self, role: str, text: str | None, audio: bool) -> tuple[int, ...]:
+        """One message's ids as the chat template renders it after a system message (one <|AUDIO|> for its audio)."""
+        parts: list[dict[str, str]] = [{"type": "audio"}] if audio else []
+        if text:
+            parts.append({"type": "text", "text": text})
+        rendered = self._render([{"role": "system", "content": ""}, {"role": role, "content": parts}])
+        if not rendered.startswith(self._empty_system) or not rendered[len(self._empty_system):].startswith(self._im_start):
+            raise ValueError("the chat template does not render message by message (each from <|im_start|>)")
+        return tuple(self._tokens(rendered[len(self._empty_system):]))
+
+    def system_ids(self, system_prompt: str) -> tuple[int, ...]:
+        self._check_text(system_prompt, "system prompt")
+        return self._system_ids(system_prompt)
+
+    def _system_ids_uncached(self, system_prompt: str) -> tuple[int, ...]:
+        return tuple(self._tokens(self._render([{"role": "system", "content": system_prompt}])))
+
+    def audio_positions(self, num_samples: int) -> int:
+        """The encoder positions (<|AUDIO|> ids) of an audio of `num_samples` at REASONER_RATE."""
+        return audio_token_count(-(-num_samples // self.feature_extractor.hop_length))
+
+    def message_positions(self, message: Message) -> int:
+        """The positions `message` takes in a prompt, its audio expanded."""
+        ids = self._message_ids(message.role, message.text or None, message.has_audio)
+        return len(ids) + (self.audio_positions(_samples_at_reasoner_rate(message)) - 1 if message.has_audio else 0)
+
+    def layout(self, conv: Conversation, max_audio_seconds: float = 300.0) -> PromptLayout:
+        """The prompt of `conv`, composed message by message, with each audio's length, wave and id."""
+        layout = PromptLayout(list(self.system_ids(conv.system_prompt)))
         for n, turn in enumerate(conv.messages):
-            parts: list[dict[str, str]] = []
-            if turn.audio is not None:
-                seconds = turn.audio.size / turn.sample_rate
-                if seconds > max_audio_seconds:
-                    raise InvalidInput(
-                        f"turn {n} audio is {seconds:.1f} s long; the limit is {max_audio_seconds:.1f} s"
-                    )
-                waves.append(resample(turn.audio, turn.sample_rate, REASONER_RATE))
-                parts.append({"type": "audio"})
             if turn.text:
                 self._check_text(turn.text, f"turn {n} text")
-                parts.append({"type": "text", "text": turn.text})
-            messages.append({"role": turn.role, "content": parts})
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if turn.has_audio:
+                wave = None if turn.audio is None else resample(turn.audio, turn.sample_rate, REASONER_RATE)
+                samples = turn.audio_samples if wave is None else len(wave)
+                if samples / REASONER_RATE > max_audio_seconds:
+                    raise InvalidInput(
+                        f"turn {n} audio is {samples / REASONER_RATE:.1f} s long; the limit is {max_audio_seconds:.1f} s"
+                    )
+                positions = self.audio_positions(samples)
+                if positions < 1:
+                    ms = 1000 * samples / REASONER_RATE
+                    raise InvalidInput(f"audio {len(layout.waves)} is too short to encode ({ms:.1f} ms; needs more than 20 ms)")
+                layout.audio_positions.append(positions)
+                layout.waves.append(wave)
+                layout.audio_ids.append(turn.audio_id)
+            layout.ids.extend(self._message_ids(turn.role, turn.text or None, turn.has_audio))
+        layout.ids.extend(self.generation_ids)
+        return layout
 
-        if not waves:
+    def audio_features(self, wave: np.ndarray) -> np.ndarray:
+        """Whisper features [128, frames] of one 16 kHz wave (see `whisper_features`)."""
+        return whisper_features(self.feature_extractor, wave)
+
+    def encode_conversation(self, conv: Conversation, max_audio_seconds: float = 300.0) -> ReasonerInputs:
+        """The thinker's prefill inputs for `conv`; every audio must be given (none held by id)."""
+        layout = self.layout(conv, max_audio_seconds)
+        ids = layout.expanded_ids(self.special_ids.audio)
+        if not layout.waves:
             return ReasonerInputs(
                 input_ids=torch.tensor([ids], dtype=torch.long),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 input_features=None,
                 feature_attention_mask=None,
             )
-        features, feature_mask = self._features(waves)
-        counts = [audio_token_count(int(f)) for f in feature_mask.sum(-1)]
-        for n, (wave, count) in enumerate(zip(waves, counts)):
-            if count < 1:
-                ms = 1000 * len(wave) / REASONER_RATE
-                raise InvalidInput(f"audio {n} is too short to encode ({ms:.1f} ms; needs more than 20 ms)")
-        # <|AUDIO|> is an atomic added token, so expanding ids equals Qwen's expand-the-text-then-tokenise.
-        expanded: list[int] = []
-        pending = iter(counts)
-        for token_id in ids:
-            expanded.extend([token_id] * next(pending) if token_id == self.special_ids.audio else [token_id])
+        if any(wave is None for wave in layout.waves):
+            raise InvalidInput("this Reasoner needs every audio of the conversation; some are held by id only")
+        features = [self.audio_features(wave) for wave in layout.waves]
+        frames = max(f.shape[1] for f in features)
+        # Padded to the longest; the thinker reads the valid frames through the mask.
+        batch = np.zeros((len(features), features[0].shape[0], frames), dtype=np.float32)
+        mask = np.zeros((len(features), frames), dtype=np.int64)
+        for i, f in enumerate(features):
+            batch[i, :, : f.shape[1]] = f
+            mask[i, : f.shape[1]] = 1
         return ReasonerInputs(
-            input_ids=torch.tensor([expanded], dtype=torch.long),
-            attention_mask=torch.ones(1, len(expanded), dtype=torch.long),
-            input_features=torch.from_numpy(features),
-            feature_attention_mask=torch.from_numpy(feature_mask),
+            input_ids=torch.tensor([ids], dtype=torch.long),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            input_features=torch.from_numpy(batch),
+            feature_attention_mask=torch.from_numpy(mask),
         )
 
     def encode_voice_prompt(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePromptInputs:
@@ -272,3 +355,11 @@ class ChromaProcessor:
         if isinstance(token_ids, (torch.Tensor, np.ndarray)):
             token_ids = token_ids.reshape(-1).tolist()
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _samples_at_reasoner_rate(message: Message) -> int:
+    if message.audio is None:
+        return int(message.audio_samples)
+    if message.sample_rate == REASONER_RATE:
+        return message.audio.size
+    return len(resample(message.audio, message.sample_rate, REASONER_RATE))

@@ -9,6 +9,12 @@
 The stream is greedy (the reference thinker always is), yields one pair per generated token in order, stops after
 im_end (which is yielded) or after `max_tokens` pairs, and stops early at the end of the thinker's context.
 Closing the iterator (`aclose()`) or cancelling the task that iterates it releases the request at once.
+`on_prompt`, if given, is called once with the prompt's `PromptStats` (its length, and how much of it the engine's
+prefix cache served) before the first pair.
+
+A conversation's user audio may be *held* (`Message.audio_samples` and `audio_id`, no samples): an engine that
+keeps what it computed from an audio by id (`holds_audio`) reads it from there. One that does not hold it raises
+`AudioNotHeld` before streaming anything, and the caller sends the audio itself.
 
 - `HFReasoner` (model/reasoner/hf.py): transformers; the reference and the fallback where vLLM is absent.
 - `VLLMReasoner` (model/reasoner/vllm/engine.py): vLLM's async engine, continuous batching and prefix caching.
@@ -21,7 +27,8 @@ checkpoint split`); a full Chroma checkpoint also works for the transformers eng
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -38,13 +45,41 @@ class ReasonerEngineError(InternalError):
     """The engine or its hidden-state channel failed."""
 
 
+class AudioNotHeld(Exception):
+    """Audio the conversation gives by id only, which this engine does not hold (any more): send it (`ids`)."""
+
+    def __init__(self, ids: list[str]):
+        super().__init__(f"the Reasoner does not hold audio {', '.join(ids)}")
+        self.ids = ids
+
+
+@dataclass
+class PromptStats:
+    """One request's prompt: its positions, and those the engine's prefix cache served (not computed again)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
 @runtime_checkable
 class Reasoner(Protocol):
     processor: ChromaProcessor
     max_streams: int | None  # conversations it serves at once without queueing them; None: no fixed bound
+    context: int  # positions: the prompt and its reply
+    max_audios: int | None  # caller utterances one conversation may hold; None: no bound
 
-    def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
+    def stream(
+        self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
+    ) -> AsyncIterator[ReasonerPair]:
         """(token id, hidden state [hidden] float32 CPU) per generated token; see the module docstring."""
+        ...
+
+    def holds_audio(self, audio_id: str) -> bool:
+        """Whether a conversation may give this audio by id alone."""
         ...
 
     def num_unfinished_requests(self) -> int:
@@ -100,19 +135,34 @@ def load_reasoner_processor(path: str | Path) -> ChromaProcessor:
     return ChromaProcessor(tokenizer, feature_extractor, special_ids)
 
 
-def encode_for_reasoner(processor: ChromaProcessor, conversation: Conversation, context: int) -> ReasonerInputs:
-    """Encode and check that the prompt leaves room for at least one generated token in `context` positions."""
+def check_conversation(conversation: Conversation) -> None:
     if not isinstance(conversation, Conversation):
         raise ReasonerError(f"expected a model.processing.processor.Conversation, got {type(conversation).__name__}")
     if not conversation.messages:  # Conversation refuses this on construction; guard against later mutation
         raise ReasonerError("conversation has no turns: it needs at least one user message")
-    inputs = processor.encode_conversation(conversation)
-    prompt_len = inputs.input_ids.shape[1]
+
+
+def check_fits(prompt_len: int, context: int) -> None:
+    """The prompt must leave room for at least one generated token in `context` positions."""
     if prompt_len >= context:
         raise ReasonerError(
             f"conversation takes {prompt_len} positions (audio and text), more than the Reasoner's context of "
             f"{context} minus one for the reply: shorten the audio or drop earlier turns"
         )
+
+
+def held_audio_ids(conversation: Conversation) -> list[str]:
+    """The ids of the audio `conversation` gives by id alone."""
+    return [m.audio_id for m in conversation.messages if m.audio is None and m.audio_samples is not None]
+
+
+def encode_for_reasoner(processor: ChromaProcessor, conversation: Conversation, context: int) -> ReasonerInputs:
+    """Encode a conversation whose audio is all given, and check that it fits `context`."""
+    check_conversation(conversation)
+    if held := held_audio_ids(conversation):
+        raise AudioNotHeld(held)
+    inputs = processor.encode_conversation(conversation)
+    check_fits(inputs.input_ids.shape[1], context)
     return inputs
 
 

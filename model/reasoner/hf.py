@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 from model.chroma.turn import ReasonerPair
 from model.processing.processor import ChromaProcessor, Conversation, ReasonerInputs
 from model.reasoner.base import (
+    PromptStats,
     ReasonerEngineError,
     check_reasoner_dir,
     encode_for_reasoner,
@@ -122,6 +123,7 @@ class HFReasoner:
     """The Reasoner on transformers (see the module docstring)."""
 
     max_streams = None  # conversations take turns on one module: no slots to run out of
+    max_audios = None  # caller utterances one conversation may hold: no bound
 
     def __init__(self, thinker, processor: ChromaProcessor):
         self.thinker = thinker
@@ -143,10 +145,17 @@ class HFReasoner:
         with self._lock:
             return fn(*args)
 
-    async def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
+    def holds_audio(self, audio_id: str) -> bool:
+        return False  # the reference: it encodes every audio of every conversation afresh
+
+    async def stream(
+        self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
+    ) -> AsyncIterator[ReasonerPair]:
         loop = asyncio.get_running_loop()
         inputs = await loop.run_in_executor(None, encode_for_reasoner, self.processor, conversation, self.context)
         budget = token_budget(max_tokens, inputs.input_ids.shape[1], self.context)
+        if on_prompt is not None:
+            on_prompt(PromptStats(inputs.input_ids.shape[1]))
         session = ReasonerSession(self.thinker)
         im_end = self.processor.special_ids.im_end
         self._live += 1

@@ -18,6 +18,10 @@ class VLLMSettings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="conversations vLLM batches at once")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per engine step (prefill chunking)")
     max_model_len: int | None = Field(None, ge=1, description="context; default: the checkpoint's")
+    block_size: int | None = Field(
+        None, ge=1, description="KV-cache block (prefix caching reuses whole blocks); default: vLLM's for the device "
+        "(128 on CPU, which takes multiples of 32)",
+    )
     max_audios_per_prompt: int = Field(32, ge=1, description="caller utterances a conversation may hold")
     max_audio_seconds: float = Field(60.0, gt=0, description="longest single audio; sizes the encoder cache")
     enforce_eager: bool = False

@@ -5,10 +5,13 @@ CPU. The hidden-state capture depends on vLLM interfaces that change between min
 batch updates, attention metadata `seq_lens`, the Qwen2.5-Omni thinker class), so other versions are refused.
 
 How a request runs:
-- The conversation is encoded by `ChromaProcessor` exactly as for `HFReasoner`. Its token ids go to vLLM with one
-  `<|AUDIO|>` per user audio (vLLM's Qwen2.5-Omni processor expands it again to the encoder-output length) and
-  the Whisper features go in as the `input_audio_features` / `audio_feature_lengths` items of vLLM's Qwen2.5-Omni
-  audio path (`enable_mm_embeds`), so vLLM's audio tower encodes exactly the features transformers sees.
+- The conversation is laid out by `ChromaProcessor` exactly as for `HFReasoner` (`ChromaProcessor.layout`). Its
+  token ids go to vLLM with one `<|AUDIO|>` per user audio (the plugin's processor expands it again to the
+  encoder-output length) and each audio as its 16 kHz wave, which the plugin featurises exactly as transformers
+  sees it. Each audio goes with its `audio_id` as its `multi_modal_uuids` entry: vLLM's processor cache keeps the
+  featurised audio under it and its prefix cache hashes the prompt's blocks with it, so a later turn of the call
+  hits the cache for everything up to what is new. An audio this engine has sent before goes as None
+  (`holds_audio`); one it does not hold raises `AudioNotHeld`, and so does one vLLM's cache has evicted since.
 - The engine loads the Reasoner directory (the thinker alone) through this project's vLLM plugin (model/reasoner/vllm/plugin.py, entry point
   `vllm.general_plugins`): architecture `ChromaReasonerForConditionalGeneration`, the audio + text thinker built
   from the parts vLLM's Qwen2.5-Omni class uses (that class needs torchvision, see model/reasoner/vllm/model.py), which
@@ -20,6 +23,8 @@ How a request runs:
   token k is the one at position prompt_len + k - 1; the stream waits for it (the two pipes are not ordered with
   each other), keeps the first row per (request, position) and ignores repeats (recomputation after preemption).
 - Greedy decoding, im_end as stop token (yielded), prefix caching on, vLLM batching concurrent requests itself.
+  Each request's prompt length and prefix-cache hits (vLLM's `num_cached_tokens`) go to `on_prompt` and into
+  `prefix_cache_stats()`.
 - Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
 
 Start-up spawns vLLM's engine-core process and takes tens of seconds on CPU: construct a `VLLMReasoner` from code
@@ -33,18 +38,24 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
 
 from model.chroma.turn import ReasonerPair
-from model.processing.processor import Conversation, ReasonerInputs
+from model.processing.audio import REASONER_RATE
+from model.processing.processor import Conversation, PromptLayout
 from model.reasoner.base import (
+    AudioNotHeld,
+    PromptStats,
     ReasonerEngineError,
     ReasonerError,
+    check_conversation,
+    check_fits,
     check_reasoner_dir,
-    encode_for_reasoner,
+    held_audio_ids,
     load_reasoner_processor,
     token_budget,
 )
@@ -64,21 +75,26 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
-def vllm_prompt(inputs: ReasonerInputs, audio_token_id: int) -> dict:
-    """vLLM prompt for encoded Reasoner inputs: runs of <|AUDIO|> collapsed to one id per audio (vLLM expands
-    them), and the valid Whisper feature frames of all audios concatenated along time."""
-    ids: list[int] = []
-    for token in inputs.input_ids[0].tolist():
-        if not (token == audio_token_id and ids and ids[-1] == audio_token_id):
-            ids.append(token)
-    prompt: dict = {"prompt_token_ids": ids}
-    if inputs.input_features is not None:
-        lengths = inputs.feature_attention_mask.sum(-1).to(torch.long)
-        features = torch.cat([inputs.input_features[i, :, : int(n)] for i, n in enumerate(lengths)], dim=1)
-        prompt["multi_modal_data"] = {
-            "audio": {"input_audio_features": features.to(torch.float32), "audio_feature_lengths": lengths}
-        }
+HELD_AUDIO_IDS = 100_000  # audio ids remembered as sent to the engine (vLLM's processor cache evicts by size)
+
+
+def vllm_prompt(layout: PromptLayout) -> dict:
+    """vLLM prompt for a laid-out conversation: one <|AUDIO|> per audio (vLLM expands them), each audio its 16 kHz
+    wave (None where the engine holds it) under its id."""
+    prompt: dict = {"prompt_token_ids": list(layout.ids)}
+    if layout.waves:
+        prompt["multi_modal_data"] = {"audio": list(layout.waves)}
+        prompt["multi_modal_uuids"] = {"audio": list(layout.audio_ids)}
     return prompt
+
+
+def _is_cache_miss(error: BaseException | None) -> bool:
+    """Whether `error`, or what caused it, is vLLM's processor cache missing an audio sent by id only."""
+    while error is not None:
+        if isinstance(error, ValueError) and "Cache miss" in str(error):
+            return True
+        error = error.__cause__
+    return False
 
 
 class _Mailbox:
@@ -140,6 +156,7 @@ class VLLMReasoner:
         self.version = check_vllm_version()
         self.row_timeout_s = settings.row_timeout_s
         self.max_streams = settings.max_num_seqs
+        self.max_audios = settings.max_audios_per_prompt
         self.max_audio_seconds = settings.max_audio_seconds
         if settings.cpu_kvcache_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)  # GiB, read by the engine processes
@@ -158,6 +175,8 @@ class VLLMReasoner:
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.bind(self._address)
         self._mailboxes: dict[str, _Mailbox] = {}
+        self._held: OrderedDict[str, None] = OrderedDict()  # audio ids sent to the engine, least recent first
+        self.prompt_tokens = self.cached_tokens = 0  # over every request: the prefix cache's hit rate
         self._reader: asyncio.Task | None = None
         self._reader_error: BaseException | None = None
         self.rows_received = 0
@@ -170,6 +189,7 @@ class VLLMReasoner:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=True,
+            block_size=settings.block_size,
             hf_overrides={"architectures": [ARCHITECTURE], MAX_AUDIO_SECONDS_KEY: settings.max_audio_seconds},
             logits_processors=[HIDDEN_TAP],
             additional_config={CHANNEL_CONFIG_KEY: self._address},
@@ -230,15 +250,31 @@ class VLLMReasoner:
         except Exception as error:  # EngineDeadError: vLLM's engine-core process is gone
             raise ReasonerEngineError(f"the vLLM engine is dead ({type(error).__name__})") from error
 
-    async def stream(self, conversation: Conversation, max_tokens: int) -> AsyncIterator[ReasonerPair]:
+    def holds_audio(self, audio_id: str) -> bool:
+        return audio_id in self._held
+
+    def prefix_cache_stats(self) -> dict:
+        """Prompt positions of every request so far, those vLLM's prefix cache served, and the ratio."""
+        rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prefix_cache_hit_rate": None if rate is None else round(rate, 4)}
+
+    async def stream(
+        self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
+    ) -> AsyncIterator[ReasonerPair]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         self._ensure_reader()
+        check_conversation(conversation)
+        held = held_audio_ids(conversation)
+        if missing := [audio_id for audio_id in held if audio_id not in self._held]:
+            raise AudioNotHeld(missing)
         self._check_audio_lengths(conversation)
         loop = asyncio.get_running_loop()
-        inputs = await loop.run_in_executor(None, encode_for_reasoner, self.processor, conversation, self.context)
-        prompt_len = inputs.input_ids.shape[1]
+        layout = await loop.run_in_executor(None, self.processor.layout, conversation)
+        prompt_len = layout.length
+        check_fits(prompt_len, self.context)
         budget = token_budget(max_tokens, prompt_len, self.context)
         im_end = self.processor.special_ids.im_end
         request_id = f"reasoner-{uuid.uuid4().hex}"
@@ -251,10 +287,12 @@ class VLLMReasoner:
             extra_args={REQUEST_TAG_KEY: request_id},
         )
         box = self._mailboxes[request_id] = _Mailbox()
-        outputs = self.engine.generate(vllm_prompt(inputs, self.processor.special_ids.audio), params, request_id)
+        outputs = self.engine.generate(vllm_prompt(layout), params, request_id)
         produced = 0
         try:
             async for output in outputs:
+                if produced == 0:
+                    self._started(layout, output, prompt_len, on_prompt)
                 if output.prompt_token_ids is not None and len(output.prompt_token_ids) != prompt_len:
                     raise ReasonerEngineError(
                         f"vLLM expanded the prompt to {len(output.prompt_token_ids)} tokens, the processor to {prompt_len}"
@@ -265,15 +303,38 @@ class VLLMReasoner:
                     yield int(token), hidden
                     if token == im_end or produced >= budget:
                         return
+        except Exception as error:  # vLLM raises the processor's ValueError wrapped in an EngineGenerateError
+            if produced or not held or not _is_cache_miss(error):
+                raise
+            for audio_id in held:  # vLLM's processor cache evicted one of them: send them all again
+                self._held.pop(audio_id, None)
+            raise AudioNotHeld(held) from None
         finally:
             self._mailboxes.pop(request_id, None)
             await outputs.aclose()  # aborts the request in the engine if it is still running
 
+    def _started(self, layout: PromptLayout, output, prompt_len: int, on_prompt) -> None:
+        """The request's first output: its audio is in vLLM's processor cache now, its prefix-cache hits known."""
+        for audio_id in layout.audio_ids:
+            if audio_id is not None:
+                self._held[audio_id] = None
+                self._held.move_to_end(audio_id)
+        while len(self._held) > HELD_AUDIO_IDS:
+            self._held.popitem(last=False)
+        stats = PromptStats(prompt_len, int(output.num_cached_tokens or 0))
+        self.prompt_tokens += stats.prompt_tokens
+        self.cached_tokens += stats.cached_tokens
+        if on_prompt is not None:
+            on_prompt(stats)
+
     def _check_audio_lengths(self, conversation: Conversation) -> None:
-        for n, turn in enumerate(getattr(conversation, "messages", None) or []):
-            if turn.audio is not None and turn.audio.size / turn.sample_rate > self.max_audio_seconds:
+        for n, turn in enumerate(conversation.messages):
+            if not turn.has_audio:
+                continue
+            seconds = turn.audio_samples / REASONER_RATE if turn.audio is None else turn.audio.size / turn.sample_rate
+            if seconds > self.max_audio_seconds:
                 raise ReasonerError(
-                    f"turn {n} audio is {turn.audio.size / turn.sample_rate:.1f} s long; this vLLM Reasoner takes at "
+                    f"turn {n} audio is {seconds:.1f} s long; this vLLM Reasoner takes at "
                     f"most {self.max_audio_seconds:.0f} s per audio (max_audio_seconds, fixed at engine start)"
                 )
 

@@ -12,9 +12,11 @@ the same parts vLLM's class uses: transformers' `Qwen2_5OmniAudioEncoder` as the
 Vision weights in the checkpoint are skipped (Chroma takes speech, not images).
 
 - Audio input: vLLM's multimodal pipeline, modality "audio". A request carries, per user audio, one
-  `<|AUDIO|>` id in its prompt and either the Whisper features (`input_audio_features` [128, frames] concatenated
-  over the request's audios + `audio_feature_lengths`, what the Reasoner sends: the exact features transformers
-  sees) or a raw 16 kHz waveform (featurised here like `ChromaProcessor`). The processor expands each `<|AUDIO|>`
+  `<|AUDIO|>` id in its prompt and either a 16 kHz waveform (what the Reasoner sends: featurised here exactly like
+  `ChromaProcessor`, one audio at a time; vLLM's processor cache keeps the result under the audio's
+  `multi_modal_uuids` id, so a request may send None for an audio it sent before) or the Whisper features
+  (`input_audio_features` [128, frames] concatenated over the request's audios + `audio_feature_lengths`). The
+  processor expands each `<|AUDIO|>`
   to the audio encoder's output length; the model runs the tower in vLLM's encoder step and merges the rows into
   the placeholder positions. Positions: with audio and text only, Qwen2.5-Omni's 3-D rope index is the sequence
   index on all three axes (`get_mrope_input_positions`).
@@ -71,7 +73,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from model.reasoner.vllm.channel import CHANNEL_CONFIG_KEY, REQUEST_TAG_KEY, encode_rows
 from model.processing.audio import REASONER_RATE
-from model.processing.processor import SPECIAL_TOKENS, audio_token_count
+from model.processing.processor import SPECIAL_TOKENS, audio_token_count, whisper_features
 from model.reasoner.vllm.plugin import MAX_AUDIO_SECONDS_KEY
 
 log = logging.getLogger(__name__)
@@ -97,18 +99,11 @@ class ChromaThinkerHFProcessor(Qwen2_5OmniProcessor):
 
 
 def _whisper_features(feature_extractor, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid log-mel frames of each 16 kHz wave concatenated along time [128, sum], and the lengths [n]; the same
-    padding rule as `ChromaProcessor` (longest wave + n_fft, not Whisper's 300 s)."""
-    fe = feature_extractor
-    longest = max(len(w) for w in waves) + fe.n_fft
-    padded_len = -(-longest // fe.hop_length) * fe.hop_length
-    out = fe(
-        [np.asarray(w, dtype=np.float32) for w in waves], sampling_rate=REASONER_RATE, padding="max_length",
-        max_length=padded_len, truncation=False, return_attention_mask=True, return_tensors="np",
-    )
-    lengths = out["attention_mask"].sum(-1).astype(np.int64)
-    features = np.concatenate([out["input_features"][i, :, :n] for i, n in enumerate(lengths)], axis=1)
-    return torch.from_numpy(features.astype(np.float32)), torch.from_numpy(lengths)
+    """Valid log-mel frames of each 16 kHz wave concatenated along time [128, sum], and the lengths [n]: each wave
+    featurised alone, exactly as `ChromaProcessor` does (model.processing.processor.whisper_features)."""
+    features = [whisper_features(feature_extractor, w) for w in waves]
+    lengths = np.array([f.shape[1] for f in features], dtype=np.int64)
+    return torch.from_numpy(np.concatenate(features, axis=1)), torch.from_numpy(lengths)
 
 
 def _audio_fields(hf_inputs: Mapping[str, torch.Tensor]) -> Mapping[str, MultiModalFieldConfig]:

@@ -1,0 +1,174 @@
+"""Which part of a session's history the Reasoner reads for a turn, so that no call breaks because it got long.
+
+`HistoryPolicy.plan` counts what the turn's prompt takes of the Reasoner's context (the system prompt, the
+history, the new utterance and the generation prompt, with room for the reply) from what each message takes,
+counted once when it was committed (`HistoryMessage.positions`). When it would not fit, the session's truncation
+(cluster.state.history) drops the oldest first: the oldest caller audio goes before any text (a spoken message
+with words keeps its words), then the oldest messages. The system prompt and the new utterance always stay. What
+it drops is committed with the turn (`HistoryDrop`), so every later turn's prompt starts with the same messages
+and the Reasoner's prefix cache serves them.
+
+The only length a caller is refused for is their own: an utterance that does not fit the context by itself
+(`UtteranceTooLong`), or, where they disabled truncation, a history they have to shorten (`ContextFull`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.state.history import HistoryDrop, RetentionRatio, Truncation
+from cluster.state.store import HistoryMessage, Session, audio_digest
+from model.errors import Conflict, InvalidInput
+from model.processing.audio import REASONER_RATE, pcm16_bytes, pcm16_wave
+from model.processing.processor import ChromaProcessor, Message
+
+
+class HistorySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    truncation: Truncation = "auto"  # new sessions' policy, unless they name one
+    auto_retention_ratio: float = Field(
+        0.8, gt=0.0, le=1.0, description='what "auto" keeps of the room after the system prompt when it truncates: '
+        "less than all of it, so the next turns fit without truncating again (and hit the prefix cache)",
+    )
+
+
+class UtteranceTooLong(InvalidInput):
+    code = "utterance_too_long"
+
+
+class ContextFull(Conflict):
+    code = "context_full"
+
+
+@dataclass
+class UserTurn:
+    """The caller's new message: audio as 16 kHz PCM16 (quantised once, so this turn hears exactly what every later
+    turn reads back from the history) and/or typed text, under the item id the history will keep it as."""
+
+    id: str
+    audio: bytes | None = None
+    text: str | None = None
+
+    @classmethod
+    def of(cls, item_id: str, audio: np.ndarray | None = None, text: str | None = None) -> UserTurn:
+        """`audio`: float32 at REASONER_RATE."""
+        return cls(item_id, None if audio is None else pcm16_bytes(audio), text or None)
+
+    @property
+    def audio_id(self) -> str | None:
+        return None if self.audio is None else audio_digest(self.audio)
+
+    def message(self) -> Message:
+        if self.audio is None:
+            return Message("user", text=self.text)
+        return Message("user", text=self.text, audio=pcm16_wave(self.audio), sample_rate=REASONER_RATE,
+                       audio_id=self.audio_id)
+
+
+@dataclass
+class TurnPlan:
+    """A turn's prompt: the history the Reasoner reads (the drop applied), what the commit takes out of the
+    session's history, and what the prompt and the new message take of the context."""
+
+    user: UserTurn
+    history: list[HistoryMessage]
+    drop: HistoryDrop = field(default_factory=HistoryDrop)
+    positions: int = 0
+    user_positions: int = 0
+
+
+class HistoryPolicy:
+    """See the module docstring. `context`: the Reasoner's positions; `reply_tokens`: the room a reply needs;
+    `max_audios`: the most caller utterances one prompt may hold (None: no bound)."""
+
+    def __init__(self, processor: ChromaProcessor, context: int, reply_tokens: int, max_audios: int | None,
+                 settings: HistorySettings):
+        self.processor, self.context, self.reply_tokens = processor, context, reply_tokens
+        self.max_audios, self.settings = max_audios, settings
+
+    def positions(self, message: HistoryMessage) -> int:
+        """What a history message takes of a prompt (its count from the commit, or counted now)."""
+        if message.positions is not None:
+            return message.positions
+        if message.audio_bytes:
+            return self.processor.message_positions(Message(
+                "user", text=message.text, audio_samples=message.audio_samples, audio_id=message.audio_id or message.id))
+        return self.processor.message_positions(Message(message.role, text=message.text)) if message.text else 0
+
+    def text_positions(self, role: str, text: str | None) -> int:
+        return self.processor.message_positions(Message(role, text=text)) if text else 0
+
+    def user_positions(self, user: UserTurn) -> int:
+        if user.audio is None:
+            return self.text_positions("user", user.text)
+        return self.processor.message_positions(Message(
+            "user", text=user.text, audio_samples=len(user.audio) // 2, audio_id="new"))
+
+    def plan(self, session: Session, user: UserTurn) -> TurnPlan:
+        """The turn's prompt under the session's truncation; UtteranceTooLong, or ContextFull where it is disabled."""
+        system = len(self.processor.system_ids(session.system_prompt))
+        mine = self.user_positions(user) + len(self.processor.generation_ids)
+        room = self.context - self.reply_tokens - system  # for everything after the system prompt
+        if mine > room:
+            raise UtteranceTooLong(
+                f"the caller's utterance takes {mine} positions; with the system prompt ({system}) and room for the "
+                f"reply ({self.reply_tokens}) that is more than the Reasoner's context of {self.context}: send a "
+                "shorter one"
+            )
+        limit = room
+        if isinstance(session.truncation, RetentionRatio) and session.truncation.token_limits is not None:
+            limit = min(room, session.truncation.token_limits.post_instructions or room)
+        history = [m.model_copy() for m in session.history]
+        costs = [self.positions(m) for m in history]
+        total = mine + sum(costs)
+        audios = sum(1 for m in history if m.audio_bytes) + (user.audio is not None)
+        too_many = self.max_audios is not None and audios > self.max_audios
+        plan = TurnPlan(user, history, positions=system + total, user_positions=mine - len(self.processor.generation_ids))
+        if total <= limit and not too_many:
+            return plan
+        if session.truncation == "disabled":
+            raise ContextFull(self._full(session, system + total, audios, too_many))
+        ratio = session.truncation.retention_ratio if isinstance(session.truncation, RetentionRatio) \
+            else self.settings.auto_retention_ratio
+        target = int(ratio * limit) if total > limit else limit
+
+        def over() -> bool:
+            return total > target or (self.max_audios is not None and audios > self.max_audios)
+
+        # The oldest caller audio goes first: a spoken message with words keeps them.
+        for n, message in enumerate(history):
+            if not over():
+                break
+            if message.audio_bytes:
+                audios -= 1
+                message.audio_bytes, message.audio_id = 0, None
+                kept = self.text_positions("user", message.text)
+                total -= costs[n] - kept
+                costs[n] = message.positions = kept
+                (plan.drop.audio if message.text else plan.drop.messages).append(message.id)
+        # Then the oldest messages.
+        dropped = set(plan.drop.messages)
+        for n, message in enumerate(history):
+            if not over():
+                break
+            if message.id not in dropped:
+                total -= costs[n]
+                plan.drop.messages.append(message.id)
+                dropped.add(message.id)
+        plan.drop.audio = [i for i in plan.drop.audio if i not in dropped]
+        plan.history = [m for m in history if m.id not in dropped]
+        plan.positions = system + total
+        return plan
+
+    def _full(self, session: Session, positions: int, audios: int, too_many: bool) -> str:
+        fix = (f"delete earlier items (conversation.item.delete, or DELETE /v1/sessions/{session.id}/history/"
+               "{item_id}) or set the session's truncation to \"auto\"")
+        if too_many:
+            return (f"the conversation holds {audios} caller utterances, more than the Reasoner takes in one prompt "
+                    f"({self.max_audios}), and this session's truncation is \"disabled\": {fix}")
+        return (f"the conversation takes {positions} positions and the reply needs {self.reply_tokens}, more than "
+                f"the Reasoner's context of {self.context}, and this session's truncation is \"disabled\": {fix}")

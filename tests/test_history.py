@@ -1,0 +1,122 @@
+"""The history policy: what a turn's prompt holds of a long session under each truncation, counted exactly as the
+processor lays the prompt out. Tiny checkpoint's processor; no engines."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from cluster.pipeline.history import ContextFull, HistoryPolicy, HistorySettings, UserTurn, UtteranceTooLong
+from cluster.pipeline.turn import build_conversation
+from cluster.state.history import RetentionRatio, TokenLimits
+from cluster.state.store import HistoryMessage, Session, audio_digest
+from model.processing.audio import pcm16_bytes
+from model.processing.processor import ChromaProcessor
+from tests.conftest import speech_like
+
+REPLY_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint) -> ChromaProcessor:
+    return ChromaProcessor.from_pretrained(tiny_checkpoint)
+
+
+def policy(processor, context=1000, max_audios=None, **settings) -> HistoryPolicy:
+    return HistoryPolicy(processor, context, REPLY_TOKENS, max_audios, HistorySettings(**settings))
+
+
+def utterance(seconds: float, seed: int) -> bytes:
+    return pcm16_bytes(speech_like(16000, seconds, seed=seed))
+
+
+def session_of(turns: int, truncation="auto", spoken_text: set[int] = frozenset()) -> tuple[Session, list[bytes | None]]:
+    """`turns` turns of 1 s caller audio and a short reply; turn n's user message has words too if n in spoken_text."""
+    history, audio = [], []
+    for n in range(turns):
+        pcm = utterance(1.0, n)
+        history += [HistoryMessage(id=f"u{n}", role="user", text=f"number {n}" if n in spoken_text else None,
+                                   audio_bytes=len(pcm), audio_id=audio_digest(pcm)),
+                    HistoryMessage(id=f"a{n}", role="assistant", text=f"Reply number {n}, of course.")]
+        audio += [pcm, None]
+    now = datetime.now(UTC)
+    session = Session(id="sess_" + "0" * 32, tenant="t", voice_id="v", system_prompt="Be brief.", history=history,
+                      truncation=truncation, created_at=now, updated_at=now)
+    return session, audio
+
+
+def prompt_length(processor, session, audio, plan) -> int:
+    """The prompt the Reasoner would lay out for the planned turn."""
+    kept = {m.id for m in plan.history}
+    stripped = {m.id for m in plan.history if not m.audio_bytes}
+    messages = [m.model_copy(update={"audio_bytes": 0} if m.id in stripped else {}) for m in session.history
+                if m.id in kept]
+    pcm = {m.id: a for m, a in zip(session.history, audio)}
+    reduced = session.model_copy(update={"history": messages})
+    conversation = build_conversation(reduced, [pcm[m.id] if m.audio_bytes else None for m in messages],
+                                      plan.user.message())
+    return processor.layout(conversation).length
+
+
+def test_a_history_that_fits_is_read_whole_and_counted_exactly(processor):
+    session, audio = session_of(3)
+    plan = policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
+    assert not plan.drop and [m.id for m in plan.history] == [m.id for m in session.history]
+    assert plan.positions == prompt_length(processor, session, audio, plan)
+
+
+@pytest.mark.parametrize("truncation", ["auto", RetentionRatio(retention_ratio=0.5)])
+def test_the_oldest_go_first_audio_before_text_and_the_prompt_fits_with_room_for_the_reply(processor, truncation):
+    session, audio = session_of(20, truncation, spoken_text={1})
+    context = 1000
+    plan = policy(processor, context).plan(session, UserTurn("new", utterance(2.0, 9)))
+    assert plan.positions == prompt_length(processor, session, audio, plan)
+    system = len(processor.system_ids("Be brief."))
+    ratio = 0.8 if truncation == "auto" else 0.5
+    assert plan.positions - system <= ratio * (context - REPLY_TOKENS - system)
+    kept = [m.id for m in plan.history]
+    # Dropped: a prefix of the history. Caller audio went before any reply text: every kept user message of the
+    # dropped span's end keeps no audio older than the oldest kept reply.
+    assert plan.drop.messages and set(plan.drop.messages) | set(kept) == {m.id for m in session.history}
+    oldest_reply = min(int(i[1:]) for i in kept if i.startswith("a"))
+    spoken = [int(m.id[1:]) for m in plan.history if m.role == "user" and m.audio_bytes]
+    assert all(n >= oldest_reply for n in spoken)
+    assert plan.history[-1].id == "a19"  # the newest turn stays
+    # The message with words lost its audio and kept its words (when it is kept at all).
+    if "u1" in kept:
+        u1 = next(m for m in plan.history if m.id == "u1")
+        assert u1.text == "number 1" and u1.audio_bytes == 0 and plan.drop.audio == ["u1"]
+
+
+def test_a_token_limit_and_the_audio_count_bound_the_prompt_too(processor):
+    session, _ = session_of(6, RetentionRatio(retention_ratio=1.0, token_limits=TokenLimits(post_instructions=150)))
+    plan = policy(processor).plan(session, UserTurn("new", utterance(1.0, 9)))
+    assert plan.positions - len(processor.system_ids("Be brief.")) <= 150 and plan.drop
+    session, _ = session_of(6)
+    plan = policy(processor, context=100_000, max_audios=3).plan(session, UserTurn("new", utterance(1.0, 9)))
+    assert sum(1 for m in plan.history if m.audio_bytes) == 2  # and the new one: three
+    assert [i for i in plan.drop.messages if i.startswith("a")] == []  # only audio had to go
+
+
+def test_disabled_names_the_limit_and_a_long_utterance_is_the_callers(processor):
+    session, _ = session_of(20, "disabled")
+    with pytest.raises(ContextFull, match="context of 1000.*\"disabled\".*delete earlier items") as full:
+        policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
+    assert full.value.status == 409 and full.value.code == "context_full"
+    short, _ = session_of(2, "disabled")
+    assert not policy(processor).plan(short, UserTurn("new", utterance(2.0, 9))).drop
+    with pytest.raises(UtteranceTooLong, match=r"utterance takes \d+ positions.*context of 1000") as long:
+        policy(processor).plan(short, UserTurn("new", utterance(45.0, 9)))
+    assert long.value.status == 422 and long.value.code == "utterance_too_long"
+
+
+def test_the_new_utterance_is_quantised_once_and_named_by_its_samples(processor):
+    wave = speech_like(16000, 1.0, seed=3)
+    turn = UserTurn.of("item_1", wave)
+    assert turn.audio == pcm16_bytes(wave) and turn.audio_id == audio_digest(turn.audio)
+    assert UserTurn.of("item_2", wave).audio_id == turn.audio_id  # the same samples, the same id
+    message = turn.message()
+    assert np.abs(message.audio - wave).max() < 1e-4 and message.audio_id == turn.audio_id
+    assert UserTurn.of("item_3", text="hello").audio_id is None
