@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from cluster.pipeline.local import LocalTurnBackend
-from cluster.pipeline.turn import AudioChunk, TurnDone, caller_message
+from cluster.pipeline.history import UserTurn
+from cluster.pipeline.turn import AudioChunk, TurnDone
 from cluster.state.store import Session, Voice
 
 FRAME_SECONDS = 0.08
@@ -39,7 +40,8 @@ async def engine_turn(backend: LocalTurnBackend, voice: Voice, caller: np.ndarra
     now = datetime.now(timezone.utc)
     session = Session(id=f"sess_{uuid.uuid4().hex}", tenant="bench", voice_id=voice.id, created_at=now, updated_at=now)
     started, first, frames = time.perf_counter(), None, 0
-    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, [], caller_message(caller)):
+    plan = backend.history.plan(session, UserTurn.of("item_bench", caller))
+    async for event in backend.run_turn(f"turn-{uuid.uuid4().hex}", voice, session, plan):
         if isinstance(event, AudioChunk) and first is None:
             first = time.perf_counter() - started
         elif isinstance(event, TurnDone):
