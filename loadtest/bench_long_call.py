@@ -9,10 +9,12 @@ profile allows (CPU-dev: 250 frames, 20 s; the tiny RANDOM-WEIGHT model often en
 
 Per turn (4 sessions: the mean over them): TTFA (the server's: request received to first audio), the Reasoner's
 prompt and what it computed of it (prefill = prompt - served by vLLM's prefix cache), the hit rate, what the turn
-added to the prompt (new: the last reply and the new utterance, with their template tokens; prefill - new is what
-block rounding and truncation cost), the bytes of the request each stage received, and the session's Redis bytes
-(MEMORY USAGE of its document and its audio). A turn the session's truncation shortened is marked T. Then the
-targets' figures, and a chart of TTFA against the turn index (PNG) next to the JSON of every turn.
+added to the prompt (new, the server's `new_tokens`: the last reply and the new utterance, with their template
+tokens; prefill - new is what block rounding and truncation cost), the bytes of the request each stage received, and
+the session's Redis bytes (MEMORY USAGE of its document and its audio). A turn whose commit dropped the oldest
+history is marked T: the policy drops ahead, so the next turn's shorter prompt is warmed while the reply plays; a
+turn that had to truncate its own history at its start has no `new`. Then the targets' figures, and a chart of TTFA
+against the turn index (PNG) next to the JSON of every turn.
 
 With no --url it brings up `chroma-serve up`'s default cluster (CPU-dev profile, tiny RANDOM-WEIGHT checkpoint;
 --set KEY=VALUE overrides an app arg as `up --set` does) and takes it down at the end. A turn refused for
@@ -54,8 +56,8 @@ class Turn:
     ttfa_ms: float
     prompt_tokens: int
     cached_tokens: int
-    new_tokens: int | None  # what this turn added to the previous prompt (None: first turn, or truncated)
-    truncated: bool
+    new_tokens: int | None  # what this turn added to the previous prompt (None: first turn, or truncated at its start)
+    truncated: bool  # its commit dropped history
     shipped: dict[str, int]
     redis_bytes: int
     wall_s: float  # the call's time so far, at the end of this turn
@@ -125,7 +127,7 @@ async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str,
             continue
         call.caller_seconds += audio.size / 16000
         truncated = bool(done["dropped"])
-        new = None if previous is None or truncated else done["prompt_tokens"] - previous
+        new = None if previous is None else done["new_tokens"]
         previous = done["prompt_tokens"]
         call.turns.append(Turn(n, done["ttfa_ms"], done["prompt_tokens"], done["cached_tokens"], new, truncated,
                                done["shipped_bytes"], await redis_bytes(store, session["id"]),
@@ -191,9 +193,10 @@ def targets(title: str, calls: list[Call], turns: int) -> list[str]:
                      f"{100 * (mean(late) / mean(early) - 1):+.1f} % (median "
                      f"{100 * (statistics.median(late) / statistics.median(early) - 1):+.1f} %)")
     truncated = sum(t.truncated for t in all_turns)
-    lines.append(f"- prefill - new (turns not truncated, {len(kept)}): max {max(excess, default=0)}, mean "
-                 f"{mean(excess):.1f}; turns truncated: {truncated} (they prefill what they keep after the system "
-                 f"prompt: mean prefill {mean(t.prefill for t in all_turns if t.truncated):.0f})")
+    cut_now = [t for t in all_turns if t.new_tokens is None and t.index > 1]
+    lines.append(f"- prefill - new (turns not truncated at their start, {len(kept)}): max {max(excess, default=0)}, "
+                 f"mean {mean(excess):.1f}; commits that dropped history: {truncated}; turns truncated at their start "
+                 f"(they prefill what they keep): {len(cut_now)}, mean prefill {mean(t.prefill for t in cut_now):.0f}")
     lines.append(f"- prefix-cache hit rate over the run: "
                  f"{sum(t.cached_tokens for t in all_turns) / max(1, sum(t.prompt_tokens for t in all_turns)):.3f}")
     lines.append(f"- bytes shipped per turn: Codec {shipped['Codec']}, SpeechStack {shipped['SpeechStack']} "
@@ -222,7 +225,7 @@ def chart(path: Path, results: dict[str, list[Call]]) -> None:
         axes.scatter(cut, [mean(t.ttfa_ms for t in rows[i]) for i in cut], marker="x", color="black", zorder=3)
     axes.set_xlabel("turn")
     axes.set_ylabel("TTFA ms (server)")
-    axes.set_title("TTFA against the turn index (x: the turn's history was truncated)")
+    axes.set_title("TTFA against the turn index (x: the turn's commit dropped history)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

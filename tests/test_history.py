@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from cluster.pipeline.history import ContextFull, HistoryPolicy, HistorySettings, UserTurn, UtteranceTooLong
-from cluster.pipeline.turn import build_conversation
+from cluster.pipeline.turn import ReasonerPrompt, build_conversation, history_message, next_conversation
 from cluster.state.history import RetentionRatio, TokenLimits
 from cluster.state.store import HistoryMessage, Session, audio_digest
 from model.processing.audio import pcm16_bytes
-from model.processing.processor import ChromaProcessor
+from model.processing.processor import ChromaProcessor, Conversation, Message
 from tests.conftest import speech_like
 
 REPLY_TOKENS = 64
@@ -120,3 +120,80 @@ def test_the_new_utterance_is_quantised_once_and_named_by_its_samples(processor)
     message = turn.message()
     assert np.abs(message.audio - wave).max() < 1e-4 and message.audio_id == turn.audio_id
     assert UserTurn.of("item_3", text="hello").audio_id is None
+
+
+def committed(session: Session, plan, reply: str) -> Session:
+    """The session after the planned turn commits, as `StateStore.append_turn` leaves it: the plan's drop taken
+    out (messages gone, others' caller audio gone), then the turn's messages with their positions."""
+    history = []
+    for message in session.history:
+        if message.id in plan.drop.messages:
+            continue
+        if message.id in plan.drop.audio:
+            message = message.model_copy(update={"audio_bytes": 0, "audio_id": None, "positions": None})
+        history.append(message)
+    user = plan.user
+    history += [HistoryMessage(id=user.id, role="user", text=user.text, audio_bytes=len(user.audio),
+                               audio_id=user.audio_id, positions=plan.user_positions),
+                HistoryMessage(id=user.id + "r", role="assistant", text=reply)]
+    return session.model_copy(update={"history": history, "version": session.version + 1})
+
+
+def prompt_ids(processor, session: Session, user: UserTurn) -> list[int]:
+    """The next turn's prompt, every caller audio held by id, expanded as vLLM sees it."""
+    prompt = ReasonerPrompt("t", session.id, session.system_prompt, session.history, user, REPLY_TOKENS)
+    conversation = Conversation(session.system_prompt, [
+        *(m for m in (history_message(m, held=True) for m in session.history) if m is not None),
+        Message("user", audio_samples=len(user.audio) // 2, audio_id=user.audio_id)])
+    assert prompt.user is user
+    return processor.layout(conversation).expanded_ids(processor.special_ids.audio)
+
+
+def test_a_turn_that_fits_counts_what_it_adds_to_the_last_prompt(processor):
+    session, _ = session_of(3)
+    first = policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
+    after = committed(session, first, "Reply number 3, of course.")
+    second = policy(processor).plan(after, UserTurn("next", utterance(2.0, 10)))
+    assert second.new_positions == second.positions - first.positions  # the reply and the new message
+    assert not second.drop and second.next_history is None
+    empty = session.model_copy(update={"history": []})
+    assert policy(processor).plan(empty, UserTurn("new", utterance(2.0, 9))).new_positions is None
+
+
+@pytest.mark.parametrize("truncation", ["auto", RetentionRatio(retention_ratio=1.0)])
+def test_the_commit_drops_ahead_and_the_next_prompt_starts_with_the_warmed_one(processor, truncation):
+    """Where the next turn would not fit, the turn still reads its whole history, its commit drops the oldest,
+    and the next turn (an utterance like this one) fits without truncating: its prompt extends, token for token,
+    the prompt the Reasoner warmed (`next_conversation`), so the prefix cache serves all of that."""
+    context, turns = 1000, 1
+    while True:  # the longest history this turn still reads whole, with no room for a turn like it after
+        session, _ = session_of(turns, truncation)
+        plan = policy(processor, context).plan(session, UserTurn("new", utterance(2.0, 9)))
+        if plan.next_history is not None:
+            break
+        turns += 1
+    assert [m.id for m in plan.history] == [m.id for m in session.history] and plan.new_positions is not None
+    assert plan.drop and {m.id for m in plan.next_history} == {m.id for m in session.history} - set(plan.drop.messages)
+    prompt = ReasonerPrompt("t", session.id, session.system_prompt, plan.history, plan.user, REPLY_TOKENS,
+                            plan.next_history)
+    warmed = processor.layout(next_conversation(prompt)).expanded_ids(processor.special_ids.audio)
+    after = committed(session, plan, "Reply number 99, of course.")
+    following = policy(processor, context).plan(after, UserTurn("next", utterance(2.0, 10)))
+    # Read whole, no truncation at its start (it may drop ahead in turn: at a retention ratio of 1 every turn does).
+    assert [m.id for m in following.history] == [m.id for m in after.history] and following.new_positions is not None
+    ids = prompt_ids(processor, after, following.user)
+    assert len(ids) == following.positions and ids[: len(warmed)] == warmed
+    assert following.positions - len(warmed) == following.new_positions  # the rest: the reply and the new message
+
+
+def test_disabled_never_drops_ahead(processor):
+    turns = 1
+    while True:
+        session, _ = session_of(turns, "disabled")
+        try:
+            plan = policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
+        except ContextFull:
+            break
+        assert not plan.drop and plan.next_history is None
+        turns += 1
+    assert turns > 3

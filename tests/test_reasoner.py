@@ -283,5 +283,36 @@ async def test_vllm_reads_held_audio_by_id_and_prefills_only_what_is_new(vllm_re
     assert vllm_reasoner.num_unfinished_requests() == 0
 
 
+@pytest.mark.vllm
+async def test_vllm_warms_a_later_prompt_that_its_turn_then_finds_cached(vllm_reasoner, hf_reasoner):
+    """A call whose commit dropped its oldest turn: the prompt the next turn starts with (no longer a prefix of any
+    earlier one) is warmed in the background, and that turn's prefill is only what follows it."""
+    first_audio, second_audio, third_audio = (speech_like(16000, s, seed=n) for n, s in ((11, 4.0), (12, 3.0), (13, 2.0)))
+    first = Message("user", audio=first_audio, sample_rate=16000, audio_id="aud_warm_first")
+    second = Message("user", audio=second_audio, sample_rate=16000, audio_id="aud_warm_second")
+    reply = Message("assistant", text="Of course. Could you tell me your name?")
+    await collect(vllm_reasoner, Conversation(SYSTEM, [first, reply, second]))
+    held = Message("user", audio_samples=second_audio.size, audio_id="aud_warm_second")
+    warmed = Conversation(SYSTEM, [held])  # the first turn dropped: the history the next turn reads
+    before = vllm_reasoner.prefix_cache_stats()
+    vllm_reasoner.warm(Conversation(SYSTEM, [Message("user", audio_samples=16000, audio_id="aud_never_sent")]))
+    vllm_reasoner.warm(warmed)
+    for _ in range(600):
+        if vllm_reasoner.prefix_cache_stats()["warmed_prompts"] > before["warmed_prompts"]:
+            break
+        await asyncio.sleep(0.05)
+    after = vllm_reasoner.prefix_cache_stats()
+    assert after["warmed_prompts"] == before["warmed_prompts"] + 1  # the prompt with audio never sent: skipped
+    assert after["prompt_tokens"] == before["prompt_tokens"]  # a warm-up is no turn: the hit rate leaves it out
+    third = Message("user", audio=third_audio, sample_rate=16000, audio_id="aud_warm_third")
+    next_turn = Conversation(SYSTEM, [held, Message("assistant", text="Yes."), third])
+    stats = []
+    got = await collect_with(vllm_reasoner, next_turn, stats)
+    second_given = Conversation(SYSTEM, [second, Message("assistant", text="Yes."), third])
+    assert_pairs_equal(got, await collect(hf_reasoner, second_given), "the turn after a warm-up")
+    assert stats[0].cached_tokens >= hf_reasoner.processor.layout(warmed).length // 32 * 32 > 0
+    assert vllm_reasoner.num_unfinished_requests() == 0
+
+
 async def collect_with(reasoner, conversation, stats: list):
     return [pair async for pair in reasoner.stream(conversation, MAX_TOKENS, stats.append)]

@@ -78,6 +78,8 @@ class TurnDoneEvent(BaseModel):
     timings: dict[str, float]
     prompt_tokens: int | None = Field(None, description="the Reasoner's prompt positions")
     cached_tokens: int | None = Field(None, description="of them, served by its prefix cache (not computed again)")
+    new_tokens: int | None = Field(None, description="what the prompt adds to the last turn's: its reply and the new "
+                                   "message, template tokens included (null: the first turn, or one truncated now)")
     shipped_bytes: dict[str, int] = Field(default_factory=dict, description="the turn's request, as each stage got it")
     dropped: list[str] = Field(default_factory=list, description="history item ids this turn's truncation removed, or took the caller audio of")
 

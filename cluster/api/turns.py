@@ -114,8 +114,8 @@ def _sse(event: str, data: dict) -> bytes:
 
 
 class LiveTurn:
-    """One admitted turn from its first reply event to the commit, with its metrics; it releases its ticket when
-    it ends, however it ends."""
+    """One admitted turn from its first reply event to the commit, with its metrics; it releases its ticket once
+    committed, before its `done` event, and in any case when it ends, however it ends."""
 
     def __init__(
         self, services: Services, tenant: str, session: Session, plan: TurnPlan, received: float,
@@ -223,6 +223,9 @@ class LiveTurn:
             yield tail
         saved = self.committed or await self.commit(event.text)  # Conflict: another turn committed first
         done = self._done(event, saved, audio_samples, first_audio_ms)
+        # The reply is made and committed: its place goes back before the caller hears it is done, so the caller's
+        # next turn never finds its own last one still holding a place.
+        await self.ticket.release()
         if writer.sse:
             yield writer.event("done", done.model_dump())
 
@@ -243,7 +246,7 @@ class LiveTurn:
             session_version=saved.version, timings=event.timings,
             prompt_tokens=None if event.prompt is None else event.prompt.prompt_tokens,
             cached_tokens=None if event.prompt is None else event.prompt.cached_tokens,
-            shipped_bytes=event.shipped, dropped=self.plan.drop.messages + self.plan.drop.audio,
+            new_tokens=self.plan.new_positions, shipped_bytes=event.shipped, dropped=self.plan.drop.messages + self.plan.drop.audio,
         )
 
     async def close(self) -> None:

@@ -79,6 +79,8 @@ class TurnPlan:
     drop: HistoryDrop = field(default_factory=HistoryDrop)
     positions: int = 0
     user_positions: int = 0
+    new_positions: int | None = None  # what the prompt adds to the last turn's (None: none before, or truncated now)
+    next_history: list[HistoryMessage] | None = None  # the history after `drop` where it drops ahead (see plan)
 
 
 class HistoryPolicy:
@@ -97,10 +99,13 @@ class HistoryPolicy:
         if message.audio_bytes:
             return self.processor.message_positions(Message(
                 "user", text=message.text, audio_samples=message.audio_samples, audio_id=message.audio_id or message.id))
-        return self.processor.message_positions(Message(message.role, text=message.text)) if message.text else 0
+        return self.text_positions(message.role, message.text)
 
     def text_positions(self, role: str, text: str | None) -> int:
-        return self.processor.message_positions(Message(role, text=text)) if text else 0
+        """A text message's positions: a reply's even with no words (see turn.history_message), a caller's none."""
+        if not text and role != "assistant":
+            return 0
+        return self.processor.message_positions(Message(role, text=text or ""))
 
     def user_positions(self, user: UserTurn) -> int:
         if user.audio is None:
@@ -124,20 +129,43 @@ class HistoryPolicy:
             limit = min(room, session.truncation.token_limits.post_instructions or room)
         history = [m.model_copy() for m in session.history]
         costs = [self.positions(m) for m in history]
-        total = mine + sum(costs)
         audios = sum(1 for m in history if m.audio_bytes) + (user.audio is not None)
-        too_many = self.max_audios is not None and audios > self.max_audios
-        plan = TurnPlan(user, history, positions=system + total, user_positions=mine - len(self.processor.generation_ids))
-        if total <= limit and not too_many:
-            return plan
+        plan = TurnPlan(user, history, positions=system + mine + sum(costs),
+                        user_positions=mine - len(self.processor.generation_ids))
+        fits = mine + sum(costs) <= limit and not self._too_many(audios)
+        if not fits and session.truncation == "disabled":
+            raise ContextFull(self._full(session, plan.positions, audios, self._too_many(audios)))
         if session.truncation == "disabled":
-            raise ContextFull(self._full(session, system + total, audios, too_many))
+            return plan
         ratio = session.truncation.retention_ratio if isinstance(session.truncation, RetentionRatio) \
             else self.settings.auto_retention_ratio
-        target = int(ratio * limit) if total > limit else limit
+        if not fits:  # to the ratio where it is too long, to the limit where it holds too many utterances
+            target = int(ratio * limit) if mine + sum(costs) > limit else limit
+            plan.history, costs, audios = self._drop_oldest(plan.history, costs, mine, audios, target, 0, plan.drop)
+        elif history:  # the last prompt's generation prompt is the start of its reply
+            plan.new_positions = plan.user_positions + sum(
+                cost for reply, cost in zip(_trailing_replies(history), reversed(costs)) if reply)
+        plan.positions = system + mine + sum(costs)
+        # Ahead: where the next turn (an utterance like this one, after a reply of up to reply_tokens) would not
+        # fit, the commit drops now what that turn would, and the Reasoner prefills the shorter prompt while the
+        # reply plays: the next turn finds it in the prefix cache rather than prefilling its truncated history.
+        if mine + sum(costs) + self.reply_tokens + mine > limit or self._too_many(audios + 1):
+            target = min(int(ratio * limit), limit - self.reply_tokens - mine)
+            plan.next_history, _, _ = self._drop_oldest(plan.history, costs, mine, audios, target, 1, plan.drop)
+        return plan
+
+    def _too_many(self, audios: int) -> bool:
+        return self.max_audios is not None and audios > self.max_audios
+
+    def _drop_oldest(self, history: list[HistoryMessage], costs: list[int], mine: int, audios: int, target: int,
+                     spare_audios: int, drop: HistoryDrop) -> tuple[list[HistoryMessage], list[int], int]:
+        """`history` (copies, with `costs`) without its oldest until it takes at most `target` with the new message
+        (`mine`) and holds `spare_audios` fewer caller utterances than the bound; what goes is added to `drop`."""
+        history, costs = [m.model_copy() for m in history], list(costs)
+        total = mine + sum(costs)
 
         def over() -> bool:
-            return total > target or (self.max_audios is not None and audios > self.max_audios)
+            return total > target or self._too_many(audios + spare_audios)
 
         # The oldest caller audio goes first: a spoken message with words keeps them.
         for n, message in enumerate(history):
@@ -149,20 +177,19 @@ class HistoryPolicy:
                 kept = self.text_positions("user", message.text)
                 total -= costs[n] - kept
                 costs[n] = message.positions = kept
-                (plan.drop.audio if message.text else plan.drop.messages).append(message.id)
+                (drop.audio if message.text else drop.messages).append(message.id)
         # Then the oldest messages.
-        dropped = set(plan.drop.messages)
+        dropped = {m.id for m in history if m.id in drop.messages}
         for n, message in enumerate(history):
             if not over():
                 break
             if message.id not in dropped:
                 total -= costs[n]
-                plan.drop.messages.append(message.id)
+                drop.messages.append(message.id)
                 dropped.add(message.id)
-        plan.drop.audio = [i for i in plan.drop.audio if i not in dropped]
-        plan.history = [m for m in history if m.id not in dropped]
-        plan.positions = system + total
-        return plan
+        drop.audio = [i for i in drop.audio if i not in dropped]
+        kept = [n for n, m in enumerate(history) if m.id not in dropped]
+        return [history[n] for n in kept], [costs[n] for n in kept], audios
 
     def _full(self, session: Session, positions: int, audios: int, too_many: bool) -> str:
         fix = (f"delete earlier items (conversation.item.delete, or DELETE /v1/sessions/{session.id}/history/"
@@ -172,3 +199,12 @@ class HistoryPolicy:
                     f"({self.max_audios}), and this session's truncation is \"disabled\": {fix}")
         return (f"the conversation takes {positions} positions and the reply needs {self.reply_tokens}, more than "
                 f"the Reasoner's context of {self.context}, and this session's truncation is \"disabled\": {fix}")
+
+
+def _trailing_replies(history: list[HistoryMessage]) -> list[bool]:
+    """From the newest back: True for each reply after the last caller message (what the last turn added)."""
+    flags, replies = [], True
+    for message in reversed(history):
+        replies = replies and message.role == "assistant"
+        flags.append(replies)
+    return flags

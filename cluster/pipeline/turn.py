@@ -69,6 +69,7 @@ class ReasonerPrompt:
     history: list[HistoryMessage]
     user: UserTurn
     max_tokens: int
+    next_history: list[HistoryMessage] | None = None  # the plan's: what the next turn reads, where it drops ahead
 
 
 @dataclass
@@ -93,7 +94,7 @@ class SpeechRequest:
 def build_turn_request(turn_id: str, voice: Voice, session: Session, plan: TurnPlan, settings: TurnSettings) -> SpeechRequest:
     """The request of a turn planned by `HistoryPolicy.plan`."""
     prompt = ReasonerPrompt(session.tenant, session.id, session.system_prompt, plan.history, plan.user,
-                            settings.reply_tokens())
+                            settings.reply_tokens(), plan.next_history)
     return SpeechRequest(turn_id, voice_prompt(voice), session.sampling, settings.max_frames,
                          ReasonerCall(session.id, prompt))
 
@@ -106,15 +107,28 @@ class AudioSource(Protocol):
 
 def history_message(message: HistoryMessage, audio: bytes | None = None, held: bool = False) -> Message | None:
     """A history message as the Reasoner reads it: its caller audio given (`audio`, 16 kHz PCM16) or held by the
-    Reasoner under its digest; None for a message that leaves nothing to read (a reply with no words)."""
-    if message.role == "assistant" or not message.audio_bytes:
-        return Message(message.role, text=message.text) if message.text else None
+    Reasoner under its digest; None for a caller message that leaves nothing to read. A reply with no words stays,
+    empty, as the thinker ended it: the next prompt then extends the last one, which the prefix cache serves."""
+    if message.role == "assistant":
+        return Message("assistant", text=message.text or "")
+    if not message.audio_bytes:
+        return Message("user", text=message.text) if message.text else None
     if audio is not None:
         return Message("user", text=message.text, audio=pcm16_wave(audio), sample_rate=REASONER_RATE,
                        audio_id=message.audio_id)
     if not held:
         raise InternalError(f"the caller audio of history message {message.id} was neither given nor held")
     return Message("user", text=message.text, audio_samples=message.audio_samples, audio_id=message.audio_id)
+
+
+def next_conversation(prompt: ReasonerPrompt) -> Conversation:
+    """What the next turn's prompt starts with where the plan drops ahead: the history it will read, this turn's
+    message and the generation prompt (the start of this turn's reply), every caller audio by id."""
+    user = prompt.user
+    message = Message("user", text=user.text) if user.audio is None else Message(
+        "user", text=user.text, audio_samples=len(user.audio) // 2, audio_id=user.audio_id)
+    messages = [history_message(m, held=True) for m in prompt.next_history or []]
+    return Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), message])
 
 
 def build_conversation(session: Session, history_audio: list[bytes | None], user: Message) -> Conversation:
@@ -129,8 +143,17 @@ async def reasoner_pairs(
     on_prompt: Callable[[PromptStats], None] | None = None,
 ) -> AsyncIterator[ReasonerPair]:
     """The Reasoner stage: the prompt's pairs. History audio the Reasoner holds (by digest) goes by id; the rest is
-    read from `audio`, and read again only if the engine let go of what it held (AudioNotHeld)."""
+    read from `audio`, and read again only if the engine let go of what it held (AudioNotHeld). Once the reply's
+    text is complete, a plan that drops ahead has the Reasoner warm the next turn's prompt (`Reasoner.warm`)."""
     given: dict[str, bytes] = {}
+    im_end, warmed = reasoner.processor.special_ids.im_end, False
+
+    def warm() -> None:
+        nonlocal warmed
+        if prompt.next_history is not None and not warmed:
+            warmed = True
+            reasoner.warm(next_conversation(prompt))
+
     let_go: set[str] = set()
 
     def held(message: HistoryMessage) -> bool:
@@ -147,7 +170,10 @@ async def reasoner_pairs(
         conversation = Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), prompt.user.message()])
         try:
             async for pair in reasoner.stream(conversation, prompt.max_tokens, on_prompt):
+                if pair[0] == im_end:
+                    warm()  # before the pair: its consumer may close the stream on it
                 yield pair
+            warm()  # the reply ran to its token budget
             return
         except AudioNotHeld as error:  # raised before any pair: nothing was streamed yet
             let_go.update(error.ids)

@@ -63,7 +63,8 @@ def _mono_float(audio: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass
 class Message:
-    """One side's turn in the conversation: user messages carry audio and/or text, assistant messages text.
+    """One side's turn in the conversation: user messages carry audio and/or text, assistant messages text (empty for
+    a reply that said nothing: the thinker ended it at once, and the prompt shows that as it happened).
 
     `audio_id` names the audio's content (stored caller audio: a digest of its PCM16 samples): an engine may keep
     what it computed from it under that id. A user message may then leave `audio` out and give `audio_samples`
@@ -83,8 +84,8 @@ class Message:
             if self.role != "user" or not self.audio_id or self.audio_samples < 1:
                 raise InvalidInput("audio held by id needs a user turn, its audio_id and a positive audio_samples")
             return
-        if not self.text and self.audio is None:
-            raise InvalidInput(f"{self.role} turn has neither text nor audio")
+        if not self.text and self.audio is None and self.role == "user":
+            raise InvalidInput("user turn has neither text nor audio")
         if self.audio is None:
             return
         if self.role != "user":

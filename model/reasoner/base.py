@@ -82,6 +82,11 @@ class Reasoner(Protocol):
         """Whether a conversation may give this audio by id alone."""
         ...
 
+    def warm(self, conversation: Conversation) -> None:
+        """Start computing `conversation`'s prompt (its audio held by id) into a prefix cache, in the background, for
+        a later request that starts with it; best effort, and a no-op for an engine without one."""
+        ...
+
     def num_unfinished_requests(self) -> int:
         """Streams the engine still holds (a cancelled one must leave at once)."""
         ...

@@ -148,6 +148,9 @@ class HFReasoner:
     def holds_audio(self, audio_id: str) -> bool:
         return False  # the reference: it encodes every audio of every conversation afresh
 
+    def warm(self, conversation: Conversation) -> None:
+        """No prefix cache across requests: nothing to warm."""
+
     async def stream(
         self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
     ) -> AsyncIterator[ReasonerPair]:

@@ -26,6 +26,10 @@ How a request runs:
   Each request's prompt length and prefix-cache hits (vLLM's `num_cached_tokens`) go to `on_prompt` and into
   `prefix_cache_stats()`.
 - Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
+- `warm` computes a prompt a later turn will start with (one untagged token after it), in the background: where a
+  turn's commit truncates the history ahead (cluster/pipeline/history.py), the next turn finds that prompt in the
+  prefix cache instead of prefilling it while the caller waits; a turn that arrives while the warm-up of its start
+  still runs waits for it rather than computing the same prefix beside it.
 
 Start-up spawns vLLM's engine-core process and takes tens of seconds on CPU: construct a `VLLMReasoner` from code
 that runs under `if __name__ == "__main__":` (or in a server's start-up), never at import. Importing this module
@@ -35,6 +39,7 @@ imports neither vLLM nor torch's model code.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -62,6 +67,8 @@ from model.reasoner.base import (
 from model.reasoner.settings import VLLMSettings
 from model.reasoner.vllm.channel import CHANNEL_CONFIG_KEY, REQUEST_TAG_KEY, decode_rows, new_ipc_address
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [0.32, 0.33)
 
 
@@ -86,6 +93,13 @@ def vllm_prompt(layout: PromptLayout) -> dict:
         prompt["multi_modal_data"] = {"audio": list(layout.waves)}
         prompt["multi_modal_uuids"] = {"audio": list(layout.audio_ids)}
     return prompt
+
+
+def _message_keys(conversation: Conversation) -> tuple:
+    """What identifies a conversation's prompt, message by message (an audio by its id and length)."""
+    return (conversation.system_prompt, *(
+        (m.role, m.text or "", m.audio_id, m.audio_samples if m.audio is None else len(m.audio))
+        for m in conversation.messages))
 
 
 def _is_cache_miss(error: BaseException | None) -> bool:
@@ -176,7 +190,9 @@ class VLLMReasoner:
         self._pull.bind(self._address)
         self._mailboxes: dict[str, _Mailbox] = {}
         self._held: OrderedDict[str, None] = OrderedDict()  # audio ids sent to the engine, least recent first
-        self.prompt_tokens = self.cached_tokens = 0  # over every request: the prefix cache's hit rate
+        self.prompt_tokens = self.cached_tokens = 0  # over every turn's request: the prefix cache's hit rate
+        self.warmed = 0
+        self._warming: dict[asyncio.Task, tuple] = {}  # warm-ups running, by the messages they warm
         self._reader: asyncio.Task | None = None
         self._reader_error: BaseException | None = None
         self.rows_received = 0
@@ -254,10 +270,45 @@ class VLLMReasoner:
         return audio_id in self._held
 
     def prefix_cache_stats(self) -> dict:
-        """Prompt positions of every request so far, those vLLM's prefix cache served, and the ratio."""
+        """Prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
+        warmed for a later turn (`warm`; not counted in the others)."""
         rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "prefix_cache_hit_rate": None if rate is None else round(rate, 4)}
+                "prefix_cache_hit_rate": None if rate is None else round(rate, 4), "warmed_prompts": self.warmed}
+
+    def warm(self, conversation: Conversation) -> None:
+        task = asyncio.get_running_loop().create_task(self._warm(conversation), name="chroma-warm")
+        self._warming[task] = _message_keys(conversation)
+        task.add_done_callback(lambda done: self._warming.pop(done, None))
+
+    async def _warmed(self, conversation: Conversation) -> None:
+        """Wait for the warm-ups still running of a prompt `conversation` starts with: computing it again beside
+        them would only race them (their waits are not cancelled with this request)."""
+        keys = _message_keys(conversation)
+        if pending := [task for task, warm in self._warming.items() if keys[: len(warm)] == warm]:
+            await asyncio.wait(pending)
+
+    async def _warm(self, conversation: Conversation) -> None:
+        """One token generated after the prompt, so that vLLM computes it and caches its full blocks; a prompt with
+        audio this engine no longer holds, or one that fails, is left for the turn itself to prefill."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if any(audio_id not in self._held for audio_id in held_audio_ids(conversation)):
+            return
+        layout = await asyncio.get_running_loop().run_in_executor(None, self.processor.layout, conversation)
+        if layout.length >= self.context:
+            return
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        try:
+            async for _ in self.engine.generate(vllm_prompt(layout), params, f"reasoner-warm-{uuid.uuid4().hex}"):
+                pass
+            self.warmed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - best effort: the next turn prefills what this did not
+            log.warning("warming a prompt of %d positions failed: %r", layout.length, error)
 
     async def stream(
         self, conversation: Conversation, max_tokens: int, on_prompt: Callable[[PromptStats], None] | None = None
@@ -273,6 +324,7 @@ class VLLMReasoner:
         self._check_audio_lengths(conversation)
         loop = asyncio.get_running_loop()
         layout = await loop.run_in_executor(None, self.processor.layout, conversation)
+        await self._warmed(conversation)
         prompt_len = layout.length
         check_fits(prompt_len, self.context)
         budget = token_budget(max_tokens, prompt_len, self.context)
@@ -346,6 +398,8 @@ class VLLMReasoner:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
+        for task in list(self._warming):
+            task.cancel()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
