@@ -106,7 +106,7 @@ async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str,
     # prompt the tiny RANDOM-WEIGHT thinker says something in most replies, so a call outgrows its 4096 positions
     # in about ten turns, as in issue 17 (with "You are the front desk of a pharmacy." it says nothing after turn 1).
     session = await api.create_session(voice_id, system_prompt=f"Be brief. (call {number})")
-    call, started, previous = Call(), time.monotonic(), None
+    call, started = Call(), time.monotonic()
     for n in range(1, turns + 1):
         refusals = 0
         while True:
@@ -127,8 +127,7 @@ async def one_call(api: ChromaClient, store: redis.asyncio.Redis, voice_id: str,
             continue
         call.caller_seconds += audio.size / 16000
         truncated = bool(done["dropped"])
-        new = None if previous is None else done["new_tokens"]
-        previous = done["prompt_tokens"]
+        new = done["new_tokens"]
         call.turns.append(Turn(n, done["ttfa_ms"], done["prompt_tokens"], done["cached_tokens"], new, truncated,
                                done["shipped_bytes"], await redis_bytes(store, session["id"]),
                                time.monotonic() - started, done["audio_seconds"], refusals))

@@ -13,7 +13,7 @@ from cluster.pipeline.turn import ReasonerPrompt, build_conversation, history_me
 from cluster.state.history import RetentionRatio, TokenLimits
 from cluster.state.store import HistoryMessage, Session, audio_digest
 from model.processing.audio import pcm16_bytes
-from model.processing.processor import ChromaProcessor, Conversation, Message
+from model.processing.processor import ChromaProcessor, Conversation
 from tests.conftest import speech_like
 
 REPLY_TOKENS = 64
@@ -141,11 +141,9 @@ def committed(session: Session, plan, reply: str) -> Session:
 
 def prompt_ids(processor, session: Session, user: UserTurn) -> list[int]:
     """The next turn's prompt, every caller audio held by id, expanded as vLLM sees it."""
-    prompt = ReasonerPrompt("t", session.id, session.system_prompt, session.history, user, REPLY_TOKENS)
     conversation = Conversation(session.system_prompt, [
         *(m for m in (history_message(m, held=True) for m in session.history) if m is not None),
-        Message("user", audio_samples=len(user.audio) // 2, audio_id=user.audio_id)])
-    assert prompt.user is user
+        user.message(held=True)])
     return processor.layout(conversation).expanded_ids(processor.special_ids.audio)
 
 

@@ -62,9 +62,12 @@ class UserTurn:
     def audio_id(self) -> str | None:
         return None if self.audio is None else audio_digest(self.audio)
 
-    def message(self) -> Message:
+    def message(self, held: bool = False) -> Message:
+        """`held`: the audio goes by id only (the Reasoner already has it)."""
         if self.audio is None:
             return Message("user", text=self.text)
+        if held:
+            return Message("user", text=self.text, audio_samples=len(self.audio) // 2, audio_id=self.audio_id)
         return Message("user", text=self.text, audio=pcm16_wave(self.audio), sample_rate=REASONER_RATE,
                        audio_id=self.audio_id)
 
@@ -130,9 +133,9 @@ class HistoryPolicy:
         history = [m.model_copy() for m in session.history]
         costs = [self.positions(m) for m in history]
         audios = sum(1 for m in history if m.audio_bytes) + (user.audio is not None)
-        plan = TurnPlan(user, history, positions=system + mine + sum(costs),
-                        user_positions=mine - len(self.processor.generation_ids))
-        fits = mine + sum(costs) <= limit and not self._too_many(audios)
+        used = mine + sum(costs)  # what the prompt takes after the system prompt
+        plan = TurnPlan(user, history, positions=system + used, user_positions=mine - len(self.processor.generation_ids))
+        fits = used <= limit and not self._too_many(audios)
         if not fits and session.truncation == "disabled":
             raise ContextFull(self._full(session, plan.positions, audios, self._too_many(audios)))
         if session.truncation == "disabled":
@@ -140,16 +143,17 @@ class HistoryPolicy:
         ratio = session.truncation.retention_ratio if isinstance(session.truncation, RetentionRatio) \
             else self.settings.auto_retention_ratio
         if not fits:  # to the ratio where it is too long, to the limit where it holds too many utterances
-            target = int(ratio * limit) if mine + sum(costs) > limit else limit
+            target = int(ratio * limit) if used > limit else limit
             plan.history, costs, audios = self._drop_oldest(plan.history, costs, mine, audios, target, 0, plan.drop)
+            used = mine + sum(costs)
         elif history:  # the last prompt's generation prompt is the start of its reply
             plan.new_positions = plan.user_positions + sum(
                 cost for reply, cost in zip(_trailing_replies(history), reversed(costs)) if reply)
-        plan.positions = system + mine + sum(costs)
+        plan.positions = system + used
         # Ahead: where the next turn (an utterance like this one, after a reply of up to reply_tokens) would not
         # fit, the commit drops now what that turn would, and the Reasoner prefills the shorter prompt while the
         # reply plays: the next turn finds it in the prefix cache rather than prefilling its truncated history.
-        if mine + sum(costs) + self.reply_tokens + mine > limit or self._too_many(audios + 1):
+        if used + self.reply_tokens + mine > limit or self._too_many(audios + 1):
             target = min(int(ratio * limit), limit - self.reply_tokens - mine)
             plan.next_history, _, _ = self._drop_oldest(plan.history, costs, mine, audios, target, 1, plan.drop)
         return plan

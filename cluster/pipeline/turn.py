@@ -124,11 +124,8 @@ def history_message(message: HistoryMessage, audio: bytes | None = None, held: b
 def next_conversation(prompt: ReasonerPrompt) -> Conversation:
     """What the next turn's prompt starts with where the plan drops ahead: the history it will read, this turn's
     message and the generation prompt (the start of this turn's reply), every caller audio by id."""
-    user = prompt.user
-    message = Message("user", text=user.text) if user.audio is None else Message(
-        "user", text=user.text, audio_samples=len(user.audio) // 2, audio_id=user.audio_id)
     messages = [history_message(m, held=True) for m in prompt.next_history or []]
-    return Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), message])
+    return Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), prompt.user.message(held=True)])
 
 
 def build_conversation(session: Session, history_audio: list[bytes | None], user: Message) -> Conversation:
