@@ -17,6 +17,7 @@ from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
 from model.engines.codec_loop import CodecLoop
+from model.engines.realtime import Headroom
 from model.processing.processor import VoicePromptInputs
 from model.reasoner.base import PromptStats
 
@@ -48,7 +49,7 @@ class CodecDeployment:
         """Serve's health check: the codec's worker thread still runs work."""
         await self.loop.check()
 
-    async def probe(self) -> int:
+    async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the replies this replica decodes at once in real time."""
         await self.check_health()
-        return self.loop.engine.realtime_streams()
+        return await self.loop.headroom()

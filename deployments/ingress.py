@@ -40,6 +40,7 @@ from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
 from deployments.streams import relay, result, this_replica
 from model.chroma.turn import VoicePrompt
+from model.engines.realtime import Headroom
 from model.processing.processor import ChromaProcessor, VoicePromptInputs
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ class RayTurnBackend:
         return [self._status(name, replicas.get(name, 0), answer) for name, answer in zip(names, probes[1:])]
 
     @staticmethod
-    def _status(name: str, replicas: int, answer: tuple[int | None, str]) -> StageStatus:
-        slots, problem = answer
+    def _status(name: str, replicas: int, answer: tuple[Headroom | None, str]) -> StageStatus:
+        headroom, problem = answer
         # A replica that answered is live even when the controller has not counted it yet.
-        return StageStatus.of(name, slots, max(replicas, 0 if problem else 1), problem)
+        return StageStatus.of(name, headroom or Headroom(None), max(replicas, 0 if problem else 1), problem)
 
-    async def _probe(self, name: str) -> tuple[int | None, str]:
-        """(slots per replica, problem): a replica's answer, or why there was none."""
+    async def _probe(self, name: str) -> tuple[Headroom | None, str]:
+        """(one replica's headroom, problem): a replica's answer, or why there was none."""
         response = self.stage_handles[name].probe.remote()
         try:
             return await asyncio.wait_for(result(response, name), self.probe_timeout_s), ""

@@ -18,6 +18,7 @@ from cluster.config import AppConfig
 from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
 from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch
+from model.engines.realtime import Headroom
 from model.reasoner.base import PromptStats
 from model.reasoner.settings import build_reasoner
 
@@ -51,7 +52,7 @@ class ReasonerDeployment:
         """Serve's health check: the engine (vLLM's processes) is alive; Serve restarts the replica when not."""
         await self.reasoner.check_health()
 
-    async def probe(self) -> int | None:
+    async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the conversations this replica serves at once."""
         await self.check_health()
-        return self.reasoner.max_streams
+        return Headroom(self.reasoner.max_streams)

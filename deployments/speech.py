@@ -19,6 +19,7 @@ from cluster.config import AppConfig
 from cluster.pipeline.turn import SpeechRequest, peel, speech_frames, surfaced
 from deployments.streams import CallerWatch, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
+from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
 from model.reasoner.base import PromptStats
 
@@ -48,10 +49,10 @@ class SpeechStackDeployment:
         """Serve's health check: the engine's state can be read (its lock is not held by a wedged step)."""
         await asyncio.to_thread(self.engine.stats)
 
-    async def probe(self) -> int:
+    async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the turns this replica holds at once in real time."""
         await self.check_health()
-        return self.engine.realtime_slots()
+        return self.engine.headroom()
 
 
 async def _as_tensors(pairs):

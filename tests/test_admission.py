@@ -15,6 +15,7 @@ from cluster.api.metrics import ApiMetrics
 from cluster.pipeline.turn import StageStatus
 from cluster.state.ledger import AdmissionLedger
 from cluster.state.tenants import TenantDirectory, TenantQuota
+from model.engines.realtime import Headroom
 from model.errors import CapacityError, StageUnavailable, TenantLimit
 from tests.conftest import free_port
 
@@ -28,8 +29,8 @@ class Stages:
         self.slots, self.replicas, self.reasoner_problem = slots, replicas, ""
 
     async def read(self) -> list[StageStatus]:
-        return [StageStatus.of("Reasoner", None, problem=self.reasoner_problem),
-                StageStatus.of("SpeechStack", self.slots, self.replicas)]
+        return [StageStatus.of("Reasoner", Headroom(None), problem=self.reasoner_problem),
+                StageStatus.of("SpeechStack", Headroom(self.slots), self.replicas)]
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory, TenantQuota
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech
+from model.engines.realtime import Headroom
 from model.engines.speech import CapacityError
 from model.errors import StageFailed
 from tests.conftest import free_port
@@ -383,7 +384,7 @@ class StubBackend:
         self._ready, self.busy = ready, busy
 
     async def stages(self):
-        return [pipeline.StageStatus.of("Stub", None, problem="" if self._ready else "stopped")]
+        return [pipeline.StageStatus.of("Stub", Headroom(None), problem="" if self._ready else "stopped")]
 
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)
@@ -419,8 +420,8 @@ async def test_health_ready_capacity(store, client):
 
 
 async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoint):
-    """Four slots, but no step of this machine fits the budget (a microsecond): once measured, one turn at a time,
-    and a second caller is refused at once rather than slowing the first one down."""
+    """Four slots, but no step of this machine fits the budget (a microsecond): measured at start, one turn at a
+    time, and a second caller is refused at once rather than slowing the first one down."""
     backend = LocalTurnBackend.from_config(AppConfig(
         checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
         speech={"max_slots": 4, "max_queue": 0, "max_step_rtf": 1e-6}, codec={"max_streams": 4, "max_step_rtf": None},
@@ -431,7 +432,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
             voice = await make_voice(client)
             sessions = [await make_session(client, voice["id"]) for _ in range(2)]
             speech = {s["name"]: s for s in (await client.get("/readyz")).json()["stages"]}["SpeechStack"]
-            assert speech["capacity"] == 1  # nothing measured yet: one turn, which measures it
+            assert speech["capacity"] == 1  # calibrated before any turn: no batch fits, and one turn always may
             body = encode_wav(caller_wave(), 16000)
             first = await client.post(f"/v1/sessions/{sessions[0]['id']}/turns", headers=ACME, content=body)
             assert parse_sse(first.text)[-1][0] == "done"
@@ -449,7 +450,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
                 assert 'chroma_admissions_total{kind="turn",outcome="queued"} 1.0' in metrics
             else:
                 assert codes == ["done", "over_capacity"]
-            assert set(backend.speech.stats()["step_ms_by_batch"]) == {1}  # never two turns in one step
+            assert set(backend.speech.stats()["steps_by_batch"]) == {1}  # never two turns in one step
     finally:
         await backend.close()
 

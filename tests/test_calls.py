@@ -27,6 +27,7 @@ from cluster.pipeline.history import HistoryPolicy, HistorySettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
+from model.engines.realtime import Headroom
 from model.errors import StageFailed
 from model.processing.audio import encode_wav
 from model.processing.processor import ChromaProcessor
@@ -42,7 +43,7 @@ class SilentBackend:
     history = HistoryPolicy(None, 4096, 64, None, HistorySettings())
 
     async def stages(self):
-        return [StageStatus.of("SpeechStack", 2)]
+        return [StageStatus.of("SpeechStack", Headroom(2))]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ class DyingBackend(SilentBackend):
         self.history = HistoryPolicy(processor, 4096, 64, None, HistorySettings())  # its reply is planned first
 
     async def stages(self):
-        return [StageStatus.of("Codec", 4) if not self.replies else StageStatus.of("Codec", None, 0, "no replica answers")]
+        return [StageStatus.of("Codec", Headroom(4)) if not self.replies else StageStatus.of("Codec", Headroom(None), 0, "no replica answers")]
 
     async def run_turn(self, *args):
         self.replies += 1

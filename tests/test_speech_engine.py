@@ -14,6 +14,7 @@ from model.testing.random_speech import random_speech, speech_config
 from model.reasoner.hf import ReasonerSession
 from model.processing.processor import Conversation, Message
 from model.chroma.sampling import SamplingParams
+from model.engines.realtime import CALIBRATION_RUNS
 from model.engines.speech import CapacityError, SpeechEngine, SpeechEngineSettings
 from tests.conftest import cuda_layout_sdpa, speech_like
 
@@ -376,7 +377,8 @@ async def test_buckets_that_cannot_be_captured_run_padded_eager(monkeypatch, cap
     assert stats["cuda_graphs"] == len(buckets) - len(failing)
     assert stats["eager_fallback_buckets"] == len(failing)
     assert stats["eager_fallback_steps"] > 0  # both turns stepped together, in a batch-2 bucket
-    assert sum(engine.decode_steps.bucket_steps.values()) == stats["steps"]
+    calibration = (1 + CALIBRATION_RUNS) * len(engine.decode_steps.batch_buckets)  # at width 3, the whole cache
+    assert sum(engine.decode_steps.bucket_steps.values()) == stats["steps"] + calibration
     assert len(caplog.records) == 1  # the steps themselves log nothing
 
 

@@ -38,6 +38,7 @@ from cluster.api.metrics import ApiMetrics
 from cluster.pipeline.turn import StageStatus
 from cluster.state.ledger import AdmissionLedger, Verdict
 from cluster.state.tenants import Kind, TenantDirectory
+from model.engines.realtime import Headroom
 from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable, TenantLimit
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class Admission:
         except Exception:
             log.exception("reading the stages' status failed")
             names = list(self._stages or {}) or ["backend"]
-            statuses = [StageStatus.of(name, None, 0, "status unknown") for name in names]
+            statuses = [StageStatus.of(name, Headroom(None), 0, "status unknown") for name in names]
         stages = {}
         for status in statuses:
             failed_at = self._failed_at.get(status.name)

@@ -34,7 +34,7 @@ async def readyz(request: Request, services: ServicesDep) -> Response | Ready:
         return error_response(request, 503, "not_ready", "; ".join(problems), retryable=True)
     return Ready(
         status="ready", capacity=services.admission.capacity(),
-        stages=[StageReport(name=s.name, replicas=s.replicas, capacity=s.capacity) for s in stages],
+        stages=[StageReport(name=s.name, replicas=s.replicas, capacity=s.capacity, step_ms_by_batch=s.step_ms) for s in stages],
     )
 
 

@@ -92,6 +92,10 @@ class StageReport(BaseModel):
     name: str
     replicas: int = Field(description="live replicas")
     capacity: int | None = Field(description="turns and calls it holds at once across them (null: no bound)")
+    step_ms_by_batch: dict[int, float] = Field(
+        default_factory=dict, description="one replica's expected ms per batched step, by batch size: calibrated at "
+        "start, learned from its steps since (the curve its capacity is read from)",
+    )
 
 
 class Ready(BaseModel):

@@ -16,6 +16,7 @@ from cluster.pipeline.history import HistoryPolicy, HistorySettings, TurnPlan
 from cluster.pipeline.turn import (
     AudioSource,
     ReplyEvent,
+    STAGES,
     StageStatus,
     TurnSettings,
     build_turn_request,
@@ -30,6 +31,7 @@ from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
 from model.engines.codec_loop import CodecLoop
+from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
 from model.processing.processor import VoicePromptInputs
 from model.reasoner.base import PromptStats, Reasoner
@@ -66,11 +68,12 @@ class LocalTurnBackend:
         return cls(reasoner, speech, codec, config.turns, config.history, state)
 
     async def stages(self) -> list[StageStatus]:
-        problem = "closed" if self._closed else ""
+        if self._closed:
+            return [StageStatus.of(name, Headroom(None), problem="closed") for name in STAGES]
         return [
-            StageStatus.of("Reasoner", self.reasoner.max_streams, problem=problem),
-            StageStatus.of("SpeechStack", self.speech.realtime_slots(), problem=problem),
-            StageStatus.of("Codec", self.codec.engine.realtime_streams(), problem=problem),
+            StageStatus.of("Reasoner", Headroom(self.reasoner.max_streams)),
+            StageStatus.of("SpeechStack", self.speech.headroom()),
+            StageStatus.of("Codec", await self.codec.headroom()),
         ]
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:

@@ -40,6 +40,7 @@ from model.chroma.turn import (
     VoicePrompt,
     reasoner_tokens_for,
 )
+from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
 from model.errors import InternalError
 from model.processing.audio import REASONER_RATE, pcm16_wave
@@ -320,18 +321,20 @@ class StageStatus:
     capacity: int | None = None
     replicas: int = 1
     problem: str = ""  # why it is not ready, in words fit for a client (no internals)
+    step_ms: dict[int, float] = field(default_factory=dict)  # one replica's measured curve (Headroom.step_ms)
 
     @classmethod
-    def of(cls, name: str, slots: int | None, replicas: int = 1, problem: str = "") -> StageStatus:
-        """`replicas` live replicas of `slots` each; not ready when there is a problem or no replica."""
+    def of(cls, name: str, headroom: Headroom, replicas: int = 1, problem: str = "") -> StageStatus:
+        """`replicas` live replicas with `headroom` each; not ready when there is a problem or no replica."""
         problem = problem or ("" if replicas else "no live replica")
         if problem:
             return cls(name, False, 0, replicas, problem)
-        return cls(name, True, None if slots is None else slots * replicas, replicas)
+        turns = None if headroom.turns is None else headroom.turns * replicas
+        return cls(name, True, turns, replicas, step_ms=headroom.step_ms)
 
     def down(self, problem: str) -> StageStatus:
         """This stage taken as not ready, for `problem`."""
-        return StageStatus.of(self.name, None, self.replicas, problem)
+        return StageStatus.of(self.name, Headroom(None), self.replicas, problem)
 
 
 STAGES = ("Reasoner", "SpeechStack", "Codec")  # every turn holds one place in each

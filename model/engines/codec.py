@@ -44,7 +44,7 @@ from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
 from model.chroma.turn import FRAME_SECONDS, VoicePrompt
 from model.engines.graphs import BucketedStep, CompileBackend, StepMode, bucket_for, power_of_two_buckets, resolve_step_mode
-from model.engines.realtime import StepRtf, StepTimes
+from model.engines.realtime import Headroom, StepRtf, StepTimes
 from model.errors import CapacityError
 
 DEFAULT_CHUNK_FRAMES = 2  # 160 ms of audio per streamed chunk
@@ -192,12 +192,45 @@ class CodecEngine:
         self._free.append(self._stream(turn_id).slot)
         del self._streams[turn_id]
 
+    def calibrate(self) -> None:
+        """The batched decode's time at every batch bucket, before any reply (model.engines.realtime); on the thread
+        that will step the engine. Nothing to measure without a real-time bound."""
+        if self.max_step_rtf is not None:
+            self.batch_step_times.calibrate(self.decode_padding, self.batch_buckets)
+
+    def reprobe(self) -> None:
+        """While fewer replies decode than the estimate allows, measure the bucket above it again now and then, so
+        an estimate that contention lowered recovers (model.engines.realtime)."""
+        if self.max_step_rtf is None:
+            return
+        batch = self.batch_step_times.probe_batch(len(self._streams), self._step_budget_s, self.max_streams,
+                                                  self.batch_buckets)
+        if batch is not None:
+            self.batch_step_times.measure(self.decode_padding, batch)
+
+    @torch.no_grad()
+    def decode_padding(self, count: int) -> None:
+        """One chunk's decode of `count` padding rows, every one on the scratch slot: what a decode of that many
+        replies costs, changing no reply's state."""
+        self._step_slots[:count] = self.max_streams
+        if self.decode_mode == "eager":
+            self._decode_rows(self._step_codes[:count], self._step_slots[:count]).cpu()
+        else:
+            self._decode_step((count,), self._step_codes[:count], self._step_slots[:count]).cpu()
+
+    @property
+    def _step_budget_s(self) -> float:
+        return self.max_step_rtf * self.chunk_frames * FRAME_SECONDS
+
     def realtime_streams(self) -> int:
         """Replies this engine decodes at once and keeps real-time: its streams, or fewer where its measured decodes
         say so (model.engines.realtime)."""
         if self.max_step_rtf is None:
             return self.max_streams
-        return self.batch_step_times.largest_batch(self.max_step_rtf * self.chunk_frames * FRAME_SECONDS, self.max_streams)
+        return self.batch_step_times.largest_batch(self._step_budget_s, self.max_streams)
+
+    def headroom(self) -> Headroom:
+        return Headroom(self.realtime_streams(), self.batch_step_times.snapshot_ms())
 
     def stats(self) -> dict:
         state = [*self._conv_state, self._kv, self._positions]
@@ -212,6 +245,7 @@ class CodecEngine:
             "decode_mode": self.decode_mode,
             **self._decode_step.stats(),
             "decode_ms_by_batch": self.batch_step_times.snapshot_ms(),
+            "calibration_s": self.batch_step_times.calibration_s,
             "realtime_streams": self.realtime_streams(),
         }
 

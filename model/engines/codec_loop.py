@@ -19,6 +19,7 @@ import torch
 
 from model.chroma.turn import GeneratedFrame, ReplyChunk, VoicePrompt
 from model.engines.codec import CodecEngine
+from model.engines.realtime import Headroom
 
 BATCH_WINDOW_S = 0.003  # against 160 ms of audio per chunk
 
@@ -31,6 +32,7 @@ class CodecLoop:
         self._replies: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
         self._frames_arrived = asyncio.Event()
+        self._worker.submit(engine.calibrate).result()  # before the replica reports ready, on the stepping thread
 
     async def _on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -66,6 +68,12 @@ class CodecLoop:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def headroom(self) -> Headroom:
+        """The replies this engine decodes at once in real time, re-probing its curve first where that is due: the
+        stages' readiness is read every fraction of a second, whether replies run or not."""
+        await self._on_worker(self.engine.reprobe)
+        return self.engine.headroom()
 
     async def check(self) -> None:
         """Returns once the worker thread has run a no-op (after the work queued before it); raises once closed.

@@ -95,6 +95,15 @@ class DecodeSteps:
         codes = frames.cpu().tolist()
         return {row.slot: codes[row.slot] for row in rows}
 
+    @torch.inference_mode()
+    def run_padding(self, count: int) -> None:
+        """A step of `count` padding rows at the widest shape (width 3, the whole cache read): what a step of that
+        many rows costs at most, changing no turn's state (padding rows write only the cache's scratch column and
+        keep their frame embeddings), so it may run between the live turns' steps. Calibration and re-probes."""
+        kv_len = self.cache.capacity
+        inputs = self._fill([], count, greedy_only=False)
+        self.step((count, WIDTHS[-1], kv_len), self.cache, self.frame_embedding, inputs, WIDTHS[-1], kv_len).cpu()
+
     def _fill(self, rows: list[RowInput], count: int, greedy_only: bool) -> DecodeInputs:
         """Write the rows' inputs to the first `count` static rows (the others are padding)."""
         table = [[0, 0, 0, 1, 0, 0] for _ in range(count)]  # padding rows: length 0

@@ -2,13 +2,34 @@
 
 An engine steps all its live turns together, so a step of B turns must finish within the audio it makes (one 80 ms
 frame for the SpeechEngine, one chunk for the codec), with room to spare for the other stages on the same hardware.
-`StepTimes` keeps the recent time of a step per batch size, as the engine measured it under whatever load and
-contention it really had, and answers how large a batch still fits that budget. Slot counts are only the upper
-bound: admission control reads this figure (the engines' `realtime_*` methods) as the stage's capacity.
+`StepTimes` is the engine's curve of step time against batch size, and answers how large a batch still fits that
+budget. Slot counts are only the upper bound: admission control reads this figure (the engines' `realtime_*`
+methods) as the stage's capacity.
+
+How the curve is learned:
+- **Calibration at start**: before its replica reports ready, an engine runs a padded step (padding rows only, so it
+  changes no turn's state) at every batch bucket, a few times each. No turn pays for it, and a replica that starts
+  (or that the autoscaler adds) knows its whole curve before its first turn.
+- **Real steps** keep adding samples at the batch sizes they run, with whatever contention they really meet. Each
+  batch size keeps its last few samples; its time is their median (one slow step is noise, not a trend).
+- **Ageing**: a sample older than `max_age_s` stops counting where its batch size has newer ones. A batch size whose
+  samples are all that old is dropped where a larger batch was measured since (the line through the newer points
+  covers it), and kept otherwise: it is still the best knowledge of the curve's top.
+- **Re-probing**: while the engine runs fewer turns than its estimate allows, the bucket just above the estimate is
+  measured again with a padded step every `reprobe_s` at most (`probe_batch`). An estimate lowered by a burst of
+  contention thus recovers once the burst is over, within about `max_age_s + reprobe_s`. A probe costs one padded
+  step of that bucket (the tiny model on this CPU: 7-28 ms, 1-16 rows) every `reprobe_s` (5 s) at most.
+- **Between measured batch sizes** the time is interpolated linearly on the curve made non-decreasing (a step of
+  more rows never costs less). Beyond the largest measured batch nothing is assumed: the estimate stops there, and
+  the probe measures the next bucket.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from pydantic import Field
@@ -20,43 +41,96 @@ StepRtf = Annotated[
           "audio a step makes (0.8: 80 ms of audio in at most 64 ms); null: its slots alone bound it"),
 ]
 
+@dataclass(frozen=True)
+class Headroom:
+    """What one replica of a stage holds at once in real time, and the measured curve behind the figure."""
+
+    turns: int | None  # None: the stage sets no bound
+    step_ms: dict[int, float] = field(default_factory=dict)  # expected ms of a step per batch size (StepTimes)
+
+
+CALIBRATION_RUNS = 3  # padded steps per bucket at start (the first of them also warms the bucket's shapes)
+
 
 class StepTimes:
-    """Exponentially weighted step seconds per batch size. Written by the engine's stepping thread and read from
-    the event loop: the one dict is replaced, never mutated in place, so a reader always sees a whole one."""
+    """Recent step seconds per batch size. Written by the engine's stepping thread and read from the event loop:
+    the one dict is replaced, never mutated in place, so a reader always sees a whole one."""
 
-    def __init__(self, weight: float = 0.2):
-        self.weight = weight
-        self._seconds: dict[int, float] = {}
+    def __init__(self, window: int = 8, max_age_s: float = 10.0, reprobe_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.window, self.max_age_s, self.reprobe_s, self.clock = window, max_age_s, reprobe_s, clock
+        self._samples: dict[int, tuple[tuple[float, float], ...]] = {}  # batch -> ((at, seconds), ...), oldest first
+        self.calibration_s: float | None = None  # how long the calibration at start took
 
     def record(self, batch: int, seconds: float) -> None:
-        seconds_by_batch = dict(self._seconds)
-        previous = seconds_by_batch.get(batch)
-        seconds_by_batch[batch] = seconds if previous is None else previous + self.weight * (seconds - previous)
-        self._seconds = seconds_by_batch
+        samples = dict(self._samples)
+        samples[batch] = (*samples.get(batch, ())[-(self.window - 1):], (self.clock(), seconds))
+        self._samples = samples
+
+    def calibrate(self, step: Callable[[int], None], buckets: list[int]) -> None:
+        """Measure `step(batch)` (a padded step of padding rows only) at every bucket, largest first."""
+        started = time.perf_counter()
+        for batch in reversed(buckets):
+            step(batch)  # a bucket's first run makes what its shapes need (allocations, cached tables)
+            for _ in range(CALIBRATION_RUNS):
+                self.measure(step, batch)
+        self.calibration_s = time.perf_counter() - started
+
+    def measure(self, step: Callable[[int], None], batch: int) -> None:
+        """Run `step(batch)` (a padded step) and record its time."""
+        began = time.perf_counter()
+        step(batch)
+        self.record(batch, time.perf_counter() - began)
+
+    def curve(self) -> list[tuple[int, float]]:
+        """(batch, expected seconds) at the batch sizes that count now, ascending and non-decreasing."""
+        now, samples = self.clock(), self._samples
+        knots, worst, newer_above = [], 0.0, float("-inf")
+        for batch in sorted(samples, reverse=True):
+            fresh = [s for at, s in samples[batch] if now - at <= self.max_age_s]
+            newest = samples[batch][-1][0]
+            if fresh or newest >= newer_above:  # else aged out: a larger batch measured since describes it
+                knots.append((batch, statistics.median(fresh or [s for _, s in samples[batch]])))
+            newer_above = max(newer_above, newest)
+        knots.reverse()
+        for n, (batch, seconds) in enumerate(knots):
+            worst = max(worst, seconds)
+            knots[n] = (batch, worst)
+        return knots
 
     def largest_batch(self, budget_s: float, max_batch: int) -> int:
         """The largest batch (1 to `max_batch`) whose step is expected within `budget_s`; 1 at least, so a replica
-        always serves one turn, and 1 before anything was measured (that turn measures it).
-
-        Up to the largest batch measured, a step takes at most what the next larger measured batch took (a step
-        costs more with more rows). Beyond it, the cost is taken to grow in proportion to the rows, the worst case,
-        until load shows better: capacity grows as larger batches are seen to keep up."""
-        measured = self._seconds
-        if not measured:
-            return 1
-        largest = max(measured)
+        always serves one turn, and 1 before anything was measured (that turn measures it)."""
+        knots = self.curve()
         fits = 0
         for batch in range(1, max_batch + 1):
-            if batch <= largest:
-                expected = min(s for b, s in measured.items() if b >= batch)
-            else:
-                expected = measured[largest] * batch / largest
-            if expected > budget_s:
+            expected = _interpolate(knots, batch)
+            if expected is None or expected > budget_s:
                 break
             fits = batch
         return max(fits, 1)
 
+    def probe_batch(self, live: int, budget_s: float, max_batch: int, buckets: list[int]) -> int | None:
+        """The bucket to measure now with a padded step, or None: with fewer than the estimated capacity live, the
+        smallest bucket above the estimate, once its newest sample is `reprobe_s` old."""
+        capacity = self.largest_batch(budget_s, max_batch)
+        above = [b for b in buckets if b > capacity]
+        if live >= capacity or not above:
+            return None
+        newest = self._samples.get(above[0], ((float("-inf"), 0.0),))[-1][0]
+        return above[0] if self.clock() - newest >= self.reprobe_s else None
+
     def snapshot_ms(self) -> dict[int, float]:
-        """Step ms per batch size, for stats."""
-        return {batch: round(1000 * s, 2) for batch, s in sorted(self._seconds.items())}
+        """Expected step ms at each batch size that counts now (the curve), for stats."""
+        return {batch: round(1000 * s, 2) for batch, s in self.curve()}
+
+
+def _interpolate(knots: list[tuple[int, float]], batch: int) -> float | None:
+    """Linear between the knots around `batch`; below the first, the first's time; beyond the last, unknown."""
+    if not knots or batch > knots[-1][0]:
+        return None
+    if batch <= knots[0][0]:
+        return knots[0][1]
+    for (b0, s0), (b1, s1) in zip(knots, knots[1:]):
+        if batch <= b1:
+            return s0 + (batch - b0) / (b1 - b0) * (s1 - s0)

@@ -18,7 +18,7 @@ import hashlib
 import heapq
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -41,7 +41,7 @@ from model.chroma.turn import (
 from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
 from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
-from model.engines.realtime import StepRtf, StepTimes
+from model.engines.realtime import Headroom, StepRtf, StepTimes
 from model.engines.voice_prefill import VoicePrefill, VoicePrefix
 from model.errors import CapacityError
 
@@ -128,6 +128,7 @@ class SpeechEngine:
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
         self.batch_step_times = StepTimes()
+        self.steps_by_batch: Counter[int] = Counter()  # the turns' own steps (not calibration or probes)
         self._lock = threading.Condition()
         self._in_flight: set[str] = set()
         self._slots_to_free: list[int] = []
@@ -140,6 +141,20 @@ class SpeechEngine:
         self.voice_prefill = VoicePrefill(
             speech, mode, min(self.settings.prefill_voices, self.settings.max_slots), self.settings.compile_backend
         )
+        if self.settings.max_step_rtf is not None:
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """The step's time at every batch bucket, before any turn (model.engines.realtime), on a thread with the
+        engine thread's intra-op threads so it measures what the engine thread will run."""
+        def measure() -> None:
+            if self.speech.device.type == "cpu" and self.settings.cpu_threads is not None:
+                use_intra_op_threads(self.settings.cpu_threads)
+            self.batch_step_times.calibrate(self.decode_steps.run_padding, self.decode_steps.batch_buckets)
+
+        thread = threading.Thread(target=measure, name="speech-calibration")
+        thread.start()
+        thread.join()
 
     # ---- public API (event loop thread) -----------------------------------------------------------------
     async def submit(
@@ -203,6 +218,8 @@ class SpeechEngine:
                 **self.decode_steps.step.stats(),
                 "voice_prefill": self.voice_prefill.stats(),
                 "step_ms_by_batch": self.batch_step_times.snapshot_ms(),
+                "steps_by_batch": dict(sorted(self.steps_by_batch.items())),
+                "calibration_s": self.batch_step_times.calibration_s,
                 "realtime_slots": self.realtime_slots(),
             }
 
@@ -211,6 +228,9 @@ class SpeechEngine:
         (model.engines.realtime)."""
         rtf, slots = self.settings.max_step_rtf, self.settings.max_slots
         return slots if rtf is None else self.batch_step_times.largest_batch(rtf * FRAME_SECONDS, slots)
+
+    def headroom(self) -> Headroom:
+        return Headroom(self.realtime_slots(), self.batch_step_times.snapshot_ms())
 
     def clear_voice_cache(self) -> None:
         with self._lock:
@@ -316,15 +336,15 @@ class SpeechEngine:
 
     def _step_until_stopped(self) -> None:
         while True:
+            self._reprobe()
             with self._lock:
                 self._compact_slots()
                 batch = self._collect_ready()
-                while not batch:
+                if not batch:
                     if self._stopping:
                         return
-                    self._lock.wait()
-                    self._compact_slots()
-                    batch = self._collect_ready()
+                    self._lock.wait(self.batch_step_times.reprobe_s)  # new work wakes it; so does a re-probe's time
+                    continue
                 # cancel() may end a turn while the step runs; its slot is freed only after the step.
                 self._in_flight = {row.turn.turn_id for row in batch}
             started = time.perf_counter()
@@ -350,8 +370,21 @@ class SpeechEngine:
                 self.step_times.append(elapsed)
                 if not new_voices:  # a voice prefill is once per voice, not the cost of batching
                     self.batch_step_times.record(len(batch), elapsed)
+                self.steps_by_batch[len(batch)] += 1
                 self.steps += 1
                 self._apply(batch, frames)
+
+    def _reprobe(self) -> None:
+        """Engine thread, between steps: while fewer turns are live than the estimate allows, measure the bucket
+        above it again now and then (model.engines.realtime), so an estimate that contention lowered recovers."""
+        rtf = self.settings.max_step_rtf
+        if rtf is None:
+            return
+        live = self.settings.max_slots - len(self.free_slots)
+        batch = self.batch_step_times.probe_batch(live, rtf * FRAME_SECONDS, self.settings.max_slots,
+                                                  self.decode_steps.batch_buckets)
+        if batch is not None:
+            self.batch_step_times.measure(self.decode_steps.run_padding, batch)
 
     def _compact_slots(self) -> None:
         """Under the lock, between steps: move the turn in the highest slot to the lowest free one while that is
