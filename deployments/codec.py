@@ -52,4 +52,4 @@ class CodecDeployment:
     async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the replies this replica decodes at once in real time."""
         await self.check_health()
-        return await self.loop.headroom()
+        return self.loop.headroom()

@@ -7,6 +7,9 @@ up after a few turns. Besides the connection it reports, per turn:
   V2V        end of the caller's speech -> first reply audio (ms, the turn detector's silence window included)
   BARGE_IN   the caller starts talking over the reply -> the reply stops (`response.done` cancelled)
   UNDERRUN   a reply whose audio ran dry while played in real time behind a 200 ms jitter buffer (a failure)
+  REFUSED    a call refused at its handshake (503/429; Twilio: closed 1013) or a reply refused in-band (no reply
+             place within the queue's budget): counted apart, and tried again after Retry-After with jitter
+             (loadtest/refusals.py); V2V then includes the wait
 
     chroma-serve up
     locust -f loadtest/locust_calls.py --host http://127.0.0.1:8000 --headless --users 4 --spawn-rate 1 --run-time 2m
@@ -21,12 +24,14 @@ tiny checkpoint's weights are RANDOM anyway: timings only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
 from pathlib import Path
 
 import gevent
+import websockets
 from locust import User, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,10 +42,12 @@ import numpy as np  # noqa: E402
 
 from cluster.ops.call_client import RealtimeCaller  # noqa: E402
 from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
+from loadtest.refusals import REFUSED_STATUSES, Refused, error_code, retrying  # noqa: E402
 from model.processing.audio import CODEC_RATE, encode_wav  # noqa: E402
 from model.testing.speech import speak, speak_at  # noqa: E402
 
 BARGE_IN_PROBABILITY = 0.1
+REFUSAL_WAIT_S = 0.5
 
 
 # Synthesised once, here: espeak-ng runs as a subprocess, which gevent cannot start from the calls' threads.
@@ -87,18 +94,52 @@ class RealtimeCall(Caller):
     name = "realtime call"
 
     async def _call(self) -> None:
-        async with RealtimeCaller(self.host, client_api_key()) as call:
+        call = await retrying(self.environment, self._dial)
+        try:
             await call.configure(_voice_id, "Be brief.")
             for _ in range(random.randint(2, 4)):
                 if not await self._turn(call):
                     return  # barged in and hung up
                 await asyncio.sleep(random.uniform(0.3, 1.2))
+        finally:
+            await call.__aexit__(None, None, None)
+
+    async def _dial(self) -> RealtimeCaller:
+        call = RealtimeCaller(self.host, client_api_key())
+        try:
+            return await call.__aenter__()
+        except websockets.exceptions.InvalidStatus as refused:
+            response = refused.response
+            if response.status_code not in REFUSED_STATUSES:
+                raise
+            raise Refused("realtime call", error_code(response.body), response.headers.get("Retry-After")) from None
+
+    async def _first_audio(self, call: RealtimeCaller) -> dict:
+        """The reply's first audio delta. A reply refused in-band (no reply place freed up in time) is asked for
+        again after the wait: the caller's turn is still there to be answered."""
+        asked, after = False, len(call.events)
+
+        async def attempt() -> dict:
+            nonlocal asked, after
+            if asked:
+                after = len(call.events)
+                await call.send({"type": "response.create"})
+            asked = True
+            found = await call.wait_for(("response.output_audio.delta", "response.done"), timeout_s=60, after=after)
+            if found["type"] == "response.done":
+                error = (found["response"].get("status_details") or {}).get("error") or {}
+                if error.get("code") == "over_capacity":
+                    raise Refused("realtime reply", "over_capacity")
+                raise RuntimeError(f"the reply ended {found['response']['status']} before any audio: {error}")
+            return found
+
+        return await retrying(self.environment, attempt)
 
     async def _turn(self, call: RealtimeCaller) -> bool:
         await call.say(random.choice(UTTERANCES))
         listening = asyncio.create_task(call.say(np.zeros(60 * CODEC_RATE, np.float32)))
         try:
-            first = await call.wait_for("response.output_audio.delta", timeout_s=60, after=len(call.events))
+            first = await self._first_audio(call)
             self._report("V2V", "voice-to-voice", call.speech_ended_at, at=first["_at"])
             if random.random() < BARGE_IN_PROBABILITY:
                 await asyncio.sleep(1.0)
@@ -123,7 +164,8 @@ class TwilioCall(Caller):
     name = "twilio call"
 
     async def _call(self) -> None:
-        async with CarrierCall(self.host, {"api_key": client_api_key(), "voice_id": _voice_id}) as call:
+        call = await retrying(self.environment, self._dial)
+        try:
             for _ in range(random.randint(2, 4)):
                 if not await self._turn(call):
                     return
@@ -131,6 +173,22 @@ class TwilioCall(Caller):
             underruns = call.received.underruns
             if underruns:
                 self._report("UNDERRUN", "line went quiet", time.monotonic(), RuntimeError(f"{underruns} gaps"))
+        finally:
+            await call.hang_up()
+
+    async def _dial(self) -> CarrierCall:
+        """A started stream. The server admits the call at `start` and refuses it by closing with 1013 (try again
+        later) within milliseconds, so a stream still open after REFUSAL_WAIT_S was taken."""
+        call = CarrierCall(self.host, {"api_key": client_api_key(), "voice_id": _voice_id})
+        await call.__aenter__()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.closed.wait(), REFUSAL_WAIT_S)
+        if call.closed.is_set():
+            await call.hang_up()
+            if call.close_code == 1013:
+                raise Refused("twilio call", call.ws.close_reason)
+            raise RuntimeError(f"the call was closed at its start: {call.close_code} {call.ws.close_reason}")
+        return call
 
     async def _turn(self, call: CarrierCall) -> bool:
         before = len(call.received.media)

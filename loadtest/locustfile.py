@@ -9,6 +9,8 @@ Besides Locust's per-request rows it reports, per turn:
   TTFA       end of the upload -> first reply audio byte (ms)
   turn       end of the upload -> last reply byte (ms); response_length = reply bytes
   underrun   a turn whose audio ran dry while played in real time behind a 200 ms jitter buffer (a failure)
+  REFUSED    a turn or session refused (503, 429): counted apart, and tried again after Retry-After with jitter
+             (loadtest/refusals.py)
 
     chroma-serve up
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless --users 8 --spawn-rate 1 --run-time 2m
@@ -19,6 +21,7 @@ speech-like noise (the tiny checkpoint's weights are RANDOM anyway): timings onl
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 import time
@@ -29,6 +32,7 @@ from locust import HttpUser, between, task
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.ops.local import client_api_key  # noqa: E402
+from loadtest.refusals import MAX_ATTEMPTS, REFUSED_STATUSES, error_code, report_refusal, retry_delay_s  # noqa: E402
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech  # noqa: E402
 
@@ -57,11 +61,14 @@ class PhoneCall(HttpUser):
 
     @task
     def call(self) -> None:
-        with self.client.post("/v1/sessions", json={"voice_id": _voice_id, "output_format": "mulaw_8k"},
-                              catch_response=True) as created:
-            if created.status_code != 201:
-                created.failure(f"session: HTTP {created.status_code} {created.text[:200]}")
-                return
+        for attempt in itertools.count():
+            with self.client.post("/v1/sessions", json={"voice_id": _voice_id, "output_format": "mulaw_8k"},
+                                  catch_response=True) as created:
+                if created.status_code == 201:
+                    break
+                if not self.refused(created, "session", attempt):
+                    created.failure(f"session: HTTP {created.status_code} {created.text[:200]}")
+                    return
         session_id = created.json()["id"]
         try:
             for _ in range(random.randint(2, 4)):
@@ -73,31 +80,47 @@ class PhoneCall(HttpUser):
 
     def turn(self, session_id: str) -> bool:
         """One caller utterance and the streamed reply; False when the call ends here."""
-        events = self.environment.events.request
         barge_in = random.random() < BARGE_IN_PROBABILITY
         headers = {"Content-Type": "audio/basic", "Accept": "audio/basic"}
-        sent = time.perf_counter()
+        utterance = random.choice(UTTERANCES)
+        for attempt in itertools.count():
+            sent = time.perf_counter()
+            with self.client.post(f"/v1/sessions/{session_id}/turns", data=utterance, headers=headers, stream=True,
+                                  name="/v1/sessions/[id]/turns", catch_response=True) as reply:
+                if reply.status_code == 200:
+                    return self.streamed(reply, sent, barge_in)
+                if not self.refused(reply, "turn", attempt):
+                    reply.failure(f"HTTP {reply.status_code} {reply.text[:200]}")
+                    return False
+
+    def refused(self, response, what: str, attempt: int) -> bool:
+        """A refusal to try again (counted apart, then a wait of Retry-After with jitter); False: a failure."""
+        if response.status_code not in REFUSED_STATUSES or attempt == MAX_ATTEMPTS - 1:
+            return False
+        response.success()
+        report_refusal(self.environment, what, error_code(response.text))
+        time.sleep(retry_delay_s(response.headers.get("Retry-After")))
+        return True
+
+    def streamed(self, reply, sent: float, barge_in: bool) -> bool:
+        """The reply streamed and played in real time; False when the caller barged in and hung up."""
+        events = self.environment.events.request
         first = None
         received = 0
         underrun = False
-        with self.client.post(f"/v1/sessions/{session_id}/turns", data=random.choice(UTTERANCES), headers=headers,
-                              stream=True, name="/v1/sessions/[id]/turns", catch_response=True) as reply:
-            if reply.status_code != 200:
-                reply.failure(f"HTTP {reply.status_code} {reply.text[:200]}")
+        for chunk in reply.iter_content(chunk_size=None):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                events.fire(request_type="TTFA", name="first audio", response_time=1000 * (now - sent),
+                            response_length=len(chunk), exception=None, context={})
+            elif now > first + PLAYOUT_DELAY_S + received / MULAW_RATE:  # mu-law: one byte per sample
+                underrun = True
+            received += len(chunk)
+            if barge_in and received >= MULAW_RATE:  # one second in, the caller talks over the reply
+                reply.success()
                 return False
-            for chunk in reply.iter_content(chunk_size=None):
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                    events.fire(request_type="TTFA", name="first audio", response_time=1000 * (now - sent),
-                                response_length=len(chunk), exception=None, context={})
-                elif now > first + PLAYOUT_DELAY_S + received / MULAW_RATE:  # mu-law: one byte per sample
-                    underrun = True
-                received += len(chunk)
-                if barge_in and received >= MULAW_RATE:  # one second in, the caller talks over the reply
-                    reply.success()
-                    return False
-            reply.success()
+        reply.success()
         done = time.perf_counter()
         events.fire(request_type="TURN", name="whole reply", response_time=1000 * (done - sent),
                     response_length=received, exception=None, context={})

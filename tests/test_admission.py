@@ -4,6 +4,7 @@ tenant quotas, the time-bounded line, stages going down, leases of an Ingress th
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -119,6 +120,40 @@ async def test_tenant_quotas_per_kind(ledger):
         for ticket in [call, *others]:
             await ticket.release()
         assert await ledger.live() == 0
+    finally:
+        await admission.close()
+
+
+async def test_calls_are_multiplexed_over_the_reply_places(ledger):
+    """Two reply places, oversubscribed 2x: four live calls. A call holds no reply place until a reply of it is
+    generated; a reply finding every place busy waits for one within its queue budget, and is refused past it."""
+    admission = controller(ledger, Stages(slots=2), call_oversubscription=2.0, reply_queue_s=0.5)
+    try:
+        calls = [await admission.admit("acme", "call") for _ in range(4)]
+        assert admission.call_budget() == 4 and await ledger.live("call") == 4 and await ledger.live("reply") == 0
+        started = time.monotonic()
+        with pytest.raises(CapacityError, match="as many live calls") as refused:
+            await admission.admit("acme", "call")
+        assert refused.value.code == "over_capacity" and time.monotonic() - started < 0.2  # at once, no line
+        turn = await admission.admit("acme", "turn")  # HTTP turns and replies share the places
+        reply = await admission.admit("acme", "reply")
+        waiting = asyncio.create_task(admission.admit("acme", "reply"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and admission.in_line() == 1
+        await turn.release()  # a place frees up within the budget: the waiting reply gets it
+        second = await asyncio.wait_for(waiting, 1)
+        assert 0.15 < second.queued_s < 0.5
+        started = time.monotonic()
+        with pytest.raises(CapacityError, match="every reply place was busy"):
+            await admission.admit("acme", "reply")
+        assert 0.5 <= time.monotonic() - started < 1.0  # waited out its budget, no more
+        for ticket in (reply, second):
+            await ticket.release()
+        assert admission.reply_share() is None  # no call has ended yet
+        for call in calls:
+            await call.release()
+        assert 0 < admission.reply_share() < 1  # two replies' time over four calls' (the turn is not a call's)
+        assert await ledger.live() == 0 and admission.held() == 0
     finally:
         await admission.close()
 

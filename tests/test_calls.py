@@ -37,7 +37,7 @@ KEYS = {"key-acme": "acme"}
 
 
 class SilentBackend:
-    """Room for two live calls or turns, and never a reply."""
+    """Room for two reply places (so four live calls, at the default oversubscription of 2), and never a reply."""
 
     processor = None
     history = HistoryPolicy(None, 4096, 64, None, HistorySettings())
@@ -48,7 +48,7 @@ class SilentBackend:
 
 @pytest.fixture(scope="module")
 def server(redis_port):
-    """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, room for two calls."""
+    """The app on a free port, in a thread: idle timeout 1 s, calls of at most 3 s, room for four calls."""
     store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
     settings = CallSettings(idle_timeout_s=1.0, max_call_s=3.0)
     yield from serving(build_api(store, TenantDirectory(KEYS), SilentBackend(), call_settings=settings))
@@ -101,7 +101,7 @@ async def test_a_call_longer_than_the_limit_is_ended(server):
 
 async def test_with_no_call_capacity_left_calls_are_refused_at_once(server):
     headers = {"Authorization": "Bearer key-acme"}
-    calls = [await websockets.connect(f"{server}/v1/realtime", additional_headers=headers) for _ in range(2)]
+    calls = [await websockets.connect(f"{server}/v1/realtime", additional_headers=headers) for _ in range(4)]
     try:
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             await websockets.connect(f"{server}/v1/realtime", additional_headers=headers)

@@ -16,9 +16,17 @@ admitted or refused once, at its start, and never slowed down later.
   turns at once (503 stage_unavailable) until the backend reports it ready again. Turns admitted but not started
   when it goes down are stopped too, instead of waiting for the replica to come back.
 
-Live calls use the same controller: `ticket = await admission.admit(tenant, "call")` when a call is accepted and
-`await ticket.release()` when it ends (or `async with ticket:`). A call holds one place in every stage for its
-whole length; call `ticket.started()` once it has been set up so a stage going down no longer stops it.
+Live calls are **multiplexed over the reply places**: a caller spends much of a call talking or silent, and the
+stages work only while a reply is generated.
+- A call is admitted against the **call budget**, the reply capacity times `call_oversubscription`:
+  `ticket = await admission.admit(tenant, "call")` when it is accepted, `ticket.started()` once it is set up,
+  `await ticket.release()` when it ends (or `async with ticket:`).
+- Each of its replies takes a reply place only while it is generated: `await admission.admit(tenant, "reply")`.
+  When every place is busy, the reply waits in the same line as turns, up to `reply_queue_s` (the wait is part of
+  the caller's voice-to-voice latency), and is refused after that (the call gets an in-band error and goes on).
+- The share of call time their replies spend generating is measured (`reply_share`) and reported beside the
+  budget, to size `call_oversubscription` by: callers who talk half the time leave a reply place busy about a
+  quarter of it.
 """
 
 from __future__ import annotations
@@ -62,6 +70,14 @@ class AdmissionSettings(BaseModel):
     lease_s: float = Field(
         15.0, ge=1, description="a ticket's lease in the ledger, renewed every third of it: what an Ingress that dies "
         "holds is free again after this",
+    )
+    call_oversubscription: float = Field(
+        2.0, ge=1, description="live calls admitted per reply place: a call takes a place only while a reply of it "
+        "is generated (sized by the measured reply_share in /readyz)",
+    )
+    reply_queue_s: float = Field(
+        1.0, gt=0, description="how long a live call's reply may wait for a reply place when every place is busy; "
+        "past it the reply is refused in-band and the call goes on",
     )
 
 
@@ -121,7 +137,8 @@ class Admission:
         self._line: deque[object] = deque()
         self._released = asyncio.Event()  # replaced on every release: waiters wait on the one they saw
         self._poll_now = asyncio.Event()
-        self._hold = _Average()  # seconds a ticket is held
+        self._hold = _Average()  # seconds a reply place is held
+        self._call_s = self._reply_s = 0.0  # ended calls' seconds, and their replies' seconds in reply places
         self._ttfa = _Average()  # seconds to first audio, not counting time in line
         self._tasks: list[asyncio.Task] = []
 
@@ -149,9 +166,19 @@ class Admission:
         return list(self._stages.values())
 
     def capacity(self) -> int | None:
-        """Turns and calls the cluster holds at once: its smallest stage's (None: no stage sets a bound)."""
+        """Reply places: turns and calls' replies generated at once, the smallest stage's (None: no stage sets a
+        bound)."""
         bounds = [s.capacity for s in (self._stages or {}).values() if s.capacity is not None]
         return min(bounds) if bounds else None
+
+    def call_budget(self) -> int | None:
+        """Live calls the cluster holds at once: its reply places, oversubscribed."""
+        capacity = self.capacity()
+        return None if capacity is None else int(capacity * self.settings.call_oversubscription)
+
+    def reply_share(self) -> float | None:
+        """Of the ended calls' time here, the share their replies held a reply place (None before one ended)."""
+        return self._reply_s / self._call_s if self._call_s else None
 
     async def refresh(self) -> None:
         started = time.monotonic()
@@ -171,7 +198,7 @@ class Admission:
                     status = status.down("failed a live turn")
             stages[status.name] = status
         self._stages = stages
-        self.metrics.capacity.set(self.capacity() or 0)
+        self._report_capacity()
         if any(not s.ready for s in stages.values()):
             self._stop_unstarted()
 
@@ -180,7 +207,7 @@ class Admission:
         self._failed_at[stage] = time.monotonic()
         if self._stages is not None and stage in self._stages:
             self._stages[stage] = self._stages[stage].down("failed a live turn")
-            self.metrics.capacity.set(self.capacity() or 0)
+            self._report_capacity()
         self._stop_unstarted()
         self._poll_now.set()
 
@@ -189,6 +216,10 @@ class Admission:
         admission until it answers again, so the next turn is refused at once rather than sent to it."""
         if isinstance(error, StageFailed) and error.died:
             self.stage_failed(error.stage)
+
+    def _report_capacity(self) -> None:
+        self.metrics.capacity.set(self.capacity() or 0)
+        self.metrics.call_budget.set(self.call_budget() or 0)
 
     def _stop_unstarted(self) -> None:
         for ticket in self._held.values():
@@ -211,18 +242,19 @@ class Admission:
 
     # ---- admission -------------------------------------------------------------------------------------------
     async def admit(self, tenant: str, kind: Kind = "turn") -> Ticket:
-        """A ticket for one turn or call of `tenant`, or TenantLimit (429), CapacityError or StageUnavailable (503),
-        RedisError when the ledger is away."""
+        """A ticket for one turn, call or call's reply of `tenant`, or TenantLimit (429), CapacityError or
+        StageUnavailable (503), RedisError when the ledger is away."""
         arrived = time.monotonic()
         ticket = Ticket(self, tenant, kind)
         try:
             await self.stages()
             self.check_stages()
-            if not self._line and await self._acquire(ticket):
+            if (kind == "call" or not self._line) and await self._acquire(ticket):
                 return self._admitted(ticket, arrived, "admitted")
-            allowance = self._line_allowance(len(self._line) + 1)
+            allowance = None if kind == "call" else (
+                self.settings.reply_queue_s if kind == "reply" else self._line_allowance(len(self._line) + 1))
             if allowance is None:
-                raise self._over_capacity()
+                raise self._over_capacity(kind)
             return await self._wait_in_line(ticket, arrived, arrived + allowance)
         except ChromaError as refusal:
             self.metrics.admissions.labels(kind, refusal.code).inc()
@@ -251,7 +283,7 @@ class Admission:
                         return self._admitted(ticket, arrived, "queued")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._over_capacity()
+                    raise self._over_capacity(ticket.kind)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(released.wait(), min(remaining, _LINE_POLL_S))
         finally:
@@ -261,9 +293,10 @@ class Admission:
 
     async def _acquire(self, ticket: Ticket) -> bool:
         limit = self.tenants.quota(ticket.tenant).limit(ticket.kind)
+        bound = self.call_budget() if ticket.kind == "call" else self.capacity()
         try:
             verdict = await self.ledger.acquire(
-                ticket.id, ticket.tenant, ticket.kind, self.capacity() or UNBOUNDED, limit, self.settings.lease_s
+                ticket.id, ticket.tenant, ticket.kind, bound or UNBOUNDED, limit, self.settings.lease_s
             )
         except asyncio.CancelledError:  # the script may have run: take the ticket back out
             asyncio.get_running_loop().create_task(self._forget(ticket))
@@ -279,16 +312,34 @@ class Admission:
         ticket.queued_s = ticket.admitted_at - arrived
         self._held[ticket.id] = ticket
         self.metrics.admissions.labels(ticket.kind, outcome).inc()
+        self.metrics.admission_wait.labels(ticket.kind).observe(ticket.queued_s)
+        self._count_places()
         return ticket
 
-    def _over_capacity(self) -> CapacityError:
-        return CapacityError(f"the cluster is at capacity ({self.capacity()} live turns and calls); retry shortly")
+    def _over_capacity(self, kind: Kind) -> CapacityError:
+        if kind == "call":
+            return CapacityError(f"the cluster holds as many live calls as it serves ({self.call_budget()}); retry "
+                                 "shortly")
+        if kind == "reply":
+            return CapacityError(f"every reply place was busy for {self.settings.reply_queue_s:g} s; the call goes "
+                                 "on: speak again, or send response.create")
+        return CapacityError(f"the cluster is at capacity ({self.capacity()} turns and replies at once); retry shortly")
 
     async def _release(self, ticket: Ticket) -> None:
         if self._held.pop(ticket.id, None) is not None:
-            self._hold.add(time.monotonic() - ticket.admitted_at)
+            held = time.monotonic() - ticket.admitted_at
+            if ticket.kind == "call":
+                self._call_s += held
+                self.metrics.call_reply_share.set(self.reply_share())
+            else:
+                self._hold.add(held)
+                self._reply_s += held if ticket.kind == "reply" else 0.0
+            self._count_places()
         await self._forget(ticket)
         self._wake_line()
+
+    def _count_places(self) -> None:
+        self.metrics.reply_places_busy.set(sum(t.kind != "call" for t in self._held.values()))
 
     async def _forget(self, ticket: Ticket) -> None:
         try:

@@ -33,7 +33,8 @@ async def readyz(request: Request, services: ServicesDep) -> Response | Ready:
     if problems:
         return error_response(request, 503, "not_ready", "; ".join(problems), retryable=True)
     return Ready(
-        status="ready", capacity=services.admission.capacity(),
+        status="ready", capacity=services.admission.capacity(), call_budget=services.admission.call_budget(),
+        reply_share=services.admission.reply_share(),
         stages=[StageReport(name=s.name, replicas=s.replicas, capacity=s.capacity, step_ms_by_batch=s.step_ms) for s in stages],
     )
 

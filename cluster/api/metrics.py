@@ -28,9 +28,27 @@ class ApiMetrics:
             "(outcome: the error code)", ["kind", "outcome"], registry=self.registry,
         )
         self.capacity = Gauge(
-            "chroma_capacity", "Turns and calls the cluster holds at once (its smallest stage)", registry=self.registry,
+            "chroma_capacity", "Reply places: turns and live calls' replies the cluster generates at once (its "
+            "smallest stage)", registry=self.registry,
         )
-        self.queued = Gauge("chroma_admission_line", "Turns waiting for capacity", registry=self.registry)
+        self.call_budget = Gauge(
+            "chroma_call_budget", "Live calls the cluster holds at once: its reply places times the oversubscription",
+            registry=self.registry,
+        )
+        self.reply_places_busy = Gauge(
+            "chroma_reply_places_busy", "Reply places this Ingress holds now (turns, and calls' replies generating)",
+            registry=self.registry,
+        )
+        self.call_reply_share = Gauge(
+            "chroma_call_reply_share", "Of the ended calls' time, the share their replies held a reply place",
+            registry=self.registry,
+        )
+        self.queued = Gauge("chroma_admission_line", "Turns and replies waiting for a reply place",
+                            registry=self.registry)
+        self.admission_wait = Histogram(
+            "chroma_admission_wait_seconds", "Time in the admission line before a place (0: admitted at once)",
+            ["kind"], registry=self.registry, buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0),
+        )
         self.prompt_tokens = Counter(
             "chroma_reasoner_prompt_tokens", "Reasoner prompt positions of completed turns", registry=self.registry,
         )
@@ -63,6 +81,8 @@ class ApiMetrics:
         # Every series a dashboard panel reads exists from the start, at 0.
         for protocol in ("realtime", "twilio", "telnyx"):
             self.calls_live.labels(protocol)
+        for kind in ("turn", "call", "reply"):
+            self.admission_wait.labels(kind)
         for reason in ("unauthorized", "tenant_concurrency_limit", "over_capacity", "stage_unavailable", "not_found"):
             self.calls_refused.labels(reason)
         for window in ("included", "excluded"):

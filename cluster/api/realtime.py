@@ -180,7 +180,7 @@ class RealtimeCall:
         self.websocket, self.services = websocket, services
         self.settings = services.call_settings
         self.call = CallSession(tenant, services.state, services.backend, services.backend.processor, self.settings,
-                                services.metrics, on_failure=services.admission.note_failure)
+                                services.metrics, places=services.admission)
         self.input_format = self.output_format = LineFormat.PCM16_24K
         self.inbound = InboundAudio(self.input_format)
         self.outbound: dict[str, OutboundAudio] = {}  # per reply id

@@ -100,5 +100,9 @@ class StageReport(BaseModel):
 
 class Ready(BaseModel):
     status: Literal["ready"]
-    capacity: int | None = Field(description="turns and calls the cluster holds at once: its smallest stage's")
+    capacity: int | None = Field(
+        description="reply places: turns and live calls' replies generated at once, its smallest stage's")
+    call_budget: int | None = Field(description="live calls held at once: the reply places, oversubscribed")
+    reply_share: float | None = Field(
+        description="of the ended calls' time (this Ingress), the share their replies held a reply place")
     stages: list[StageReport]

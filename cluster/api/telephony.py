@@ -205,8 +205,7 @@ class MediaStreamCall:
             self.line = self.dialect.line(start)
             self.ticket = await services.admit_call(tenant, self.dialect.name)
             call = CallSession(tenant, services.state, services.backend, services.backend.processor,
-                               services.call_settings, services.metrics, MarkCursor,
-                               on_failure=services.admission.note_failure)
+                               services.call_settings, services.metrics, MarkCursor, places=services.admission)
             if session_id := parameters.get("session_id"):
                 await call.resume(session_id)
             early_start = str(parameters.get("early_start", services.call_settings.early_start)).lower() in ("true", "1")

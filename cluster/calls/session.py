@@ -12,6 +12,9 @@ reply's playback cursor: generated, sent and played ms.
   (`truncate`) revises it.
 - Early start: optionally, the reply starts while the caller is still in the silence window; its events are
   held back until the window ends, and the reply is dropped without a trace if the caller resumes.
+- Reply places: with admission control (`places`), a reply holds one of the cluster's reply places only while it
+  is generated; when none frees up within the line's budget the reply fails in-band (`over_capacity`) and the
+  caller's turn waits to be answered with the next one.
 - A long call: each reply's prompt is planned by the backend's history policy (the session's truncation); what
   it drops leaves the session with the turn's commit, and the call says so (`ItemDeleted`), as it does for an
   item the client deletes (`delete_item`).
@@ -29,7 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -40,7 +43,8 @@ from cluster.pipeline.history import TurnPlan, UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
 from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
-from model.errors import CallerError, ChromaError, Conflict, InvalidInput, NotFound
+from cluster.state.tenants import Kind
+from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE
 from model.processing.processor import ChromaProcessor
 
@@ -146,6 +150,22 @@ class Reply:
         return self.frames * FRAME_MS
 
 
+class Place(Protocol):
+    def started(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class ReplyPlaces(Protocol):
+    """Admission control as a call sees it (`cluster.api.admission.Admission`)."""
+
+    async def admit(self, tenant: str, kind: Kind) -> Place:
+        """A reply place, waiting in line for one up to its budget (CapacityError past it)."""
+
+    def note_failure(self, error: BaseException) -> None:
+        """A reply failed with `error` (a replica that died takes its stage out of admission)."""
+
+
 @dataclass
 class CallEvent:
     pass
@@ -233,11 +253,11 @@ class CallSession:
     def __init__(
         self, tenant: str, state: StateStore, backend: TurnBackend, processor: ChromaProcessor,
         settings: CallSettings, metrics: ApiMetrics, cursor_factory: Callable[[], PlaybackCursor] = PlaybackCursor,
-        on_failure: Callable[[BaseException], None] | None = None,
+        places: ReplyPlaces | None = None,
     ):
         self.tenant, self.state, self.backend, self.processor = tenant, state, backend, processor
         self.settings, self.metrics, self.cursor_factory = settings, metrics, cursor_factory
-        self.on_failure = on_failure  # told of every failed reply (admission takes a stage that died out)
+        self.places = places  # None: replies take no reply place (nothing bounds them here)
         self.queue: asyncio.Queue[CallEvent | None] = asyncio.Queue()
         self.session: Session | None = None
         self.voice: Voice | None = None
@@ -453,7 +473,11 @@ class CallSession:
             await _cancel(reply.task)
 
     async def _generate(self, reply: Reply) -> None:
+        place = None
         try:
+            if self.places is not None:
+                place = await self.places.admit(self.tenant, "reply")
+                place.started()
             session, voice = self.session, self.voice
             reply.plan = self.backend.history.plan(session, reply.user.turn())
             events = self.backend.run_turn(f"turn_{reply.id}", voice, session, reply.plan)
@@ -468,13 +492,15 @@ class CallSession:
         except Exception as error:
             reply.status = "failed"
             reply.reason = error.code if isinstance(error, ChromaError) else "internal_error"
-            if isinstance(error, CallerError):  # e.g. context_full: what the client can do about it
+            if isinstance(error, CallerError | CapacityError):  # context_full, no reply place: the call goes on
                 self._out(reply, CallError(error.code, error.message))
             if not isinstance(error, ChromaError):
                 log.exception("call reply %s failed", reply.id)
-            if self.on_failure is not None:
-                self.on_failure(error)
+            if self.places is not None:
+                self.places.note_failure(error)
         finally:
+            if place is not None:  # generated (or stopped): the place is free for another reply
+                await asyncio.shield(place.release())
             if reply.held is None and reply.status in ("completed", "failed"):
                 self._finished(reply)
 

@@ -118,11 +118,12 @@ class RealtimeCaller:
     async def _append(self, chunk: np.ndarray) -> None:
         await self.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16_bytes(chunk)).decode()})
 
-    async def wait_for(self, kind: str, timeout_s: float = 120.0, after: int = 0, **match) -> dict:
-        """The first event of type `kind` (at index >= `after`) whose fields equal `match`."""
+    async def wait_for(self, kind: str | tuple[str, ...], timeout_s: float = 120.0, after: int = 0, **match) -> dict:
+        """The first event of type `kind` (or of any of these types; at index >= `after`) whose fields equal `match`."""
+        kinds = (kind,) if isinstance(kind, str) else kind
 
         def found():
-            return next((e for e in self.events[after:] if e["type"] == kind
+            return next((e for e in self.events[after:] if e["type"] in kinds
                          and all(e.get(k) == v for k, v in match.items())), None)
 
         async with self._arrived:

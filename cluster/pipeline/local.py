@@ -73,7 +73,7 @@ class LocalTurnBackend:
         return [
             StageStatus.of("Reasoner", Headroom(self.reasoner.max_streams)),
             StageStatus.of("SpeechStack", self.speech.headroom()),
-            StageStatus.of("Codec", await self.codec.headroom()),
+            StageStatus.of("Codec", self.codec.headroom()),
         ]
 
     async def clone_voice(self, transcript: str, audio: np.ndarray, sample_rate: int) -> VoicePrompt:

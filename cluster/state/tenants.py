@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Kind = Literal["turn", "call"]  # what admission control admits: one turn over HTTP, or a live call
+# What admission control admits: one turn over HTTP, a live call, or one reply of a live call while it is generated.
+Kind = Literal["turn", "call", "reply"]
 
 
 class TenantQuota(BaseModel):
@@ -25,7 +26,8 @@ class TenantQuota(BaseModel):
     max_calls: int | None = Field(None, ge=0, description="concurrent live calls")
 
     def limit(self, kind: Kind) -> int | None:
-        return self.max_turns if kind == "turn" else self.max_calls
+        """A call's replies count against its call, not against the tenant's turns."""
+        return {"turn": self.max_turns, "call": self.max_calls, "reply": None}[kind]
 
 
 class TenantSettings(BaseSettings):

@@ -69,10 +69,11 @@ class CodecLoop:
     def stats(self) -> dict:
         return self.engine.stats()
 
-    async def headroom(self) -> Headroom:
-        """The replies this engine decodes at once in real time, re-probing its curve first where that is due: the
-        stages' readiness is read every fraction of a second, whether replies run or not."""
-        await self._on_worker(self.engine.reprobe)
+    def headroom(self) -> Headroom:
+        """The replies this engine decodes at once in real time. Also queues a re-probe of its curve on the worker,
+        which runs one where it is due: the stages' readiness is read every fraction of a second, whether replies
+        run or not. Not waited for, so a reading of the stages never waits for a decode."""
+        self._worker.submit(self.engine.reprobe)
         return self.engine.headroom()
 
     async def check(self) -> None:
