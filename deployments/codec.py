@@ -12,7 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
 from cluster.pipeline.turn import SpeechRequest, peel, surfaced
-from deployments.streams import CallerWatch, relay, this_replica
+from deployments.streams import CallerWatch, answered_here, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
@@ -52,4 +52,4 @@ class CodecDeployment:
     async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the replies this replica decodes at once in real time."""
         await self.check_health()
-        return self.loop.headroom()
+        return answered_here(self.loop.headroom())

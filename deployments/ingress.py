@@ -59,6 +59,7 @@ class RayTurnBackend:
         self.probe_timeout_s = probe_timeout_s
         self.app_name = app_name
         self._replicas: dict[str, int] = {}  # last known RUNNING replicas per stage
+        self._answers: dict[str, dict[str | None, Headroom]] = {name: {} for name in stages}  # latest per replica
 
     async def stages(self) -> list[StageStatus]:
         names = list(self.stage_handles)
@@ -66,11 +67,17 @@ class RayTurnBackend:
         replicas = probes[0]
         return [self._status(name, replicas.get(name, 0), answer) for name, answer in zip(names, probes[1:])]
 
-    @staticmethod
-    def _status(name: str, replicas: int, answer: tuple[Headroom | None, str]) -> StageStatus:
+    def _status(self, name: str, replicas: int, answer: tuple[Headroom | None, str]) -> StageStatus:
+        """Each reading reaches one replica: the stage's capacity sums the latest answer of each replica heard."""
         headroom, problem = answer
+        answers = self._answers[name]
+        if headroom is not None:
+            answers.pop(headroom.replica, None)  # re-inserted last: the newest answers are the last ones
+            answers[headroom.replica] = headroom
+        while len(answers) > max(replicas, 1):  # replicas gone (scaled down, replaced): their oldest answers go
+            answers.pop(next(iter(answers)))
         # A replica that answered is live even when the controller has not counted it yet.
-        return StageStatus.of(name, headroom or Headroom(None), max(replicas, 0 if problem else 1), problem)
+        return StageStatus.across(name, list(answers.values()), max(replicas, 0 if problem else 1), problem)
 
     async def _probe(self, name: str) -> tuple[Headroom | None, str]:
         """(one replica's headroom, problem): a replica's answer, or why there was none."""

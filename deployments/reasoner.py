@@ -17,7 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import AppConfig
 from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
 from cluster.state.store import StateStore, redis_client
-from deployments.streams import CallerWatch
+from deployments.streams import CallerWatch, answered_here
 from model.engines.realtime import Headroom
 from model.reasoner.base import PromptStats
 from model.reasoner.settings import build_reasoner
@@ -55,4 +55,4 @@ class ReasonerDeployment:
     async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the conversations this replica serves at once."""
         await self.check_health()
-        return Headroom(self.reasoner.max_streams)
+        return answered_here(Headroom(self.reasoner.max_streams))

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
 from cluster.pipeline.turn import SpeechRequest, peel, speech_frames, surfaced
-from deployments.streams import CallerWatch, relay, this_replica
+from deployments.streams import CallerWatch, answered_here, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
@@ -52,7 +52,7 @@ class SpeechStackDeployment:
     async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the turns this replica holds at once in real time."""
         await self.check_health()
-        return self.engine.headroom()
+        return answered_here(self.engine.headroom())
 
 
 async def _as_tensors(pairs):

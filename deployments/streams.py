@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
+from model.engines.realtime import Headroom
 from model.errors import ChromaError, StageFailed
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ def stage_error(failure: RayError, stage: str) -> Exception:
 def this_replica() -> ActorHandle:
     """The calling replica, to hand to the stage it calls (see CallerWatch)."""
     return ray.get_runtime_context().current_actor
+
+
+def answered_here(headroom: Headroom) -> Headroom:
+    """A stage's probe answer, naming the replica that gave it (the Ingress sums its replicas' answers)."""
+    return replace(headroom, replica=ray.get_runtime_context().get_actor_id())
 
 
 class CallerWatch:

@@ -503,6 +503,37 @@ async def test_internal_failures_are_500_with_a_request_id_and_no_internals(stor
         assert (await stub.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
 
 
+async def test_a_fresh_backend_admits_what_its_calibrated_curve_allows_and_refuses_past_it(store, tiny_checkpoint):
+    """Measured bound on (0.8 of each step's audio), before any turn: the engines calibrated at start, so capacity
+    is already what this machine keeps real-time (more than one turn of the tiny model), and turns offered past it
+    are refused at once (no line: a budget of 1 ms leaves no wait worth joining)."""
+    backend = LocalTurnBackend.from_config(AppConfig(
+        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
+        speech={"max_slots": 4, "max_queue": 0, "max_step_rtf": 0.8}, codec={"max_streams": 4, "max_step_rtf": 0.8},
+        turns={"max_frames": MAX_FRAMES, "max_tokens": 32},
+    ), state=store)
+    try:
+        app = build_api(store, TenantDirectory(KEYS), backend, admission=AdmissionSettings(ttfa_budget_s=0.001))
+        async with client_for(app) as client:
+            voice = await make_voice(client)
+            sessions = [await make_session(client, voice["id"]) for _ in range(6)]
+            ready = (await client.get("/readyz")).json()
+            speech = {s["name"]: s for s in ready["stages"]}["SpeechStack"]
+            assert set(speech["step_ms_by_batch"]) == {"1", "2", "4"}  # the calibrated buckets, no turn yet
+            assert ready["capacity"] == min(backend.speech.realtime_slots(), backend.codec.engine.realtime_streams())
+            assert ready["capacity"] >= 2  # a step of the tiny model's 2 turns takes a few ms of its 64 ms
+            body = encode_wav(caller_wave(), 16000)
+            outcomes = await asyncio.gather(*(
+                client.post(f"/v1/sessions/{s['id']}/turns", headers=ACME, content=body) for s in sessions))
+            admitted = [r for r in outcomes if r.status_code == 200]
+            refused = [r for r in outcomes if r.status_code != 200]
+            assert 2 <= len(admitted) <= ready["capacity"]
+            assert all(parse_sse(r.text)[-1][0] == "done" for r in admitted)
+            assert len(refused) >= 6 - ready["capacity"] and {r.json()["error"]["code"] for r in refused} == {"over_capacity"}
+    finally:
+        await backend.close()
+
+
 class FailingMidReply:
     """LocalTurnBackend's turns, but (while `failing`) the speech stage dies after the first audio chunk."""
 

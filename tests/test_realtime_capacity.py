@@ -8,7 +8,8 @@ import torch
 
 from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CodecEngine
-from model.engines.realtime import StepTimes
+from cluster.pipeline.turn import StageStatus
+from model.engines.realtime import Headroom, StepTimes
 from model.engines.speech import SpeechEngine, SpeechEngineSettings
 from tests.test_speech_engine import codes_of, collect, conversation, reasoner_stream, reference
 
@@ -123,6 +124,34 @@ def test_calibration_measures_every_bucket_before_any_turn(chroma):
     assert stats["calibration_s"] > 0 and stats["realtime_slots"] == engine.realtime_slots() >= 1
     unbounded = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=None))
     assert unbounded.stats()["calibration_s"] is None  # the slots alone bound it: nothing to measure
+
+
+async def test_an_idle_replica_reprobes_until_its_estimate_recovers(chroma):
+    """A replica that calibrated under contention (added by autoscaling during a burst) and has had no turn since:
+    once its headroom is read, its engine thread re-probes the bucket above its estimate until the estimate is back."""
+    engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
+    times = engine.batch_step_times
+    times.max_age_s, times.reprobe_s = 0.5, 0.05
+    for _ in range(times.window):
+        times.record(4, 1.0)  # a step of 4 took a second while the cores were shared
+    assert engine.realtime_slots() < 4
+    assert engine.headroom().turns < 4  # reading it starts the engine thread
+    for _ in range(200):
+        if engine.realtime_slots() == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.realtime_slots() == 4 and engine.steps == 0  # probes only: no turn ran
+    await engine.close()
+
+
+def test_a_stage_sums_the_latest_answer_of_each_replica():
+    both = StageStatus.across("SpeechStack", [Headroom(2, replica="a"), Headroom(14, replica="b")], replicas=2)
+    assert both.ready and both.capacity == 16
+    one_heard = StageStatus.across("SpeechStack", [Headroom(6, replica="a")], replicas=3)
+    assert one_heard.capacity == 18  # the unheard replicas count as the mean of those heard
+    assert StageStatus.across("Reasoner", [Headroom(None)], replicas=2).capacity is None
+    down = StageStatus.across("Codec", [Headroom(4)], replicas=1, problem="failing its health check")
+    assert not down.ready and down.capacity == 0
 
 
 async def test_probes_between_live_steps_change_no_turn(chroma):

@@ -332,6 +332,17 @@ class StageStatus:
         turns = None if headroom.turns is None else headroom.turns * replicas
         return cls(name, True, turns, replicas, step_ms=headroom.step_ms)
 
+    @classmethod
+    def across(cls, name: str, answers: list[Headroom], replicas: int, problem: str = "") -> StageStatus:
+        """`replicas` live replicas, of which `answers` are the latest headroom of each that answered (replicas
+        differ: one that autoscaling added during a burst may have calibrated under contention). A replica not
+        heard from yet counts as the mean of those that were."""
+        if problem or not answers or any(a.turns is None for a in answers):
+            return cls.of(name, answers[-1] if answers else Headroom(None), replicas, problem)
+        total = sum(a.turns for a in answers)
+        total += int(max(replicas - len(answers), 0) * total / len(answers))
+        return cls(name, True, total, max(replicas, len(answers)), step_ms=answers[-1].step_ms)
+
     def down(self, problem: str) -> StageStatus:
         """This stage taken as not ready, for `problem`."""
         return StageStatus.of(self.name, Headroom(None), self.replicas, problem)

@@ -47,6 +47,7 @@ class Headroom:
 
     turns: int | None  # None: the stage sets no bound
     step_ms: dict[int, float] = field(default_factory=dict)  # expected ms of a step per batch size (StepTimes)
+    replica: str | None = None  # which replica answered, where there may be several
 
 
 CALIBRATION_RUNS = 3  # padded steps per bucket at start (the first of them also warms the bucket's shapes)
@@ -56,7 +57,7 @@ class StepTimes:
     """Recent step seconds per batch size. Written by the engine's stepping thread and read from the event loop:
     the one dict is replaced, never mutated in place, so a reader always sees a whole one."""
 
-    def __init__(self, window: int = 8, max_age_s: float = 10.0, reprobe_s: float = 5.0,
+    def __init__(self, window: int = 24, max_age_s: float = 10.0, reprobe_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
         self.window, self.max_age_s, self.reprobe_s, self.clock = window, max_age_s, reprobe_s, clock
         self._samples: dict[int, tuple[tuple[float, float], ...]] = {}  # batch -> ((at, seconds), ...), oldest first

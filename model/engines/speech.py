@@ -230,6 +230,10 @@ class SpeechEngine:
         return slots if rtf is None else self.batch_step_times.largest_batch(rtf * FRAME_SECONDS, slots)
 
     def headroom(self) -> Headroom:
+        """From the event loop. Starts the engine thread where it is not running yet: it also re-probes the curve
+        while no turn runs, so a replica that calibrated under contention (one autoscaling added during a burst)
+        recovers before its first turn."""
+        self._start()
         return Headroom(self.realtime_slots(), self.batch_step_times.snapshot_ms())
 
     def clear_voice_cache(self) -> None:
