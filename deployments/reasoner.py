@@ -28,11 +28,12 @@ from model.reasoner.settings import build_reasoner
     request_router_config=RequestRouterConfig(request_router_class="deployments.routing.SessionAffinityRouter"),
 )
 class ReasonerDeployment:
-    def __init__(self, config: AppConfig):
+    async def __init__(self, config: AppConfig):
         model = config.checkpoint
         self.reasoner = build_reasoner(config.reasoner, config.reasoner_path(), model.dtype, model.device)
         self.state = StateStore(redis_client(config.state), config.state)
         self.callers = CallerWatch()
+        await self.reasoner.calibrate()  # on the replica's loop, where vLLM's engine binds, before it is ready
 
     async def stream(self, call: ReasonerCall, caller: ActorHandle | None = None):
         """The prompt's PromptStats, then its pairs; stopped if `caller` (the SpeechStack replica) dies."""
@@ -43,9 +44,11 @@ class ReasonerDeployment:
                 yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
 
     def stats(self) -> dict:
-        stats = {"unfinished_requests": self.reasoner.num_unfinished_requests()}
+        headroom = self.reasoner.headroom()
+        stats = {"unfinished_requests": self.reasoner.num_unfinished_requests(), "realtime_streams": headroom.turns,
+                 "step_ms_by_batch": headroom.step_ms}
         if hasattr(self.reasoner, "prefix_cache_stats"):  # vLLM's: what its prefix cache served of the prompts
-            stats.update(self.reasoner.prefix_cache_stats())
+            stats.update(self.reasoner.prefix_cache_stats(), calibration_s=self.reasoner.steps.calibration_s)
         return stats
 
     async def check_health(self) -> None:
@@ -55,4 +58,4 @@ class ReasonerDeployment:
     async def probe(self) -> Headroom:
         """The Ingress's readiness probe: healthy, and the conversations this replica serves at once."""
         await self.check_health()
-        return answered_here(Headroom(self.reasoner.max_streams))
+        return answered_here(self.reasoner.headroom())

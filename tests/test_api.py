@@ -23,6 +23,7 @@ from cluster.pipeline import turn as pipeline
 from cluster.pipeline.history import HistorySettings, TurnPlan
 from cluster.pipeline.local import LocalTurnBackend
 from model.chroma.turn import VoicePrompt
+from cluster.state.ledger import AdmissionLedger
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory, TenantQuota
 from model.processing.audio import encode_mulaw, encode_wav, resample
@@ -252,7 +253,7 @@ async def test_auth_and_tenants(client):
     assert_error(await client.get("/v1/nothing", headers=ACME), 404)
 
 
-async def test_bad_requests(client):
+async def test_bad_requests(store, client):
     voice = await make_voice(client)
     session = await make_session(client, voice["id"])
     turns = f"/v1/sessions/{session['id']}/turns"
@@ -278,8 +279,10 @@ async def test_bad_requests(client):
                                  files={"audio": ("ref.wav", b"garbage", "audio/wav")})
     assert_error(response, 422, "invalid_audio")
 
-    # The history was never touched by the failed turns
+    # The history was never touched by the failed turns, and none of them holds a place: a turn is admitted before
+    # its audio is decoded, and one refused after that releases its place
     assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["version"] == 0
+    assert await AdmissionLedger(store.redis, store.settings.key_prefix).live("turn") == 0
 
 
 async def test_limits(store, backend):

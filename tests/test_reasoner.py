@@ -19,6 +19,7 @@ from model.chroma.checkpoint import split_thinker
 from model.processing.processor import Conversation, Message
 from model.reasoner.base import AudioNotHeld, PromptStats, Reasoner, ReasonerError
 from model.reasoner.hf import HFReasoner
+from model.reasoner.settings import VLLMSettings
 from tests.conftest import speech_like
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -231,6 +232,30 @@ async def test_vllm_cancelled_request_stops_generating(vllm_reasoner, how):
     assert vllm_reasoner.rows_received == settled, "the engine kept generating for the cancelled request"
     # And the engine still serves.
     assert len(await collect(vllm_reasoner, conversation, max_tokens=3)) == 3
+
+
+@pytest.mark.vllm
+async def test_vllm_measures_its_decode_steps_and_keeps_learning_from_turns(vllm_reasoner):
+    """Calibration times a decode step at every batch bucket with probe requests that send no hidden rows; turns add
+    their own intervals; a budget its steps cannot meet leaves one conversation, never none."""
+    rows = await _rows_settle(vllm_reasoner)
+    await vllm_reasoner.calibrate()
+    headroom = vllm_reasoner.headroom()
+    assert set(vllm_reasoner.buckets) <= set(headroom.step_ms) and all(ms > 0 for ms in headroom.step_ms.values())
+    assert 1 <= headroom.turns <= vllm_reasoner.max_streams and vllm_reasoner.steps.calibration_s > 0
+    assert vllm_reasoner.num_unfinished_requests() == 0
+    assert await _rows_settle(vllm_reasoner) == rows, "a probe request sent hidden rows"
+
+    began = time.monotonic()
+    convs = conversations()
+    await asyncio.gather(collect(vllm_reasoner, convs["text_short"]), collect(vllm_reasoner, convs["text_long"]))
+    assert vllm_reasoner.steps._samples[2][-1][0] > began, "two turns decoding together added no sample at batch 2"
+
+    vllm_reasoner.max_step_rtf = 1e-6  # a step would have to take 0.16 us
+    try:
+        assert vllm_reasoner.headroom().turns == 1
+    finally:
+        vllm_reasoner.max_step_rtf = VLLMSettings().max_step_rtf
 
 
 # -- a call's later turns: audio held by id, the prefix from the cache ---------------------------------------------

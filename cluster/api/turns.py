@@ -1,9 +1,10 @@
 """POST /v1/sessions/{id}/turns: caller audio in, the spoken reply streamed out (SSE or raw audio).
 
-The turn's prompt is planned first (`cluster.pipeline.history`: the session's truncation drops the oldest
+A turn is admitted or refused once, as soon as its body is read, before its audio is decoded or anything runs
+(`cluster.api.admission`: 429 over the tenant's quota, 503 at capacity or while a stage is down), so a refusal costs
+no work. Then its prompt is planned (`cluster.pipeline.history`: the session's truncation drops the oldest
 history that does not fit the Reasoner's context; 422 `utterance_too_long` for an utterance that does not fit by
-itself, 409 `context_full` where the session disabled truncation). Then it is admitted or refused once, before
-anything runs (`cluster.api.admission`: 429 over the tenant's quota, 503 at capacity or while a stage is down).
+itself, 409 `context_full` where the session disabled truncation); a turn refused by then releases its place.
 The turn and its reply join the session's history atomically when the reply ends, with what the plan dropped; a
 failed or abandoned turn leaves the session as it was. A reply that fails after it started
 (a stage died) ends with an `error` event over SSE; a raw-audio body simply ends (the session's version says the
@@ -72,15 +73,21 @@ async def create_turn(session_id: str, request: Request, tenant: TenantDep, serv
     received = time.perf_counter()
     encoding, rate = caller_encoding(request.headers.get("content-type"))
     body = await read_body(request, services.settings.max_body_bytes)
-    wave, rate = decode_audio(body, sample_rate=rate, encoding=encoding)
-    check_duration(wave, rate, services.settings.max_audio_seconds, "caller audio")
     session = await services.state.get_session(tenant, session_id)
     sse, reply_format = negotiate_reply(request.headers.get("accept"), session)
-    voice, user_audio = await asyncio.gather(  # independent: overlap them
-        services.state.get_voice(tenant, session.voice_id), asyncio.to_thread(resample, wave, rate, REASONER_RATE),
-    )
-    plan = services.backend.history.plan(session, UserTurn.of(_item_id(), user_audio))
+    # Admitted before the audio is decoded and the prompt planned: a refusal at capacity costs no work, so it is
+    # answered at once however loaded the replica is.
     ticket = await services.admission.admit(tenant, "turn")
+    try:
+        wave, rate = decode_audio(body, sample_rate=rate, encoding=encoding)
+        check_duration(wave, rate, services.settings.max_audio_seconds, "caller audio")
+        voice, user_audio = await asyncio.gather(  # independent: overlap them
+            services.state.get_voice(tenant, session.voice_id), asyncio.to_thread(resample, wave, rate, REASONER_RATE),
+        )
+        plan = services.backend.history.plan(session, UserTurn.of(_item_id(), user_audio))
+    except BaseException:
+        await ticket.release()
+        raise
     turn = LiveTurn(services, tenant, session, plan, received, ticket, request_id(request))
     await turn.start(services.backend.run_turn(turn.id, voice, session, plan))
     writer = ReplyWriter(sse, reply_format)

@@ -71,7 +71,7 @@ class LocalTurnBackend:
         if self._closed:
             return [StageStatus.of(name, Headroom(None), problem="closed") for name in STAGES]
         return [
-            StageStatus.of("Reasoner", Headroom(self.reasoner.max_streams)),
+            StageStatus.of("Reasoner", self.reasoner.headroom()),
             StageStatus.of("SpeechStack", self.speech.headroom()),
             StageStatus.of("Codec", self.codec.headroom()),
         ]

@@ -19,6 +19,8 @@ from model.errors import InvalidInput
 ReasonerPair = tuple[int, torch.Tensor]
 
 FRAME_SECONDS = 0.08  # audio per frame: Mimi runs at 12.5 frames/s
+FRAMES_PER_TOKEN = 2  # the 1:2 interleave: one Reasoner pair per two frames
+TOKEN_SECONDS = FRAMES_PER_TOKEN * FRAME_SECONDS  # reply audio per Reasoner token: 6.25 tokens/s keep a turn real-time
 DEFAULT_MAX_FRAMES = 750  # 60 s of reply audio
 DEFAULT_MAX_TOKENS = 256  # Reasoner tokens per reply; the frame budget usually bounds them first
 
@@ -74,7 +76,7 @@ class TurnProgress:
     frames: list[list[int]] = field(default_factory=list)
 
     def wants_reasoner_pair(self) -> bool:
-        return not self.reasoner_done and self.steps % 2 == 0
+        return not self.reasoner_done and self.steps % FRAMES_PER_TOKEN == 0
 
     def add_text(self, token: int) -> None:
         self.text_tokens.append(token)
@@ -96,7 +98,7 @@ class TurnProgress:
 def reasoner_tokens_for(max_frames: int) -> int:
     """The most Reasoner tokens a reply of `max_frames` frames can take in: one before the first frame, then one
     per two frames. Asking the Reasoner for more only makes it generate text nobody will speak."""
-    return 1 + (max_frames + 1) // 2
+    return 1 + (max_frames + FRAMES_PER_TOKEN - 1) // FRAMES_PER_TOKEN
 
 
 def turn_frame_budget(config: ChromaConfig, voice: VoicePrompt, max_frames: int) -> int:

@@ -71,10 +71,11 @@ class StepTimes:
     def calibrate(self, step: Callable[[int], None], buckets: list[int]) -> None:
         """Measure `step(batch)` (a padded step of padding rows only) at every bucket, largest first."""
         started = time.perf_counter()
-        for batch in reversed(buckets):
-            step(batch)  # a bucket's first run makes what its shapes need (allocations, cached tables)
-            for _ in range(CALIBRATION_RUNS):
+        for batch, timed in calibration_runs(buckets):
+            if timed:
                 self.measure(step, batch)
+            else:
+                step(batch)
         self.calibration_s = time.perf_counter() - started
 
     def measure(self, step: Callable[[int], None], batch: int) -> None:
@@ -124,6 +125,12 @@ class StepTimes:
     def snapshot_ms(self) -> dict[int, float]:
         """Expected step ms at each batch size that counts now (the curve), for stats."""
         return {batch: round(1000 * s, 2) for batch, s in self.curve()}
+
+
+def calibration_runs(buckets: list[int]) -> list[tuple[int, bool]]:
+    """(batch, timed) in calibration order: every bucket, largest first, an untimed run (it makes what the bucket's
+    shapes need: allocations, cached tables) then CALIBRATION_RUNS timed ones."""
+    return [(batch, run > 0) for batch in reversed(buckets) for run in range(CALIBRATION_RUNS + 1)]
 
 
 def _interpolate(knots: list[tuple[int, float]], batch: int) -> float | None:

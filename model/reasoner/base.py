@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from model.chroma.turn import ReasonerPair
+from model.engines.realtime import Headroom
 from model.errors import InternalError, InvalidInput
 from model.processing.processor import SPECIAL_TOKENS, ChromaProcessor, Conversation, ReasonerInputs, SpecialIds
 
@@ -68,7 +69,6 @@ class PromptStats:
 @runtime_checkable
 class Reasoner(Protocol):
     processor: ChromaProcessor
-    max_streams: int | None  # conversations it serves at once without queueing them; None: no fixed bound
     context: int  # positions: the prompt and its reply
     max_audios: int | None  # caller utterances one conversation may hold; None: no bound
 
@@ -89,6 +89,14 @@ class Reasoner(Protocol):
 
     def num_unfinished_requests(self) -> int:
         """Streams the engine still holds (a cancelled one must leave at once)."""
+        ...
+
+    def headroom(self) -> Headroom:
+        """Conversations it serves at once in real time (`model.engines.realtime`), from the event loop."""
+        ...
+
+    async def calibrate(self) -> None:
+        """Measure what `headroom` reports before serving (a no-op for an engine that sets no bound)."""
         ...
 
     async def check_health(self) -> None:

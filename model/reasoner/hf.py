@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.chroma.turn import ReasonerPair
+from model.engines.realtime import Headroom
 from model.processing.processor import ChromaProcessor, Conversation, ReasonerInputs
 from model.reasoner.base import (
     PromptStats,
@@ -122,7 +123,6 @@ def load_hf_thinker(path: str | Path, dtype: torch.dtype = torch.float32, device
 class HFReasoner:
     """The Reasoner on transformers (see the module docstring)."""
 
-    max_streams = None  # conversations take turns on one module: no slots to run out of
     max_audios = None  # caller utterances one conversation may hold: no bound
 
     def __init__(self, thinker, processor: ChromaProcessor):
@@ -176,6 +176,12 @@ class HFReasoner:
 
     def num_unfinished_requests(self) -> int:
         return self._live
+
+    def headroom(self) -> Headroom:
+        return Headroom(None)  # conversations take turns on one module: no batch to measure, no slots to run out of
+
+    async def calibrate(self) -> None:
+        """Nothing to measure (`headroom` sets no bound)."""
 
     async def check_health(self) -> None:
         if self._closed:

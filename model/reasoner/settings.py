@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.engines.realtime import StepRtf
 from model.reasoner.base import Reasoner
 
 
@@ -27,6 +28,7 @@ class VLLMSettings(BaseModel):
     enforce_eager: bool = False
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kvcache_gib: int | None = Field(None, ge=1, description="KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    max_step_rtf: StepRtf = 0.8
     row_timeout_s: float = Field(120.0, gt=0, description="wait for a hidden-state row before failing the turn")
 
 

@@ -26,6 +26,13 @@ How a request runs:
   Each request's prompt length and prefix-cache hits (vLLM's `num_cached_tokens`) go to `on_prompt` and into
   `prefix_cache_stats()`.
 - Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
+- **Real-time headroom** (`headroom`, `model.engines.realtime`): a decode step makes one text token per
+  conversation, which the 1:2 interleave speaks as `TOKEN_SECONDS` (160 ms) of audio, so a turn needs 6.25 tokens
+  per second. `calibrate` (before the replica is ready) times decode steps at every batch bucket up to
+  `max_num_seqs` with untagged probe requests (a short prompt, `DECODE_PROBE_TOKENS` tokens each, all at once);
+  every turn's stream then adds the intervals between its outputs at the batch of turns decoding, contention
+  included; while fewer turns decode than the estimate allows, the bucket above it is probed again in the
+  background. Its capacity is the largest batch whose step fits `max_step_rtf` of 160 ms, at most `max_num_seqs`.
 - `warm` computes a prompt a later turn will start with (one untagged token after it), in the background: where a
   turn's commit truncates the history ahead (cluster/pipeline/history.py), the next turn finds that prompt in the
   prefix cache instead of prefilling it while the caller waits; a turn that arrives while the warm-up of its start
@@ -42,6 +49,8 @@ import asyncio
 import logging
 import os
 import shutil
+import statistics
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +58,9 @@ from pathlib import Path
 
 import torch
 
-from model.chroma.turn import ReasonerPair
+from model.chroma.turn import TOKEN_SECONDS, ReasonerPair
+from model.engines.graphs import power_of_two_buckets
+from model.engines.realtime import Headroom, StepTimes, calibration_runs
 from model.processing.audio import REASONER_RATE
 from model.processing.processor import Conversation, PromptLayout
 from model.reasoner.base import (
@@ -82,6 +93,7 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
+DECODE_PROBE_TOKENS = 8  # tokens each probe request decodes: the intervals after its first output are decode steps
 HELD_AUDIO_IDS = 100_000  # audio ids remembered as sent to the engine (vLLM's processor cache evicts by size)
 
 
@@ -170,6 +182,10 @@ class VLLMReasoner:
         self.version = check_vllm_version()
         self.row_timeout_s = settings.row_timeout_s
         self.max_streams = settings.max_num_seqs
+        self.max_step_rtf = settings.max_step_rtf
+        self.steps = StepTimes()  # decode step seconds per batch of conversations (model.engines.realtime)
+        self.buckets = power_of_two_buckets(self.max_streams)
+        self._probe: asyncio.Task | None = None  # a background re-probe of one bucket
         self.max_audios = settings.max_audios_per_prompt
         self.max_audio_seconds = settings.max_audio_seconds
         if settings.cpu_kvcache_gib is not None:
@@ -269,6 +285,55 @@ class VLLMReasoner:
     def holds_audio(self, audio_id: str) -> bool:
         return audio_id in self._held
 
+    # -- real-time headroom --------------------------------------------------------------------------------------
+
+    def headroom(self) -> Headroom:
+        """Conversations this engine decodes at once and keeps real-time (from the event loop); starts a re-probe of
+        the bucket above the estimate in the background while fewer decode."""
+        if self.max_step_rtf is None:
+            return Headroom(self.max_streams)
+        budget = self.max_step_rtf * TOKEN_SECONDS
+        batch = self.steps.probe_batch(len(self._mailboxes), budget, self.max_streams, self.buckets)
+        if batch is not None and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self._measure(batch), name="chroma-decode-probe")
+        return Headroom(self.steps.largest_batch(budget, self.max_streams), self.steps.snapshot_ms())
+
+    async def calibrate(self) -> None:
+        """Time decode steps at every batch bucket (before the replica serves: probe requests are untagged, so they
+        send no hidden rows and no turn sees them)."""
+        started = time.perf_counter()
+        for batch, timed in calibration_runs(self.buckets):
+            seconds = await self._decode_probe(batch)
+            if timed:
+                self.steps.record(batch, seconds)
+        self.steps.calibration_s = time.perf_counter() - started
+
+    async def _measure(self, batch: int) -> None:
+        try:
+            self.steps.record(batch, await self._decode_probe(batch))
+        except Exception as error:  # noqa: BLE001 - a failed probe leaves the curve as it was
+            log.warning("probing decode steps at batch %d failed: %r", batch, error)
+
+    async def _decode_probe(self, batch: int) -> float:
+        """Median seconds between decode outputs of `batch` requests decoding together."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=DECODE_PROBE_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False,
+                                output_kind=RequestOutputKind.DELTA)
+        prompt = {"prompt_token_ids": [self.processor.special_ids.text_start] * 4}
+
+        async def intervals() -> list[float]:
+            seen, last = [], None
+            async for output in self.engine.generate(prompt, params, f"reasoner-probe-{uuid.uuid4().hex}"):
+                now, tokens = time.perf_counter(), len(output.outputs[0].token_ids)
+                if last is not None and tokens:
+                    seen.append((now - last) / tokens)
+                last = now
+            return seen
+
+        return statistics.median(s for run in await asyncio.gather(*(intervals() for _ in range(batch))) for s in run)
+
     def prefix_cache_stats(self) -> dict:
         """Prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
         warmed for a later turn (`warm`; not counted in the others)."""
@@ -340,11 +405,15 @@ class VLLMReasoner:
         )
         box = self._mailboxes[request_id] = _Mailbox()
         outputs = self.engine.generate(vllm_prompt(layout), params, request_id)
-        produced = 0
+        produced, last = 0, None
         try:
             async for output in outputs:
+                now = time.perf_counter()
                 if produced == 0:
                     self._started(layout, output, prompt_len, on_prompt)
+                elif output.outputs[0].token_ids:  # a decode step's interval, at the batch of turns decoding now
+                    self.steps.record(len(self._mailboxes), (now - last) / len(output.outputs[0].token_ids))
+                last = now
                 if output.prompt_token_ids is not None and len(output.prompt_token_ids) != prompt_len:
                     raise ReasonerEngineError(
                         f"vLLM expanded the prompt to {len(output.prompt_token_ids)} tokens, the processor to {prompt_len}"
@@ -398,7 +467,7 @@ class VLLMReasoner:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        for task in list(self._warming):
+        for task in [*self._warming, *([self._probe] if self._probe else [])]:
             task.cancel()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
