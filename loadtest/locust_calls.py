@@ -129,6 +129,7 @@ class RealtimeCall(Caller):
             if found["type"] == "response.done":
                 error = (found["response"].get("status_details") or {}).get("error") or {}
                 if error.get("code") == "over_capacity":
+                    await call.next_reply(timeout_s=5)  # the refused reply is taken: the next one is the retry's
                     raise Refused("realtime reply", "over_capacity")
                 raise RuntimeError(f"the reply ended {found['response']['status']} before any audio: {error}")
             return found
