@@ -212,6 +212,35 @@ async def test_concurrent_appends_exactly_one_wins(store, redis_db):
     assert await store.get_session("acme", session.id) == got
 
 
+async def test_reads_during_a_commit_do_not_fail_it(store, redis_db):
+    """Reading a session refreshes its TTL, which WATCH counts as a write: a commit that a read (a client polling
+    the session) overlapped reads again instead of failing with version_conflict. Seen on a live call."""
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    key = store._session_keys("acme", session.id)[0]
+    reads = []
+    real_get = store.redis.pipeline
+
+    def pipeline(*args, **kwargs):
+        pipe = real_get(*args, **kwargs)
+        execute = pipe.execute
+
+        async def read_first():
+            if len(reads) < 2:  # the first two attempts each see a read land before their EXEC
+                reads.append(await redis_db.getex(key, ex=60))
+            return await execute()
+
+        pipe.execute = read_first
+        return pipe
+
+    store.redis.pipeline = pipeline
+    try:
+        got = await store.append_turn("acme", session.id, pcm(0.2), "reply", expected_version=0)
+    finally:
+        del store.redis.pipeline
+    assert len(reads) == 2 and got.version == 1
+    assert (await store.get_session("acme", session.id)).history[1].text == "reply"
+
+
 async def test_cancelled_append_is_all_or_nothing(store, redis_db):
     """Cancel a commit after 0, 1, 2, ... loop iterations, until one finishes first: each time the session is
     either untouched or holds the whole turn (document and audio), never half of it. (On Python 3.11 a cancel

@@ -156,6 +156,7 @@ class KeyPress(BaseModel):
 
 
 MAX_KEY_PRESSES = 64  # a session keeps the latest ones
+WRITE_ATTEMPTS = 3  # reads of a session between our read and our write (they refresh its TTL) make us read again
 
 
 class Session(BaseModel):
@@ -382,7 +383,7 @@ class StateStore:
             if message.audio_bytes:
                 pipe.hdel(self._session_keys(tenant, session_id)[1], item_id)
 
-        return await self._update_any_version(tenant, session_id, delete)
+        return await self._update_session(tenant, session_id, None, delete)
 
     async def revise_reply(
         self, tenant: str, session_id: str, version: int, assistant_text: str, positions: int | None = None
@@ -419,42 +420,37 @@ class StateStore:
         def press(session: Session, pipe) -> None:
             session.key_presses = [*session.key_presses, KeyPress(digit=digit, at=_now())][-MAX_KEY_PRESSES:]
 
-        return await self._update_any_version(tenant, session_id, press)
-
-    async def _update_any_version(self, tenant: str, session_id: str, change) -> Session:
-        """`_update_session` of a change that holds whatever the version: read again when another write landed."""
-        for attempt in range(3):
-            try:
-                return await self._update_session(tenant, session_id, None, change)
-            except VersionConflict:  # another write landed between our read and our commit: read again
-                if attempt == 2:
-                    raise
+        return await self._update_session(tenant, session_id, None, press)
 
     async def _update_session(self, tenant: str, session_id: str, expected_version: int | None, change) -> Session:
         """Read the session, apply `change(session, pipe)` (which may queue more commands on `pipe`) and write it
-        back in one transaction, if it is still at `expected_version` (None: whatever its version)."""
+        back in one transaction, if it is still at `expected_version` (None: whatever its version).
+
+        WATCH makes EXEC fail when anything touched the key between our read and our commit, a read refreshing its
+        TTL included: then read again, and the version decides whether that was a conflicting write."""
         if not _SESSION_ID.fullmatch(session_id):
             raise NotFound("session", session_id)
         key, _ = self._session_keys(tenant, session_id)
         await self._require_durable()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            # WATCH makes EXEC fail if another writer changes the document between our read and our commit.
-            await pipe.watch(key)
-            raw = await pipe.get(key)
-            if raw is None:
-                raise NotFound("session", session_id)
-            session = Session.model_validate_json(raw)
-            if expected_version is not None and session.version != expected_version:
-                raise VersionConflict(session_id, expected_version, session.version)
-            pipe.multi()
-            change(session, pipe)
-            session.updated_at = _now()
-            pipe.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
-            try:
-                await pipe.execute()
-            except WatchError:
-                raise VersionConflict(session_id, expected_version) from None
-        return session
+        for attempt in range(WRITE_ATTEMPTS):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                raw = await pipe.get(key)
+                if raw is None:
+                    raise NotFound("session", session_id)
+                session = Session.model_validate_json(raw)
+                if expected_version is not None and session.version != expected_version:
+                    raise VersionConflict(session_id, expected_version, session.version)
+                pipe.multi()
+                change(session, pipe)
+                session.updated_at = _now()
+                pipe.set(key, session.model_dump_json(), ex=self.settings.session_ttl_s)
+                try:
+                    await pipe.execute()
+                    return session
+                except WatchError:
+                    if attempt == WRITE_ATTEMPTS - 1:
+                        raise VersionConflict(session_id, expected_version) from None
 
     async def load_history_audio(self, session: Session) -> list[bytes | None]:
         """The caller audio (16 kHz PCM16) of each message in `session.history` (None for messages without)."""
