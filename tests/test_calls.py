@@ -19,7 +19,9 @@ import websockets
 from cluster.api.admission import AdmissionSettings
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
-from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
+from cluster.calls.cursor import PlaybackCursor
+from cluster.calls.reply import Reply, ReplyState, UserInput
+from cluster.calls.session import CallSession
 from cluster.calls.settings import CallSettings
 from cluster.ops.call_client import ReplyPlayback
 from cluster.ops.client import TurnReply, playback_gaps
@@ -220,7 +222,8 @@ async def test_a_barge_in_and_a_truncate_settling_one_reply_commit_it_once(redis
                        CallSettings(), ApiMetrics())
     await call.configure(voice_id=voice.id)
     reply = Reply(id="resp_1", item_id="item_2", user=UserInput("item_1", audio=np.zeros(1600, np.float32)),
-                  cursor=PlaybackCursor(), committed_at=None, vad_window_s=0.0, status="cancelled")
+                  cursor=PlaybackCursor(), committed_at=None, vad_window_s=0.0, state=ReplyState.INTERRUPTED,
+                  outcome="cancelled")
     reply.cursor.report_played(0)  # the truncate: the caller heard none of it
     await asyncio.gather(call._settle(reply), call._settle(reply))
     session = await store.get_session("acme", call.session.id)

@@ -14,7 +14,8 @@ from prometheus_client import generate_latest
 
 from cluster.api.admission import Admission, AdmissionSettings
 from cluster.api.metrics import ApiMetrics
-from cluster.calls.session import CallError, CallSession, ReplyAudio, ReplyFinished
+from cluster.calls.events import CallError, ReplyAudio, ReplyFinished
+from cluster.calls.session import CallSession
 from cluster.calls.settings import CallSettings
 from cluster.config import AppConfig
 from cluster.pipeline.local import LocalTurnBackend
@@ -90,7 +91,7 @@ async def test_two_calls_share_one_reply_place(store, backend, voice_id):
         calls = [await new_call(store, backend, metrics, admission, voice_id) for _ in range(2)]
         replies = await asyncio.gather(*(reply_of(call) for call in calls))
         for events in replies:
-            assert events[-1].reply.status == "completed" and any(isinstance(e, ReplyAudio) for e in events)
+            assert events[-1].outcome == "completed" and any(isinstance(e, ReplyAudio) for e in events)
         text = _text(metrics)
         assert 'chroma_admissions_total{kind="reply",outcome="admitted"} 1.0' in text
         assert 'chroma_admissions_total{kind="reply",outcome="queued"} 1.0' in text  # it waited for the first
@@ -117,12 +118,12 @@ async def test_a_reply_that_gets_no_place_fails_in_band_and_the_call_goes_on(sto
         events = await reply_of(call)
         [error] = [e for e in events if isinstance(e, CallError)]
         assert error.code == "over_capacity" and "every reply place was busy" in error.message
-        assert events[-1].reply.status == "failed" and events[-1].reply.reason == "over_capacity"
+        assert events[-1].outcome == "failed" and events[-1].reason == "over_capacity"
         assert not any(isinstance(e, ReplyAudio) for e in events)
         assert 'chroma_admissions_total{kind="reply",outcome="over_capacity"} 1.0' in _text(metrics)
         await elsewhere.release("turn_elsewhere", "globex", "turn")
         events = await reply_of(call, text=None)  # the same turn, answered now
-        assert events[-1].reply.status == "completed" and any(isinstance(e, ReplyAudio) for e in events)
+        assert events[-1].outcome == "completed" and any(isinstance(e, ReplyAudio) for e in events)
         await call.close()
         assert await elsewhere.live("reply") == 0  # its place is free again
     finally:

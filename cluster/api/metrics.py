@@ -89,3 +89,14 @@ class ApiMetrics:
             self.voice_to_voice.labels(window)
         for what in ("messages", "caller_audio"):
             self.history_dropped.labels(what)
+
+    # The call engine's metrics (cluster.calls.metrics.CallMetrics).
+    def observe_voice_to_voice(self, seconds: float, vad_window_s: float) -> None:
+        self.voice_to_voice.labels("excluded").observe(seconds)
+        self.voice_to_voice.labels("included").observe(seconds + vad_window_s)
+
+    def observe_barge_in(self, seconds: float) -> None:
+        self.barge_in.observe(seconds)
+
+    def count_underrun(self) -> None:
+        self.call_underruns.inc()

@@ -23,31 +23,23 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 
-from cluster.api.services import Services
-from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
 from cluster.api.admission import Ticket
+from cluster.api.services import Services
+from cluster.calls.audio import InboundAudio, LineFormat
+from cluster.calls.cursor import MarkCursor
+from cluster.calls.events import CallError, CallEvent, PlaybackStopped, ReplyAudio, ReplyFinished, ReplyStarted
+from cluster.calls.session import CallSession
 from cluster.calls.settings import TelephonySettings
+from cluster.calls.transport import BadMessage, CallTransport, ReplyEncoders
 from cluster.calls.vad import TurnDetection
-from cluster.calls.session import (
-    CallError,
-    CallEvent,
-    CallSession,
-    PlaybackCursor,
-    PlaybackStopped,
-    Reply,
-    ReplyAudio,
-    ReplyFinished,
-    ReplyStarted,
-)
 from model.errors import ChromaError
 
 log = logging.getLogger(__name__)
@@ -98,20 +90,9 @@ async def _serve(websocket: WebSocket, dialect: Dialect) -> None:
     await MediaStreamCall(websocket, websocket.app.state.services, dialect).run()
 
 
-class MarkCursor(PlaybackCursor):
-    """Played ms come from the carrier's echoed marks alone (and so do underruns: see `_acknowledge`)."""
-
-    def sent(self, ms: float) -> None:
-        self.first_sent_at = self.first_sent_at or self.clock()
-        self.sent_ms += ms
-
-    def played_ms(self) -> float:
-        return self.reported_ms or 0.0
-
-
 @dataclass
 class _Sent:
-    reply: Reply
+    reply_id: str
     mark: str
     reply_ms: float  # of this reply, sent when the mark was
     total_ms: float  # of the whole call, sent when the mark was
@@ -119,7 +100,8 @@ class _Sent:
 
 class MediaStreamCall:
     def __init__(self, websocket: WebSocket, services: Services, dialect: Dialect):
-        self.websocket, self.services, self.dialect = websocket, services, dialect
+        self.services, self.dialect = services, dialect
+        self.transport = CallTransport(websocket, services.call_settings.max_message_bytes)
         self.settings: TelephonySettings = services.telephony_settings
         self.id = f"call_{uuid.uuid4().hex[:16]}"
         self.stream_id: str | None = None
@@ -127,29 +109,25 @@ class MediaStreamCall:
         self.ticket: Ticket | None = None
         self.inbound: InboundAudio | None = None
         self.line = LineFormat.PCMU
-        self.outbox: deque[tuple[Reply, bytes]] = deque()  # encoded, not yet sent
+        self.outbox: deque[tuple[str, bytes]] = deque()  # (reply id, encoded audio) not yet sent
         self.pending_bytes: dict[str, bytes] = {}  # per reply: less than a 20 ms frame, held for the next chunk
-        self.encoders: dict[str, OutboundAudio] = {}
+        self.encoders = ReplyEncoders()
         self.unacked: deque[_Sent] = deque()
         self.sent_ms = 0.0  # the whole call's
         self.acked_ms = 0.0
         self.marks_arrived = asyncio.Event()
         self.outbox_filled = asyncio.Event()
-        self.cleared: set[str] = set()  # replies whose queued audio a `clear` dropped: their marks mean nothing
 
     # ---- the call ------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        tasks: list[asyncio.Task] = []
         try:
-            while True:
-                message = await self._receive()
-                if message is None:
-                    return
+            while (message := await self._receive()) is not None:
                 kind = message.get("event")
                 if kind == "start" and self.call is None:
                     if not await self._start(message):
                         return
-                    tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._pace())]
+                    self.transport.spawn(self._write())
+                    self.transport.spawn(self._pace())
                 elif kind == "stop":
                     return
                 elif self.call is None and kind != "connected":
@@ -157,41 +135,15 @@ class MediaStreamCall:
                 else:
                     await self._handle(kind, message)
         finally:
-            if self.call is not None:
-                await self.call.close()
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self.transport.teardown(self.call)
             if self.ticket is not None:
                 await self.services.release_call(self.ticket, self.dialect.name)
-            with contextlib.suppress(Exception):
-                await self.websocket.close()
 
     async def _receive(self) -> dict | None:
-        """The next JSON message (malformed ones are logged and skipped); None once the carrier hung up."""
-        while True:
-            try:
-                received = await self.websocket.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return None
-            if received["type"] == "websocket.disconnect":
-                return None
-            text = received.get("text")
-            if text is None:
-                self._bad("a binary frame")
-                continue
-            if len(text) > self.services.call_settings.max_message_bytes:
-                self._bad("message too large")
-                continue
-            try:
-                message = json.loads(text)
-            except json.JSONDecodeError:
-                self._bad("malformed JSON")
-                continue
-            if isinstance(message, dict):
-                return message
-            self._bad("a message that is not an object")
+        """The next JSON message (bad ones are logged and skipped); None once the carrier hung up."""
+        while isinstance(message := await self.transport.receive(), BadMessage):
+            self._bad(message.message)
+        return message
 
     async def _start(self, message: dict) -> bool:
         """Authenticate and admit the call from its custom parameters; False (the socket closed) if refused."""
@@ -229,7 +181,7 @@ class MediaStreamCall:
         """Close with 1013 (try again later) where the same call may be taken later, else 1008 (policy violation)."""
         self.services.metrics.calls_refused.labels(code).inc()
         log.warning("%s call %s refused: %s (%s)", self.dialect.name, self.id, reason, code)
-        await self.websocket.close(code=1013 if retry_later else 1008, reason=code)
+        await self.transport.close(code=1013 if retry_later else 1008, reason=code)
         return False
 
     async def _handle(self, kind: str | None, message: dict) -> None:
@@ -276,29 +228,31 @@ class MediaStreamCall:
 
     async def _on_event(self, event: CallEvent) -> None:
         if isinstance(event, ReplyStarted):
-            self.encoders[event.reply.id] = OutboundAudio(self.line)
+            self.encoders.start(event.reply_id, self.line)
         elif isinstance(event, ReplyAudio):
-            self._queue(event.reply, self.encoders[event.reply.id].encode(event.audio))
+            self._queue(event.reply_id, self.encoders.encode(event.reply_id, event.audio))
         elif isinstance(event, ReplyFinished):
-            encoder = self.encoders.pop(event.reply.id, None)
-            if encoder is not None and event.reply.id not in self.cleared:
-                self._queue(event.reply, encoder.flush(), last=True)
+            tail = self.encoders.finish(event)
+            if event.outcome == "completed":
+                self._queue(event.reply_id, tail, last=True)
+            else:  # an unfinished reply's last part frame is not worth a padded one
+                self.pending_bytes.pop(event.reply_id, None)
         elif isinstance(event, PlaybackStopped):
-            await self._clear(event.reply)
+            await self._clear(event.reply_id)
         elif isinstance(event, CallError):
             log.warning("%s call %s: %s (%s)", self.dialect.name, self.id, event.message, event.code)
 
-    def _queue(self, reply: Reply, data: bytes, last: bool = False) -> None:
+    def _queue(self, reply_id: str, data: bytes, last: bool = False) -> None:
         """Whole 20 ms frames only: what is left over waits for the next chunk (or is padded, at the end)."""
         frame = 20 * self.bytes_per_ms
-        data = self.pending_bytes.pop(reply.id, b"") + data
+        data = self.pending_bytes.pop(reply_id, b"") + data
         if last and len(data) % frame:
             data += SILENCE[self.line] * (frame - len(data) % frame)
         whole = len(data) - len(data) % frame
         if len(data) > whole:
-            self.pending_bytes[reply.id] = data[whole:]
+            self.pending_bytes[reply_id] = data[whole:]
         if whole:
-            self.outbox.append((reply, data[:whole]))
+            self.outbox.append((reply_id, data[:whole]))
             self.outbox_filled.set()
 
     async def _pace(self) -> None:
@@ -308,7 +262,10 @@ class MediaStreamCall:
             while not self.outbox:
                 self.outbox_filled.clear()
                 await self.outbox_filled.wait()
-            reply, data = self.outbox[0]
+            reply_id, data = self.outbox[0]
+            if not self.call.may_play(reply_id):  # interrupted: its `clear` is on the way, and nothing more goes out
+                self.outbox.popleft()
+                continue
             room_ms = self.settings.max_lead_ms - (self.sent_ms - self.acked_ms)
             size = min(len(data), chunk, int(room_ms // 20) * 20 * self.bytes_per_ms)
             if size <= 0:
@@ -317,20 +274,20 @@ class MediaStreamCall:
                 continue
             piece, rest = data[:size], data[size:]
             if rest:
-                self.outbox[0] = (reply, rest)
+                self.outbox[0] = (reply_id, rest)
             else:
                 self.outbox.popleft()
-            await self._send_media(reply, piece)
+            await self._send_media(reply_id, piece)
 
-    async def _send_media(self, reply: Reply, piece: bytes) -> None:
+    async def _send_media(self, reply_id: str, piece: bytes) -> None:
         ms = len(piece) / self.bytes_per_ms
-        self.call.audio_sent(reply, ms)
+        reply_ms = self.call.audio_sent(reply_id, ms)
         self.sent_ms += ms
-        mark = f"{reply.id}:{int(reply.cursor.sent_ms)}"
-        self.unacked.append(_Sent(reply, mark, reply.cursor.sent_ms, self.sent_ms))
-        await self._send({"event": "media", self.dialect.stream_key: self.stream_id,
-                          "media": {"payload": base64.b64encode(piece).decode()}})
-        await self._send({"event": "mark", self.dialect.stream_key: self.stream_id, "mark": {"name": mark}})
+        mark = f"{reply_id}:{int(reply_ms)}"
+        self.unacked.append(_Sent(reply_id, mark, reply_ms, self.sent_ms))
+        await self.transport.send({"event": "media", self.dialect.stream_key: self.stream_id,
+                                   "media": {"payload": base64.b64encode(piece).decode()}})
+        await self.transport.send({"event": "mark", self.dialect.stream_key: self.stream_id, "mark": {"name": mark}})
 
     def _acknowledge(self, name: str | None) -> None:
         """A mark came back: everything sent before it has played."""
@@ -339,24 +296,17 @@ class MediaStreamCall:
         while self.unacked:
             sent = self.unacked.popleft()
             self.acked_ms = sent.total_ms
-            sent.reply.cursor.report_played(sent.reply_ms)
             if sent.mark == name:
                 break
-        if not self.unacked and sent.reply.status == "in_progress" and not self.outbox:
-            self.services.metrics.call_underruns.inc()  # the carrier played everything; the reply was not done
+        self.call.mark_acked(sent.reply_id, sent.reply_ms, drained=not self.unacked and not self.outbox)
         self.marks_arrived.set()
 
-    async def _clear(self, reply: Reply) -> None:
+    async def _clear(self, reply_id: str) -> None:
         """Barge-in: drop what the carrier has queued, and what we had not sent yet."""
-        self.cleared.add(reply.id)
-        self.outbox = deque((r, d) for r, d in self.outbox if r is not reply)
-        self.pending_bytes.pop(reply.id, None)
+        self.outbox = deque((r, d) for r, d in self.outbox if r != reply_id)
+        self.pending_bytes.pop(reply_id, None)
         self.unacked.clear()  # the carrier echoes their marks after a clear: they say nothing was played
         self.acked_ms = self.sent_ms  # its queue is empty now
         self.marks_arrived.set()
-        await self._send({"event": "clear", self.dialect.stream_key: self.stream_id})
-        reply.cursor.stopped.set()
-
-    async def _send(self, message: dict) -> None:
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            await self.websocket.send_text(json.dumps(message, separators=(",", ":")))
+        await self.transport.send({"event": "clear", self.dialect.stream_key: self.stream_id})
+        self.call.playback_stopped(reply_id)

@@ -2,16 +2,18 @@
 
 Plain Python, no Ray. It takes the caller's audio as it arrives (16 kHz float32), runs turn detection
 (cluster.calls.vad), commits the caller's turn at the end of speech, starts the reply through the turn pipeline
-(the same `TurnBackend.run_turn` the HTTP API uses), streams the reply out as `CallEvent`s and keeps each
-reply's playback cursor: generated, sent and played ms.
+(the same `TurnBackend.run_turn` the HTTP API uses) and streams it out as `CallEvent`s (cluster.calls.events).
+Each reply's life is one `ReplyState` (cluster.calls.reply), moved here and nowhere else.
 
-- Barge-in: caller speech during a reply cancels it, which frees every slot down to the Reasoner's request.
+- Barge-in: caller speech during a reply interrupts it in the same step that says the caller spoke, so not one
+  more event of that reply follows; its generation is then cancelled, which frees every slot down to the
+  Reasoner's request.
 - History: the session (Redis) commits only what the caller heard: the reply text keeps exactly the tokens
   whose frames were played (token k enters with frame 2k; `TextDelta.at_frame` says which frame exactly), in
-  one atomic turn commit once the reply is over for the caller. A later, shorter report of what was played
-  (`truncate`) revises it.
-- Early start: optionally, the reply starts while the caller is still in the silence window; its events are
-  held back until the window ends, and the reply is dropped without a trace if the caller resumes.
+  one atomic turn commit once the reply is over for the caller. A truncate revises it, never below what an
+  earlier truncate of the same item kept.
+- Early start: optionally, the reply starts while the caller is still in the silence window (SPECULATIVE); what
+  it says is held back until the window ends, and it is dropped without a trace if the caller resumes.
 - Reply places: with admission control (`places`), a reply holds one of the cluster's reply places only while it
   is generated; when none frees up within the line's budget the reply fails in-band (`over_capacity`) and the
   caller's turn waits to be answered with the next one.
@@ -19,8 +21,8 @@ reply's playback cursor: generated, sent and played ms.
   it drops leaves the session with the turn's commit, and the call says so (`ItemDeleted`), as it does for an
   item the client deletes (`delete_item`).
 
-The protocol owns the transport: it reads `events()`, sends them, tells `audio_sent` what it sent and, where
-the transport says what was played (telephony marks), reports it on the reply's cursor.
+The protocol owns the transport: it reads `events()`, sends them, and reports what happened by id: `audio_sent`,
+`playback_stopped` and, where the far end acknowledges playback (telephony marks), `mark_acked`.
 """
 
 from __future__ import annotations
@@ -31,15 +33,34 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 
-from cluster.api.metrics import ApiMetrics
+from cluster.calls.cursor import PlaybackCursor
+from cluster.calls.events import (
+    CallError,
+    CallEvent,
+    InputCleared,
+    InputCommitted,
+    ItemDeleted,
+    ItemTruncated,
+    Outcome,
+    PlaybackStopped,
+    ReplyAudio,
+    ReplyFinished,
+    ReplyStarted,
+    ReplyText,
+    SpeechStartedEvent,
+    SpeechStoppedEvent,
+)
+from cluster.calls.metrics import CallMetrics
+from cluster.calls.reply import FRAME_MS, Reply, ReplyState, UserInput
 from cluster.calls.settings import CallSettings
+from cluster.calls.transport import cancel_quietly
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
-from cluster.pipeline.history import TurnPlan, UserTurn
+from cluster.pipeline.history import UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
 from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
@@ -50,104 +71,8 @@ from model.processing.processor import ChromaProcessor
 
 log = logging.getLogger(__name__)
 
-FRAME_MS = 80  # one Mimi frame
 MIN_COMMIT_MS = 100
 PLAYBACK_STOP_WAIT_S = 1.0  # how long a barge-in waits for the protocol to stop the far end's playback
-
-
-# ---- playback ---------------------------------------------------------------------------------------------
-class PlaybackCursor:
-    """Generated, sent and played ms of one reply. Without word from the far end (OpenAI Realtime over a
-    WebSocket cannot hear the client's playback) it assumes real-time playback from the first audio sent;
-    `report_played` replaces the estimate with what the far end said it played (a truncation, a mark)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.generated_ms = 0.0
-        self.sent_ms = 0.0
-        self.first_sent_at: float | None = None
-        self.reported_ms: float | None = None
-        self.underruns = 0
-        self.stopped = asyncio.Event()  # set by the protocol once playback was stopped for a barge-in
-
-    def sent(self, ms: float) -> None:
-        now = self.clock()
-        if self.first_sent_at is None:
-            self.first_sent_at = now
-        elif 1000 * (now - self.first_sent_at) > self.sent_ms + 20:  # the far end ran dry before this arrived
-            self.underruns += 1
-            self.first_sent_at = now - self.sent_ms / 1000  # playback resumes from here
-        self.sent_ms += ms
-
-    def report_played(self, ms: float) -> None:
-        self.reported_ms = ms
-
-    def played_ms(self) -> float:
-        if self.reported_ms is not None:
-            return self.reported_ms
-        if self.first_sent_at is None:
-            return 0.0
-        return min(self.sent_ms, 1000 * (self.clock() - self.first_sent_at))
-
-    async def wait_played(self, target_ms: float, stall_s: float = 5.0) -> None:
-        """Until `target_ms` have played, or nothing more has played for `stall_s`."""
-        last, stalled_since = -1.0, self.clock()
-        while (played := self.played_ms()) < target_ms:
-            if played > last:
-                last, stalled_since = played, self.clock()
-            elif self.clock() - stalled_since > stall_s:
-                return
-            await asyncio.sleep(min(0.25, max(0.01, (target_ms - played) / 1000)))
-
-
-# ---- what a call emits ------------------------------------------------------------------------------------
-@dataclass
-class UserInput:
-    """The caller's turn waiting for (or answered by) a reply."""
-
-    item_id: str
-    audio: np.ndarray | None = None  # 16 kHz float32
-    text: str | None = None
-
-    def extend(self, later: UserInput) -> None:
-        """Two commits before a reply are one turn."""
-        if later.audio is not None:
-            self.audio = later.audio if self.audio is None else np.concatenate([self.audio, later.audio])
-        if later.text:
-            self.text = f"{self.text} {later.text}" if self.text else later.text
-
-    def turn(self) -> UserTurn:
-        return UserTurn.of(self.item_id, self.audio, self.text)
-
-
-@dataclass
-class Reply:
-    """One assistant reply of a call."""
-
-    id: str
-    item_id: str
-    user: UserInput
-    cursor: PlaybackCursor
-    committed_at: float | None  # the caller's turn was committed (voice-to-voice latency counts from here)
-    vad_window_s: float  # how long the turn detector waited in silence before that
-    task: asyncio.Task | None = None
-    held: list | None = None  # events held back while the reply is speculative (early start)
-    status: Literal["in_progress", "completed", "cancelled", "failed"] = "in_progress"
-    reason: str | None = None  # why it was cancelled (turn_detected, client_cancelled, ...) or failed
-    tokens: list[tuple[int, list[int]]] = field(default_factory=list)  # (frame it entered with, tokens)
-    transcript: str = ""
-    frames: int = 0  # generated
-    plan: TurnPlan | None = None  # its prompt, as the history policy planned it
-    committed_version: int | None = None  # the session version its turn was committed as
-    committed_text: str | None = None
-    settled: bool = False  # over for the caller: no more history changes but a truncation's
-    barged_in: bool = False
-    # A barge-in and the client's truncate can settle one reply at once: one commit, then revisions, in order.
-    settling: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
-
-    @property
-    def audio_ms(self) -> int:
-        return self.frames * FRAME_MS
 
 
 class Place(Protocol):
@@ -166,85 +91,12 @@ class ReplyPlaces(Protocol):
         """A reply failed with `error` (a replica that died takes its stage out of admission)."""
 
 
-@dataclass
-class CallEvent:
-    pass
+@dataclass(frozen=True)
+class _Ended:
+    """Held by a SPECULATIVE reply whose generation ended: replayed, in order, when the reply is taken over."""
 
-
-@dataclass
-class SpeechStartedEvent(CallEvent):
-    item_id: str
-    audio_start_ms: int
-
-
-@dataclass
-class SpeechStoppedEvent(CallEvent):
-    item_id: str
-    audio_end_ms: int
-
-
-@dataclass
-class InputCommitted(CallEvent):
-    item_id: str
-    previous_item_id: str | None
-    text: str | None  # a typed user message; None for caller audio
-
-
-@dataclass
-class InputCleared(CallEvent):
-    pass
-
-
-@dataclass
-class ReplyStarted(CallEvent):
-    reply: Reply
-
-
-@dataclass
-class ReplyAudio(CallEvent):
-    reply: Reply
-    audio: np.ndarray  # float32 at CODEC_RATE
-
-
-@dataclass
-class ReplyText(CallEvent):
-    reply: Reply
-    delta: str
-
-
-@dataclass
-class ReplyFinished(CallEvent):
-    reply: Reply
-
-
-@dataclass
-class PlaybackStopped(CallEvent):
-    """The caller barged in on a reply: what is still queued at the far end should be dropped (telephony
-    `clear`); the reply's generation, if any, has already stopped."""
-
-    reply: Reply
-
-
-@dataclass
-class ItemTruncated(CallEvent):
-    item_id: str
-    audio_end_ms: int
-
-
-@dataclass
-class ItemDeleted(CallEvent):
-    """An item left the conversation: the client deleted it, or the session's truncation dropped it."""
-
-    item_id: str
-
-
-@dataclass
-class CallError(CallEvent):
-    """Something the client should know about; the call goes on."""
-
-    code: str
-    message: str
-    event_id: str | None = None
+    outcome: Outcome
+    reason: str | None
 
 
 class CallSession:
@@ -252,7 +104,7 @@ class CallSession:
 
     def __init__(
         self, tenant: str, state: StateStore, backend: TurnBackend, processor: ChromaProcessor,
-        settings: CallSettings, metrics: ApiMetrics, cursor_factory: Callable[[], PlaybackCursor] = PlaybackCursor,
+        settings: CallSettings, metrics: CallMetrics, cursor_factory: Callable[[], PlaybackCursor] = PlaybackCursor,
         places: ReplyPlaces | None = None,
     ):
         self.tenant, self.state, self.backend, self.processor = tenant, state, backend, processor
@@ -271,10 +123,10 @@ class CallSession:
         self.vad_window_s = 0.0
         self.pending: UserInput | None = None  # committed, not yet answered
         self.last_item_id: str | None = None
-        self.reply: Reply | None = None  # generating or playing, not yet settled
+        self.reply: Reply | None = None  # generating or playing, not yet committed
         self.speculative: Reply | None = None
         self._interrupting: asyncio.Task | None = None  # a barge-in still settling its reply
-        self.replies: dict[str, Reply] = {}  # assistant item id -> reply, for truncation
+        self.replies: dict[str, Reply] = {}  # by id: every reply the caller heard of, for what the protocol reports
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
 
@@ -327,9 +179,13 @@ class CallSession:
         if isinstance(event, SpeechStarted):
             self.speech_item_id = _item_id()
             self.emit(SpeechStartedEvent(self.speech_item_id, event.audio_start_ms))
-            if self.reply is not None and not self.reply.barged_in and detection.interrupt_response:
+            reply = self.reply
+            if reply is not None and reply.audible and detection.interrupt_response:
+                started = time.monotonic()
+                self._interrupt(reply, "turn_detected")
+                self.emit(PlaybackStopped(reply.id, reply.item_id))
                 # Its own task: the protocol keeps reading (telephony marks say what was played until it stopped).
-                self._interrupting = self._spawn(self._barge_in(self.reply))
+                self._interrupting = self._spawn(self._barge_in(reply, started))
         elif isinstance(event, SilenceStarted) and detection.early_start and detection.create_response:
             await self._start_speculative(event.audio)
         elif isinstance(event, SpeechResumed):
@@ -387,7 +243,7 @@ class CallSession:
     # ---- replies -----------------------------------------------------------------------------------------
     async def create_response(self) -> None:
         """response.create."""
-        if self.reply is not None and self.reply.status == "in_progress":
+        if self.reply is not None and self.reply.generating:
             raise InvalidInput("a response is already in progress; cancel it first",
                                code="conversation_already_has_active_response")
         if self.pending is None:
@@ -398,18 +254,22 @@ class CallSession:
     async def cancel_response(self, response_id: str | None = None) -> None:
         """response.cancel."""
         reply = self.reply
-        if reply is None or reply.status != "in_progress" or (response_id and response_id != reply.id):
+        if reply is None or not reply.generating or (response_id and response_id != reply.id):
             raise InvalidInput("there is no active response to cancel", code="response_cancel_not_active")
         await self._stop(reply, "client_cancelled")
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
-        """conversation.item.truncate: the caller heard `audio_end_ms` of the reply item."""
-        reply = self.replies.get(item_id)
+        """conversation.item.truncate: the caller heard `audio_end_ms` of the reply item. A second truncate of the
+        item keeps at least what the first kept: played audio cannot be unplayed, so a shorter one is a client
+        that lost track (pipecat took a stray delta for a new reply once), not news."""
+        reply = next((r for r in self.replies.values() if r.item_id == item_id), None)
         if reply is None:
             raise InvalidInput(f"no assistant item {item_id!r} with audio in this call", code="item_not_found")
         if not 0 <= audio_end_ms <= reply.audio_ms:
             raise InvalidInput(f"audio_end_ms {audio_end_ms} is beyond the item's {reply.audio_ms} ms of audio",
                                code="invalid_audio_end_ms")
+        audio_end_ms = max(audio_end_ms, reply.truncated_ms or 0)
+        reply.truncated_ms = audio_end_ms
         reply.cursor.report_played(audio_end_ms)
         await self._stop(reply, "truncated")
         self.emit(ItemTruncated(item_id, audio_end_ms))
@@ -428,7 +288,7 @@ class CallSession:
                 self.session = await self.state.delete_item(self.tenant, self.session.id, item_id)
             except NotFound:
                 raise InvalidInput(f"no item {item_id!r} in this conversation", code="item_not_found") from None
-            self.replies.pop(item_id, None)
+            self.replies = {id: r for id, r in self.replies.items() if r.item_id != item_id}
         self.emit(ItemDeleted(item_id))
 
     async def _answer(self) -> None:
@@ -441,21 +301,22 @@ class CallSession:
         user, self.pending = self.pending, None
         reply, self.speculative = self.speculative, None
         if reply is None:
-            reply = self._launch(user, held=None)
+            reply = self._launch(user, ReplyState.SPEAKING)
         else:  # the same audio, now committed under its item id
             reply.user, reply.committed_at, reply.vad_window_s = user, self.committed_at, self.vad_window_s
-        self.reply = reply
-        self.replies[reply.item_id] = reply
-        self.emit(ReplyStarted(reply))
-        held, reply.held = reply.held or [], None
+            reply.move(ReplyState.SPEAKING)
+        self.reply = self.replies[reply.id] = reply
+        self.emit(ReplyStarted(reply.id, reply.item_id))
+        held, reply.held = reply.held, []
         for event in held:
-            self.emit(event)
-        if reply.task.done():  # it finished while held back
-            self._finished(reply)
+            if isinstance(event, _Ended):
+                self._generation_ended(reply, event.outcome, event.reason)
+            else:
+                self.emit(event)
 
-    def _launch(self, user: UserInput, held: list | None) -> Reply:
+    def _launch(self, user: UserInput, state: ReplyState) -> Reply:
         reply = Reply(id=_response_id(), item_id=_item_id(), user=user, cursor=self.cursor_factory(),
-                      committed_at=self.committed_at, vad_window_s=self.vad_window_s, held=held)
+                      committed_at=self.committed_at, vad_window_s=self.vad_window_s, state=state)
         reply.task = self._spawn(self._generate(reply))
         return reply
 
@@ -465,15 +326,18 @@ class CallSession:
         if self.pending is not None:  # earlier commits not yet answered are part of this turn
             user.extend(self.pending)
         user.extend(UserInput("", audio=audio))
-        self.speculative = self._launch(user, held=[])
+        self.speculative = self._launch(user, ReplyState.SPECULATIVE)
 
     async def _drop_speculative(self) -> None:
         reply, self.speculative = self.speculative, None
         if reply is not None:
-            await _cancel(reply.task)
+            reply.move(ReplyState.DROPPED)
+            await cancel_quietly(reply.task)
 
     async def _generate(self, reply: Reply) -> None:
-        place = None
+        """The reply's generation. Cancelled (by whoever moved the reply out of generating), it says nothing."""
+        outcome: Outcome = "completed"
+        reason = place = None
         try:
             if self.places is not None:
                 place = await self.places.admit(self.tenant, "reply")
@@ -484,14 +348,8 @@ class CallSession:
             async with contextlib.aclosing(events):
                 async for event in events:
                     self._on_reply_event(reply, event)
-            reply.status = "completed"
-        except asyncio.CancelledError:
-            if reply.status == "in_progress":
-                reply.status = "cancelled"
-            raise
         except Exception as error:
-            reply.status = "failed"
-            reply.reason = error.code if isinstance(error, ChromaError) else "internal_error"
+            outcome, reason = "failed", error.code if isinstance(error, ChromaError) else "internal_error"
             if isinstance(error, CallerError | CapacityError):  # context_full, no reply place: the call goes on
                 self._out(reply, CallError(error.code, error.message))
             if not isinstance(error, ChromaError):
@@ -501,63 +359,95 @@ class CallSession:
         finally:
             if place is not None:  # generated (or stopped): the place is free for another reply
                 await asyncio.shield(place.release())
-            if reply.held is None and reply.status in ("completed", "failed"):
-                self._finished(reply)
+        self._generation_ended(reply, outcome, reason)
 
-    def _finished(self, reply: Reply) -> None:
-        """Generation ended on its own: say so, then settle once the caller has heard it (or give the turn back
-        to be answered again, if it failed)."""
-        self.emit(ReplyFinished(reply))
-        if reply.status == "failed":
-            if self.pending is not None:
-                reply.user.extend(self.pending)
-            self.pending = reply.user
-            self.reply = None if self.reply is reply else self.reply
-        else:
+    def _generation_ended(self, reply: Reply, outcome: Outcome, reason: str | None) -> None:
+        """Generation ended on its own: say so, then commit once the caller has heard it, or give the turn back to
+        be answered again if it failed."""
+        if reply.state is ReplyState.SPECULATIVE:
+            reply.held.append(_Ended(outcome, reason))
+            return
+        reply.move(ReplyState.PLAYING if outcome == "completed" else ReplyState.FAILED)
+        self._say_finished(reply, outcome, reason)
+        if outcome == "completed":
             self._spawn(self._settle_after_playback(reply))
+            return
+        if self.pending is not None:
+            reply.user.extend(self.pending)
+        self.pending = reply.user
+        self.reply = None if self.reply is reply else self.reply
+
+    def _say_finished(self, reply: Reply, outcome: Outcome, reason: str | None) -> None:
+        reply.outcome, reply.reason = outcome, reason
+        self.emit(ReplyFinished(reply.id, reply.item_id, outcome, reason, reply.transcript))
 
     def _on_reply_event(self, reply: Reply, event: ReplyEvent) -> None:
+        if not reply.generating:  # interrupted: not one more event of it
+            return
         if isinstance(event, TextDelta):
             if event.tokens:
                 reply.tokens.append((event.at_frame, event.tokens))
             if event.text:
                 reply.transcript += event.text
-                self._out(reply, ReplyText(reply, event.text))
+                self._out(reply, ReplyText(reply.id, reply.item_id, event.text))
         elif isinstance(event, AudioChunk):
             frames = round(event.audio.size * 1000 / CODEC_RATE / FRAME_MS)
             reply.frames += frames
             reply.cursor.generated_ms += frames * FRAME_MS
-            self._out(reply, ReplyAudio(reply, event.audio))
+            self._out(reply, ReplyAudio(reply.id, reply.item_id, event.audio))
         elif isinstance(event, TurnDone) and event.text.startswith(reply.transcript) and event.text != reply.transcript:
-            self._out(reply, ReplyText(reply, event.text[len(reply.transcript):]))
+            self._out(reply, ReplyText(reply.id, reply.item_id, event.text[len(reply.transcript):]))
             reply.transcript = event.text
 
     def _out(self, reply: Reply, event: CallEvent) -> None:
-        if reply.held is not None:
+        if reply.state is ReplyState.SPECULATIVE:
             reply.held.append(event)
         else:
             self.emit(event)
 
-    def audio_sent(self, reply: Reply, ms: float) -> None:
-        """The protocol handed `ms` of the reply's audio to the transport."""
-        first = reply.cursor.first_sent_at is None
-        underruns = reply.cursor.underruns
+    # ---- what the protocol reports -----------------------------------------------------------------------
+    def audio_sent(self, reply_id: str, ms: float) -> float:
+        """The protocol handed `ms` of the reply's audio to the transport; returns the reply's ms sent so far."""
+        reply = self.replies[reply_id]
+        first, underruns = reply.cursor.first_sent_at is None, reply.cursor.underruns
         reply.cursor.sent(ms)
         if first and reply.committed_at is not None:
-            latency = time.monotonic() - reply.committed_at
-            self.metrics.voice_to_voice.labels("excluded").observe(latency)
-            self.metrics.voice_to_voice.labels("included").observe(latency + reply.vad_window_s)
+            self.metrics.observe_voice_to_voice(time.monotonic() - reply.committed_at, reply.vad_window_s)
         if reply.cursor.underruns > underruns:
-            self.metrics.call_underruns.inc()
+            self.metrics.count_underrun()
+        return reply.cursor.sent_ms
 
-    async def _barge_in(self, reply: Reply) -> None:
-        """Stop the reply and its playback, then commit what was heard up to the moment playback stopped."""
-        started, reply.barged_in = time.monotonic(), True
-        await self._halt(reply, "turn_detected")
-        self.emit(PlaybackStopped(reply))
+    def may_play(self, reply_id: str) -> bool:
+        """Whether audio of the reply still queued at the protocol may go out (not once it was interrupted)."""
+        return self.replies[reply_id].state is not ReplyState.INTERRUPTED
+
+    def mark_acked(self, reply_id: str, played_ms: float, drained: bool) -> None:
+        """The far end played `played_ms` of the reply; `drained`: nothing else is queued for it to play."""
+        reply = self.replies[reply_id]
+        reply.cursor.report_played(played_ms)
+        if drained and reply.state is ReplyState.SPEAKING:
+            self.metrics.count_underrun()  # it played everything, and the reply was not done
+
+    def playback_stopped(self, reply_id: str) -> None:
+        """After a barge-in (`PlaybackStopped`): the far end plays nothing more of the reply."""
+        self.replies[reply_id].far_end_stopped.set()
+
+    # ---- ending replies ----------------------------------------------------------------------------------
+    def _interrupt(self, reply: Reply, reason: str) -> None:
+        """No more of the reply goes out from this moment; a generation still running is told to stop."""
+        generating = reply.state is ReplyState.SPEAKING
+        reply.move(ReplyState.INTERRUPTED)
+        if generating:
+            self._say_finished(reply, "cancelled", reason)
+            reply.task.cancel()
+
+    async def _barge_in(self, reply: Reply, started: float) -> None:
+        """Once the reply was interrupted: wait for its generation to stop and the far end's playback with it, then
+        commit what was heard up to that moment."""
+        await cancel_quietly(reply.task)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reply.cursor.stopped.wait(), PLAYBACK_STOP_WAIT_S)
-        self.metrics.barge_in.observe(time.monotonic() - started)
+            await asyncio.wait_for(reply.far_end_stopped.wait(), PLAYBACK_STOP_WAIT_S)
+        self.metrics.observe_barge_in(time.monotonic() - started)
         await self._settle(reply)
 
     async def _finish_barge_in(self) -> None:
@@ -568,15 +458,10 @@ class CallSession:
 
     async def _stop(self, reply: Reply, reason: str) -> None:
         """Stop a reply now (client cancel, truncation, hang-up) and commit the turn with what the caller heard."""
-        await self._halt(reply, reason)
+        if reply.audible:
+            self._interrupt(reply, reason)
+        await cancel_quietly(reply.task)
         await self._settle(reply)
-
-    async def _halt(self, reply: Reply, reason: str) -> None:
-        """Generation stops, which frees every slot down to the Reasoner's request."""
-        if reply.status == "in_progress":
-            reply.status, reply.reason = "cancelled", reason
-            await _cancel(reply.task)
-            self.emit(ReplyFinished(reply))
 
     async def _settle_after_playback(self, reply: Reply) -> None:
         await reply.cursor.wait_played(reply.cursor.generated_ms)
@@ -587,12 +472,12 @@ class CallSession:
         if self.reply is reply:
             self.reply = None
         async with reply.settling:
-            if reply.status == "failed" or (reply.settled and reply.cursor.reported_ms is None):
+            committed = reply.state is ReplyState.COMMITTED
+            if reply.state is ReplyState.FAILED or (committed and reply.cursor.reported_ms is None):
                 return
-            reply.settled = True
             text = self._heard_text(reply)
             try:
-                if reply.committed_version is None:
+                if not committed:
                     user, session, plan = reply.user.turn(), self.session, reply.plan
                     self.session = await self.state.append_turn(
                         self.tenant, session.id, user.audio, text, session.version, user_text=user.text,
@@ -600,6 +485,7 @@ class CallSession:
                         drop=None if plan is None else plan.drop,
                     )
                     reply.committed_version = self.session.version
+                    reply.move(ReplyState.COMMITTED)
                     for item_id in [] if plan is None else plan.drop.messages:
                         self.emit(ItemDeleted(item_id))
                 elif text != reply.committed_text:
@@ -619,7 +505,7 @@ class CallSession:
     def _heard_text(self, reply: Reply) -> str:
         """The reply's text up to the last frame the caller heard (all of it once everything played)."""
         heard = reply.cursor.played_ms() // FRAME_MS
-        everything = reply.status == "completed" and heard >= reply.frames
+        everything = reply.outcome == "completed" and heard >= reply.frames
         tokens = [t for frame, chunk in reply.tokens if everything or frame < heard for t in chunk]
         return self.processor.decode_text(tokens)
 
@@ -646,16 +532,10 @@ class CallSession:
         if self.reply is not None:
             await self._stop(self.reply, "call_ended")
         for task in list(self._tasks):
-            await _cancel(task)
+            await cancel_quietly(task)
         self._closed = True
         self.queue.put_nowait(None)
 
-
-async def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
 
 
 def _item_id() -> str:

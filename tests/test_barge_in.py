@@ -1,0 +1,169 @@
+"""The barge-in rules of a live call, provoked again and again under CPU load, over a real WebSocket on the real app
+(uvicorn, a real redis-server, the engines in process: the tiny RANDOM-WEIGHT checkpoint, so the replies are noise and
+only their lifecycle is looked at):
+
+- once `input_audio_buffer.speech_started` has interrupted a reply, not one more byte of that reply is sent;
+- a second truncate of an item cannot cut its history below what the first one kept.
+
+pipecat once took a stray audio delta, sent after speech_started, for a new reply and truncated the item again
+with `audio_end_ms: 3`; the history then kept 3 ms of a reply the caller had heard for 1.73 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import redis.asyncio
+import uvicorn
+import websockets
+
+from cluster.api.app import build_api
+from cluster.calls.settings import CallSettings
+from cluster.config import AppConfig
+from cluster.pipeline.local import LocalTurnBackend
+from cluster.state.store import StateSettings, StateStore
+from cluster.state.tenants import TenantDirectory
+from model.processing.audio import CODEC_RATE, pcm16_bytes
+from model.testing.speech import speak_at
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROUNDS = 6
+AUTH = {"Authorization": "Bearer key-acme"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def store(redis_port):
+    client = redis.asyncio.Redis(port=redis_port)
+    yield StateStore(client, StateSettings(key_prefix=f"b{uuid.uuid4().hex[:8]}"))
+    await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend(tiny_checkpoint, store):
+    backend = LocalTurnBackend.from_config(AppConfig(
+        checkpoint={"path": str(tiny_checkpoint)}, reasoner={"engine": "hf"},
+        speech={"max_slots": 2, "max_queue": 0, "max_step_rtf": None}, codec={"max_streams": 2, "max_step_rtf": None},
+        turns={"max_frames": 60, "max_tokens": 64},
+    ), state=store)
+    yield backend
+    await backend.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def url(store, backend):
+    """The app served by uvicorn on this test's own loop, where the engines were built."""
+    app = build_api(store, TenantDirectory({"key-acme": "acme"}), backend, call_settings=CallSettings())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    yield f"ws://127.0.0.1:{server.config.port}/v1/realtime"
+    server.should_exit = True
+    await serving
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def voice_id(backend, store) -> str:
+    transcript = "This is the voice of every reply."
+    prompt = await backend.clone_voice(transcript, speak_at(transcript, CODEC_RATE), CODEC_RATE)
+    voice = await store.create_voice("acme", "Ada", transcript, prompt.transcript_ids.tolist(), prompt.codes.numpy(),
+                                     prompt.valid_frames)
+    return voice.id
+
+
+@pytest.fixture
+def cpu_load():
+    """Two busy processes beside the test on this 2-core machine: the event loop gets the CPU late."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for burner in burners:
+        burner.kill()
+        burner.wait()
+
+
+class Caller:
+    def __init__(self, ws):
+        self.ws, self.events, self.arrived = ws, [], asyncio.Event()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self):
+        async for message in self.ws:
+            self.events.append(json.loads(message))
+            self.arrived.set()
+
+    async def send(self, **event):
+        await self.ws.send(json.dumps(event))
+
+    async def say(self, audio: np.ndarray):
+        for chunk in np.array_split(audio, max(1, audio.size // 2400)):  # 100 ms chunks, faster than real time
+            await self.send(type="input_audio_buffer.append", audio=base64.b64encode(pcm16_bytes(chunk)).decode())
+
+    async def wait_for(self, test, after: int = 0, timeout_s: float = 120) -> int:
+        """The index of the first event past `after` that passes `test`."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for i in range(after, len(self.events)):
+                    if test(self.events[i]):
+                        return i
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def test_no_audio_after_speech_started_and_a_second_truncate_cannot_shrink(url, voice_id, store, cpu_load):
+    question, interruption = speak_at("What is the weather like today?", CODEC_RATE), speak_at("Stop.", CODEC_RATE)
+    silence = np.zeros(CODEC_RATE, np.float32)
+    rng = random.Random(7)
+    interrupted_while_generating = 0
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = Caller(ws)
+        await call.send(type="session.update", session={"type": "realtime", "audio": {"output": {"voice": voice_id}}})
+        updated = call.events[await call.wait_for(lambda e: e["type"] == "session.updated")]
+        session_id = updated["session"]["id"]
+        for _ in range(ROUNDS):
+            mark = len(call.events)
+            await call.say(np.concatenate([question, silence]))
+            first = await call.wait_for(lambda e: e["type"] == "response.output_audio.delta", after=mark)
+            reply_id, item_id = call.events[first]["response_id"], call.events[first]["item_id"]
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            await call.say(np.concatenate([interruption, silence]))
+            started = await call.wait_for(lambda e: e["type"] == "input_audio_buffer.speech_started", after=first)
+            done = await call.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] == reply_id,
+                                       after=first)
+            late = [e for e in call.events[started:]
+                    if e["type"] == "response.output_audio.delta" and e["response_id"] == reply_id]
+            assert late == [], f"{len(late)} audio deltas of {reply_id} after speech_started"
+            interrupted_while_generating += done > started
+            if done > started:
+                assert call.events[done]["response"]["status"] == "cancelled"
+
+            # The caller heard a part of what was sent; its client then truncates the item again, to 3 ms.
+            sent_ms = sum(len(base64.b64decode(e["delta"])) for e in call.events[first:started]
+                          if e["type"] == "response.output_audio.delta" and e["response_id"] == reply_id) // 48
+            heard_ms = max(80, sent_ms // 2)
+            for audio_end_ms in (heard_ms, 3):
+                at = len(call.events)
+                await call.send(type="conversation.item.truncate", item_id=item_id, content_index=0,
+                                audio_end_ms=audio_end_ms)
+                answer = call.events[await call.wait_for(
+                    lambda e: e["type"] in ("conversation.item.truncated", "error"), after=at)]
+                assert answer["type"] == "conversation.item.truncated", answer
+                assert answer["audio_end_ms"] == heard_ms
+                kept = [m.text for m in (await store.get_session("acme", session_id)).history if m.id == item_id]
+                if audio_end_ms == heard_ms:
+                    first_kept = kept
+                assert kept == first_kept and len(kept) == 1
+            # The interruption's own reply, answered in full, before the next round.
+            await call.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] != reply_id, after=done)
+        call.reader.cancel()
+    print(f"{interrupted_while_generating} of {ROUNDS} barge-ins came while the reply was generating")

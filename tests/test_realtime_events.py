@@ -1,0 +1,86 @@
+"""Every server event `/v1/realtime` can emit, built as the connection builds it, validates against the official
+`openai` SDK's `RealtimeServerEvent`; client events parse into their models, and malformed ones into the codes
+clients match on."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from cluster.api.realtime import events as wire
+from cluster.api.realtime.connection import _invalid, _reply_finished, _reply_started, _user_item
+from cluster.calls.audio import LineFormat
+from cluster.calls.events import ReplyFinished, ReplyStarted
+
+
+def every_server_event() -> list[wire._ServerEvent]:
+    started = ReplyStarted("resp_1", "item_2")
+    session = wire.SessionInfo(
+        id="sess_1", model="chroma-1.0", instructions="Be brief.", truncation="auto",
+        audio=wire.SessionAudio(
+            input=wire.SessionAudioInput(format=wire.format_of(LineFormat.PCMU),
+                                         turn_detection={"type": "server_vad", "threshold": 0.5}),
+            output=wire.SessionAudioOutput(format=wire.format_of(LineFormat.PCM16_24K), voice="voice_1")))
+    part = {"response_id": "resp_1", "item_id": "item_2"}
+    return [
+        wire.SessionCreated(session=session), wire.SessionUpdated(session=session),
+        wire.Error.of("invalid_event", "bad", "event_9"), wire.Error.of("server_error", "ours"),
+        wire.SpeechStarted(audio_start_ms=10, item_id="item_1"), wire.SpeechStopped(audio_end_ms=900, item_id="item_1"),
+        wire.BufferCommitted(item_id="item_1", previous_item_id=None), wire.BufferCleared(),
+        wire.ItemAdded(previous_item_id="item_0", item=_user_item("item_1", None)),
+        wire.ItemAdded(item=_user_item("item_3", "Hello?")), wire.ItemDone(item=_user_item("item_3", "Hello?")),
+        wire.ItemDeleted(item_id="item_1"), wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
+        wire.AudioDelta(**part, delta="AAAA"), wire.TranscriptDelta(**part, delta="Hi"),
+        *_reply_started(started),
+        *_reply_finished(ReplyFinished("resp_1", "item_2", "completed", None, "Hi there.")),
+        *_reply_finished(ReplyFinished("resp_1", "item_2", "cancelled", "turn_detected", "Hi")),
+        *_reply_finished(ReplyFinished("resp_1", "item_2", "cancelled", "truncated", "Hi")),
+        *_reply_finished(ReplyFinished("resp_1", "item_2", "failed", "over_capacity", "")),
+    ]
+
+
+def test_every_server_event_is_one_the_openai_sdk_parses():
+    from openai.types.realtime import RealtimeServerEvent
+
+    sdk = TypeAdapter(RealtimeServerEvent)
+    built = every_server_event()
+    assert {type(e) for e in built} == set(typing.get_args(wire.ServerEvent))  # each kind, at least once
+    for event in built:
+        sent = json.loads(event.model_dump_json())
+        parsed = sdk.validate_python(sent)
+        assert parsed.type == sent["type"]
+
+
+@pytest.mark.parametrize(("message", "code"), [
+    ({"no": "type"}, "invalid_event"),
+    ({"type": 5}, "invalid_event"),
+    ({"type": "response.teleport"}, "invalid_event_type"),
+    ({"type": "input_audio_buffer.append", "audio": "@@@not base64@@@"}, "invalid_base64"),
+    ({"type": "input_audio_buffer.append", "audio": 12}, "invalid_event"),
+    ({"type": "conversation.item.truncate", "item_id": "item_1", "audio_end_ms": "10"}, "invalid_event"),
+    ({"type": "conversation.item.truncate", "item_id": "item_1", "audio_end_ms": 10, "content_index": 1},
+     "invalid_event"),
+    ({"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/mp3"}}}}}, "invalid_event"),
+    ({"type": "session.update", "session": "realtime"}, "invalid_event"),
+    ({"type": "conversation.item.create", "item": {"role": "user", "content": []}}, "invalid_event"),
+])
+def test_malformed_client_events_get_the_codes_clients_match_on(message, code):
+    with pytest.raises(ValidationError) as error:
+        wire.CLIENT_EVENT.validate_python(message)
+    got, text = _invalid(error.value, message)
+    assert got == code and text and "Traceback" not in text
+
+
+def test_client_events_parse_beta_spellings_and_leave_unsent_settings_alone():
+    update = wire.CLIENT_EVENT.validate_python({"type": "session.update", "session": {
+        "input_audio_format": "g711_ulaw", "voice": "voice_1", "turn_detection": None, "tools": [{"type": "x"}]}})
+    audio = update.session.audio
+    assert wire.line_of(audio.input.format) is LineFormat.PCMU and audio.output.voice == "voice_1"
+    assert "turn_detection" in audio.input.model_fields_set and audio.input.turn_detection is None
+    plain = wire.CLIENT_EVENT.validate_python({"type": "session.update", "session": {"instructions": "Hi."}})
+    assert "turn_detection" not in plain.session.audio.input.model_fields_set
+    append = wire.CLIENT_EVENT.validate_python({"type": "input_audio_buffer.append", "audio": "AAE="})
+    assert append.audio == b"\x00\x01"
