@@ -126,8 +126,8 @@ class MediaStreamCall:
                 if kind == "start" and self.call is None:
                     if not await self._start(message):
                         return
-                    self.transport.spawn(self._write())
-                    self.transport.spawn(self._pace())
+                    self.transport.tasks.spawn(self._write())
+                    self.transport.tasks.spawn(self._pace())
                 elif kind == "stop":
                     return
                 elif self.call is None and kind != "connected":

@@ -58,7 +58,7 @@ from cluster.calls.events import (
 from cluster.calls.metrics import CallMetrics
 from cluster.calls.reply import FRAME_MS, Reply, ReplyState, UserInput
 from cluster.calls.settings import CallSettings
-from cluster.calls.transport import cancel_quietly
+from cluster.calls.transport import CallTasks, cancel_quietly
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
 from cluster.pipeline.history import UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
@@ -127,7 +127,7 @@ class CallSession:
         self.speculative: Reply | None = None
         self._interrupting: asyncio.Task | None = None  # a barge-in still settling its reply
         self.replies: dict[str, Reply] = {}  # by id: every reply the caller heard of, for what the protocol reports
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = CallTasks()
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class CallSession:
                 self._interrupt(reply, "turn_detected")
                 self.emit(PlaybackStopped(reply.id, reply.item_id))
                 # Its own task: the protocol keeps reading (telephony marks say what was played until it stopped).
-                self._interrupting = self._spawn(self._barge_in(reply, started))
+                self._interrupting = self._tasks.spawn(self._barge_in(reply, started))
         elif isinstance(event, SilenceStarted) and detection.early_start and detection.create_response:
             await self._start_speculative(event.audio)
         elif isinstance(event, SpeechResumed):
@@ -317,7 +317,7 @@ class CallSession:
     def _launch(self, user: UserInput, state: ReplyState) -> Reply:
         reply = Reply(id=_response_id(), item_id=_item_id(), user=user, cursor=self.cursor_factory(),
                       committed_at=self.committed_at, vad_window_s=self.vad_window_s, state=state)
-        reply.task = self._spawn(self._generate(reply))
+        reply.task = self._tasks.spawn(self._generate(reply))
         return reply
 
     async def _start_speculative(self, audio: np.ndarray) -> None:
@@ -370,7 +370,7 @@ class CallSession:
         reply.move(ReplyState.PLAYING if outcome == "completed" else ReplyState.FAILED)
         self._say_finished(reply, outcome, reason)
         if outcome == "completed":
-            self._spawn(self._settle_after_playback(reply))
+            self._tasks.spawn(self._settle_after_playback(reply))
             return
         if self.pending is not None:
             reply.user.extend(self.pending)
@@ -518,12 +518,6 @@ class CallSession:
         while (event := await self.queue.get()) is not None:
             yield event
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def close(self) -> None:
         """The call ended (hang-up, disconnect, a limit): stop everything, free every slot, and commit what the
         caller heard of the last reply."""
@@ -531,11 +525,9 @@ class CallSession:
         await self._finish_barge_in()
         if self.reply is not None:
             await self._stop(self.reply, "call_ended")
-        for task in list(self._tasks):
-            await cancel_quietly(task)
+        await self._tasks.cancel_all()
         self._closed = True
         self.queue.put_nowait(None)
-
 
 
 def _item_id() -> str:

@@ -30,7 +30,7 @@ class CallTransport:
     def __init__(self, websocket: WebSocket, max_message_bytes: int):
         self.websocket = websocket
         self.max_message_bytes = max_message_bytes
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks = CallTasks()  # the call's writer, pacer, watchdog
 
     async def receive(self) -> dict | BadMessage | None:
         """The next JSON object, a `BadMessage` for one that is not, or None once the far end has gone."""
@@ -58,20 +58,12 @@ class CallTransport:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone: the reader ends the call
             await self.websocket.send_text(text)
 
-    def spawn(self, coro: Coroutine) -> asyncio.Task:
-        """A task of the call's own (writer, pacer, watchdog): cancelled at teardown."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def teardown(self, call) -> None:
         """The call is over: the session closes (every slot freed, what was heard committed), then its tasks stop
         and the socket closes. `call`: the CallSession, if the call got that far."""
         if call is not None:
             await call.close()
-        for task in list(self._tasks):
-            await cancel_quietly(task)
+        await self.tasks.cancel_all()
         await self.close()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
@@ -94,6 +86,23 @@ class ReplyEncoders:
     def finish(self, event: ReplyFinished) -> bytes:
         encoder = self._encoders.pop(event.reply_id)
         return encoder.flush() if event.outcome == "completed" else b""
+
+
+class CallTasks:
+    """Background tasks of one call: kept while they run, all cancelled when the call ends."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            await cancel_quietly(task)
 
 
 async def cancel_quietly(task: asyncio.Task | None) -> None:

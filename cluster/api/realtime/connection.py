@@ -70,8 +70,8 @@ class RealtimeCall:
                 await self.transport.close(code=1008, reason=error.code)
                 return
         await self.transport.send(wire.SessionCreated(session=self._session()))
-        self.transport.spawn(self._write())
-        self.transport.spawn(self._watch_limits())
+        self.transport.tasks.spawn(self._write())
+        self.transport.tasks.spawn(self._watch_limits())
         try:
             await self._read()
         finally:
