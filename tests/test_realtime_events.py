@@ -13,11 +13,11 @@ from pydantic import TypeAdapter, ValidationError
 from cluster.api.realtime import events as wire
 from cluster.api.realtime.connection import _invalid, _reply_finished, _reply_started, _user_item
 from cluster.calls.audio import LineFormat
-from cluster.calls.events import ReplyFinished, ReplyStarted
+from cluster.calls.events import ReplyFinished, ReplyStarted, Usage
 
 
 def every_server_event() -> list[wire._ServerEvent]:
-    started = ReplyStarted("resp_1", "item_2")
+    started = ReplyStarted("resp_1", "item_2", "item_1", {"client_event_id": "c1"})
     session = wire.SessionInfo(
         id="sess_1", model="chroma-1.0", instructions="Be brief.", truncation="auto",
         audio=wire.SessionAudio(
@@ -32,10 +32,11 @@ def every_server_event() -> list[wire._ServerEvent]:
         wire.BufferCommitted(item_id="item_1", previous_item_id=None), wire.BufferCleared(),
         wire.ItemAdded(previous_item_id="item_0", item=_user_item("item_1", None)),
         wire.ItemAdded(item=_user_item("item_3", "Hello?")), wire.ItemDone(item=_user_item("item_3", "Hello?")),
-        wire.ItemDeleted(item_id="item_1"), wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
+        wire.ItemRetrieved(item=_user_item("item_3", "Hello?")), wire.ItemDeleted(item_id="item_1"), wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
         wire.AudioDelta(**part, delta="AAAA"), wire.TranscriptDelta(**part, delta="Hi"),
         *_reply_started(started),
-        *_reply_finished(ReplyFinished("resp_1", "item_2", "completed", None, "Hi there.")),
+        *_reply_finished(ReplyFinished("resp_1", "item_2", "completed", None, "Hi there.", {"client_event_id": "c1"},
+                                       Usage(input_tokens=120, cached_tokens=96, text_tokens=9, audio_frames=30))),
         *_reply_finished(ReplyFinished("resp_1", "item_2", "cancelled", "turn_detected", "Hi")),
         *_reply_finished(ReplyFinished("resp_1", "item_2", "cancelled", "truncated", "Hi")),
         *_reply_finished(ReplyFinished("resp_1", "item_2", "failed", "over_capacity", "")),

@@ -31,9 +31,12 @@ class SpeechStoppedEvent(CallEvent):
 
 @dataclass(frozen=True)
 class InputCommitted(CallEvent):
+    """A user item joined the conversation: the caller's buffered audio, or a message the client created."""
+
     item_id: str
     previous_item_id: str | None
-    text: str | None  # a typed user message; None for caller audio
+    text: str | None  # typed text, if any
+    from_buffer: bool  # the input audio buffer's (turn detection or a commit), else conversation.item.create
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,18 @@ class ReplyCallEvent(CallEvent):
 
 @dataclass(frozen=True)
 class ReplyStarted(ReplyCallEvent):
-    pass
+    previous_item_id: str | None  # the item it follows in the conversation
+    metadata: dict[str, str] | None  # the client's, from its response.create
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a reply took: its prompt's positions (those the prefix cache served among them) and what it made."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    text_tokens: int = 0
+    audio_frames: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +85,8 @@ class ReplyFinished(ReplyCallEvent):
     outcome: Outcome
     reason: str | None  # why it was cancelled (turn_detected, client_cancelled, ...) or failed
     transcript: str
+    metadata: dict[str, str] | None = None
+    usage: Usage = Usage()
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,17 @@ class ItemDeleted(CallEvent):
     """An item left the conversation: the client deleted it, or the session's truncation dropped it."""
 
     item_id: str
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """One item of the call's conversation, as the client may ask for it (conversation.item.retrieve)."""
+
+    item_id: str
+    role: str  # "user" or "assistant"
+    text: str | None  # a user's typed text, or the words of a reply the caller heard
+    audio: bool  # it has audio (the caller's, or a reply's)
+    complete: bool  # False for a reply still in progress or one cut short
 
 
 @dataclass(frozen=True)

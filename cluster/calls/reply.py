@@ -13,6 +13,7 @@ from cluster.calls.cursor import PlaybackCursor
 from cluster.calls.events import CallEvent, Outcome
 from cluster.pipeline.history import TurnPlan, UserTurn
 from model.errors import InternalError
+from model.reasoner.base import PromptStats
 
 FRAME_MS = 80  # one Mimi frame
 
@@ -79,6 +80,8 @@ class Reply:
     tokens: list[tuple[int, list[int]]] = field(default_factory=list)  # (frame it entered with, tokens)
     transcript: str = ""
     frames: int = 0  # generated
+    metadata: dict[str, str] | None = None  # the client's, from its response.create
+    prompt: PromptStats | None = None  # its prompt, as the Reasoner counted it
     plan: TurnPlan | None = None  # its prompt, as the history policy planned it
     committed_version: int | None = None  # the session version its turn was committed as
     committed_text: str | None = None

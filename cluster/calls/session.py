@@ -45,6 +45,7 @@ from cluster.calls.events import (
     InputCleared,
     InputCommitted,
     ItemDeleted,
+    ItemInfo,
     ItemTruncated,
     Outcome,
     PlaybackStopped,
@@ -54,6 +55,7 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    Usage,
 )
 from cluster.calls.metrics import CallMetrics
 from cluster.calls.reply import FRAME_MS, Reply, ReplyState, UserInput
@@ -68,6 +70,7 @@ from cluster.state.tenants import Kind
 from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE
 from model.processing.processor import ChromaProcessor
+from model.reasoner.base import PromptStats
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +227,19 @@ class CallSession:
             self.detector.reset()
         self.emit(InputCleared())
 
-    def add_user_message(self, text: str | None, audio: np.ndarray | None) -> str:
-        """conversation.item.create of a user message (typed text and/or 16 kHz audio)."""
+    def add_user_message(self, text: str | None, audio: np.ndarray | None, item_id: str | None = None) -> str:
+        """conversation.item.create of a user message (typed text and/or 16 kHz audio), under the client's own item
+        id if it gave one."""
         if not text and (audio is None or audio.size == 0):
             raise InvalidInput("a user message needs input_text or input_audio content")
-        item_id = _item_id()
-        self._commit(UserInput(item_id, audio=audio, text=text or None))
+        if item_id is not None and self.find_item(item_id) is not None:
+            raise InvalidInput(f"item {item_id!r} is already in this conversation", code="invalid_item_id")
+        item_id = item_id or _item_id()
+        self._commit(UserInput(item_id, audio=audio, text=text or None), from_buffer=False)
         return item_id
 
-    def _commit(self, user: UserInput) -> None:
-        self.emit(InputCommitted(user.item_id, self.last_item_id, user.text))
+    def _commit(self, user: UserInput, from_buffer: bool = True) -> None:
+        self.emit(InputCommitted(user.item_id, self.last_item_id, user.text, from_buffer))
         self.last_item_id, self.speech_item_id = user.item_id, None
         if self.pending is None:
             self.pending = user
@@ -241,21 +247,22 @@ class CallSession:
             self.pending.extend(user)
 
     # ---- replies -----------------------------------------------------------------------------------------
-    async def create_response(self) -> None:
-        """response.create."""
+    async def create_response(self, metadata: dict[str, str] | None = None) -> None:
+        """response.create; `metadata` comes back on the reply's events."""
         if self.reply is not None and self.reply.generating:
             raise InvalidInput("a response is already in progress; cancel it first",
                                code="conversation_already_has_active_response")
         if self.pending is None:
             raise InvalidInput("nothing to respond to: commit the caller's audio or add a user message first",
                                code="no_user_input")
-        await self._answer()
+        await self._answer(metadata)
 
     async def cancel_response(self, response_id: str | None = None) -> None:
         """response.cancel."""
         reply = self.reply
         if reply is None or not reply.generating or (response_id and response_id != reply.id):
-            raise InvalidInput("there is no active response to cancel", code="response_cancel_not_active")
+            # OpenAI's wording: clients match on it, and take a barge-in's stray cancel for no error.
+            raise InvalidInput("Cancellation failed: no active response found", code="response_cancel_not_active")
         await self._stop(reply, "client_cancelled")
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
@@ -265,10 +272,10 @@ class CallSession:
         reply = next((r for r in self.replies.values() if r.item_id == item_id), None)
         if reply is None:
             raise InvalidInput(f"no assistant item {item_id!r} with audio in this call", code="item_not_found")
-        if not 0 <= audio_end_ms <= reply.audio_ms:
-            raise InvalidInput(f"audio_end_ms {audio_end_ms} is beyond the item's {reply.audio_ms} ms of audio",
-                               code="invalid_audio_end_ms")
-        audio_end_ms = max(audio_end_ms, reply.truncated_ms or 0)
+        if audio_end_ms < 0:
+            raise InvalidInput(f"audio_end_ms {audio_end_ms} is negative", code="invalid_audio_end_ms")
+        # Past the item's audio means all of it: clients estimate, and a pipecat issue shows one failing fatally here.
+        audio_end_ms = max(min(audio_end_ms, reply.audio_ms), reply.truncated_ms or 0)
         reply.truncated_ms = audio_end_ms
         reply.cursor.report_played(audio_end_ms)
         await self._stop(reply, "truncated")
@@ -291,7 +298,24 @@ class CallSession:
             self.replies = {id: r for id, r in self.replies.items() if r.item_id != item_id}
         self.emit(ItemDeleted(item_id))
 
-    async def _answer(self) -> None:
+    def find_item(self, item_id: str) -> ItemInfo | None:
+        """An item of the conversation: in the session's history, waiting for its reply, or in a reply not committed
+        yet. None for one never there, deleted, or dropped by truncation."""
+        message = next((m for m in self.session.history if m.id == item_id), None) if self.session else None
+        reply = next((r for r in reversed(self.replies.values()) if item_id in (r.item_id, r.user.item_id)), None)
+        if message is not None:
+            cut = reply is not None and reply.item_id == item_id and reply.outcome != "completed"
+            has_audio = message.role == "assistant" or message.audio_bytes > 0
+            return ItemInfo(item_id, message.role, message.text, has_audio, complete=not cut)
+        if self.pending is not None and self.pending.item_id == item_id:
+            return ItemInfo(item_id, "user", self.pending.text, self.pending.audio is not None, complete=True)
+        if reply is None or reply.state in (ReplyState.COMMITTED, ReplyState.FAILED):
+            return None
+        if reply.user.item_id == item_id:
+            return ItemInfo(item_id, "user", reply.user.text, reply.user.audio is not None, complete=True)
+        return ItemInfo(item_id, "assistant", reply.transcript, reply.frames > 0, complete=False)
+
+    async def _answer(self, metadata: dict[str, str] | None = None) -> None:
         """Start the reply to the pending turn, or take over the one started in the silence window."""
         await self._finish_barge_in()  # the interrupted turn joins the history before the next one reads it
         if self.voice is None:
@@ -305,8 +329,10 @@ class CallSession:
         else:  # the same audio, now committed under its item id
             reply.user, reply.committed_at, reply.vad_window_s = user, self.committed_at, self.vad_window_s
             reply.move(ReplyState.SPEAKING)
+        reply.metadata = metadata
         self.reply = self.replies[reply.id] = reply
-        self.emit(ReplyStarted(reply.id, reply.item_id))
+        self.emit(ReplyStarted(reply.id, reply.item_id, self.last_item_id, metadata))
+        self.last_item_id = reply.item_id
         held, reply.held = reply.held, []
         for event in held:
             if isinstance(event, _Ended):
@@ -379,7 +405,10 @@ class CallSession:
 
     def _say_finished(self, reply: Reply, outcome: Outcome, reason: str | None) -> None:
         reply.outcome, reply.reason = outcome, reason
-        self.emit(ReplyFinished(reply.id, reply.item_id, outcome, reason, reply.transcript))
+        prompt = reply.prompt or PromptStats(0)  # a reply that failed before its prompt was counted
+        usage = Usage(input_tokens=prompt.prompt_tokens, cached_tokens=prompt.cached_tokens,
+                      text_tokens=sum(len(chunk) for _, chunk in reply.tokens), audio_frames=reply.frames)
+        self.emit(ReplyFinished(reply.id, reply.item_id, outcome, reason, reply.transcript, reply.metadata, usage))
 
     def _on_reply_event(self, reply: Reply, event: ReplyEvent) -> None:
         if not reply.generating:  # interrupted: not one more event of it
@@ -395,9 +424,11 @@ class CallSession:
             reply.frames += frames
             reply.cursor.generated_ms += frames * FRAME_MS
             self._out(reply, ReplyAudio(reply.id, reply.item_id, event.audio))
-        elif isinstance(event, TurnDone) and event.text.startswith(reply.transcript) and event.text != reply.transcript:
-            self._out(reply, ReplyText(reply.id, reply.item_id, event.text[len(reply.transcript):]))
-            reply.transcript = event.text
+        elif isinstance(event, TurnDone):
+            reply.prompt = event.prompt
+            if event.text.startswith(reply.transcript) and event.text != reply.transcript:
+                self._out(reply, ReplyText(reply.id, reply.item_id, event.text[len(reply.transcript):]))
+                reply.transcript = event.text
 
     def _out(self, reply: Reply, event: CallEvent) -> None:
         if reply.state is ReplyState.SPECULATIVE:

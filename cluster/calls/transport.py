@@ -54,7 +54,10 @@ class CallTransport:
         return message
 
     async def send(self, message: dict | BaseModel) -> None:
-        text = message.model_dump_json() if isinstance(message, BaseModel) else json.dumps(message, separators=(",", ":"))
+        if isinstance(message, BaseModel):
+            text = message.model_dump_json()
+        else:
+            text = json.dumps(message, separators=(",", ":"))
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # gone: the reader ends the call
             await self.websocket.send_text(text)
 

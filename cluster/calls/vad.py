@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Literal
 from importlib import resources
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.processing.audio import REASONER_RATE
 
@@ -27,12 +28,19 @@ WINDOW_MS = 1000 * WINDOW // REASONER_RATE
 HYSTERESIS = 0.15
 
 
+# semantic_vad's eagerness as the silence that ends the caller's turn: OpenAI's end-of-turn model waits longer for
+# `low` and less for `high`; until one runs here, the silence window stands in for it.
+EAGERNESS_SILENCE_MS = {"low": 1000, "medium": 500, "auto": 500, "high": 250}
+
+
 class TurnDetection(BaseModel):
-    """OpenAI Realtime's `server_vad` settings, plus `early_start` (ours)."""
+    """OpenAI Realtime's `server_vad` settings, plus `early_start` (ours). `semantic_vad` maps onto them:
+    `eagerness` picks the silence window (`EAGERNESS_SILENCE_MS`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: str = "server_vad"
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None  # semantic_vad's
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="speech probability that starts speech")
     prefix_padding_ms: int = Field(300, ge=0, le=5000, description="audio kept from before speech started")
     silence_duration_ms: int = Field(500, ge=32, le=10000, description="silence that ends the caller's turn")
@@ -40,6 +48,15 @@ class TurnDetection(BaseModel):
     interrupt_response: bool = Field(True, description="caller speech during a reply cancels it (barge-in)")
     idle_timeout_ms: int | None = Field(None, ge=1000, description="silence after a reply before a timeout event")
     early_start: bool = Field(False, description="start the reply in the silence window; drop it if speech resumes")
+
+    @model_validator(mode="after")
+    def _semantic(self) -> TurnDetection:
+        if self.type == "semantic_vad":
+            self.eagerness = self.eagerness or "auto"
+            self.silence_duration_ms = EAGERNESS_SILENCE_MS[self.eagerness]
+        elif self.eagerness is not None:
+            raise ValueError("eagerness is a semantic_vad setting")
+        return self
 
 
 class SileroVad:

@@ -216,8 +216,9 @@ async def test_bad_input_gets_errors_and_the_call_goes_on(cluster, voice_id):
         await expect_error(json.dumps({"type": "response.create"}), "no_user_input")
         await expect_error(json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
                                        "audio_end_ms": 10}), "item_not_found")
+        eager = {"type": "semantic_vad", "eagerness": "eager"}
         await expect_error(json.dumps({"type": "session.update", "session": {
-            "type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}), "invalid_turn_detection")
+            "type": "realtime", "audio": {"input": {"turn_detection": eager}}}}), "invalid_turn_detection")
         await expect_error(json.dumps({"type": "session.update", "session": {
             "type": "realtime", "audio": {"output": {"voice": "voice_" + "0" * 32}}}}), "not_found")
         await expect_error(json.dumps({"type": "session.update", "session": {

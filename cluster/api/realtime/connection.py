@@ -23,6 +23,7 @@ from cluster.calls.events import (
     InputCleared,
     InputCommitted,
     ItemDeleted,
+    ItemInfo,
     ItemTruncated,
     PlaybackStopped,
     ReplyAudio,
@@ -32,6 +33,7 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    Usage,
 )
 from cluster.calls.session import CallSession
 from cluster.calls.transport import BadMessage, CallTransport, ReplyEncoders
@@ -127,11 +129,9 @@ class RealtimeCall:
     async def _item_create(self, event: wire.ConversationItemCreate) -> None:
         content = event.item.content
         text = " ".join(p.text for p in content if p.type == "input_text" and p.text) or None
-        clips = [InboundAudio(self.input_format).decode(p.audio) for p in content if p.type == "input_audio" and p.audio]
-        item_id = self.call.add_user_message(text, np.concatenate(clips) if clips else None)
-        item = _user_item(item_id, text)
-        await self.transport.send(wire.ItemAdded(item=item))
-        await self.transport.send(wire.ItemDone(item=item))
+        clips = [InboundAudio(self.input_format).decode(p.audio)
+                 for p in content if p.type == "input_audio" and p.audio]
+        self.call.add_user_message(text, np.concatenate(clips) if clips else None, event.item.id)
 
     async def _truncate(self, event: wire.ConversationItemTruncate) -> None:
         await self.call.truncate(event.item_id, event.audio_end_ms)
@@ -139,11 +139,20 @@ class RealtimeCall:
     async def _item_delete(self, event: wire.ConversationItemDelete) -> None:
         await self.call.delete_item(event.item_id)
 
+    async def _item_retrieve(self, event: wire.ConversationItemRetrieve) -> None:
+        item = self.call.find_item(event.item_id)
+        if item is None:
+            raise CallerError(f"no item {event.item_id!r} in this conversation", code="item_retrieve_invalid_item_id")
+        await self.transport.send(wire.ItemRetrieved(item=_item(item)))
+
     async def _response_create(self, event: wire.ResponseCreate) -> None:
-        await self.call.create_response()
+        await self.call.create_response(event.response.metadata)
 
     async def _response_cancel(self, event: wire.ResponseCancel) -> None:
         await self.call.cancel_response(event.response_id)
+
+    async def _output_clear(self, event: wire.OutputAudioBufferClear) -> None:
+        """Accepted: over a WebSocket the output audio buffer is the client's own (it stops playing, then truncates)."""
 
     HANDLERS = {
         wire.SessionUpdate: _session_update,
@@ -153,8 +162,10 @@ class RealtimeCall:
         wire.ConversationItemCreate: _item_create,
         wire.ConversationItemTruncate: _truncate,
         wire.ConversationItemDelete: _item_delete,
+        wire.ConversationItemRetrieve: _item_retrieve,
         wire.ResponseCreate: _response_create,
         wire.ResponseCancel: _response_cancel,
+        wire.OutputAudioBufferClear: _output_clear,
     }
 
     # ---- writing -----------------------------------------------------------------------------------------
@@ -178,10 +189,11 @@ class RealtimeCall:
         if isinstance(event, SpeechStoppedEvent):
             return [wire.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=event.item_id)]
         if isinstance(event, InputCommitted):
-            if event.text is not None:  # a typed message: its item events went out as it was created
-                return []
-            return [wire.BufferCommitted(item_id=event.item_id, previous_item_id=event.previous_item_id),
-                    wire.ItemAdded(previous_item_id=event.previous_item_id, item=_user_item(event.item_id, None))]
+            item = _user_item(event.item_id, event.text)
+            added = wire.ItemAdded(previous_item_id=event.previous_item_id, item=item)
+            if event.from_buffer:
+                return [wire.BufferCommitted(item_id=event.item_id, previous_item_id=event.previous_item_id), added]
+            return [added, wire.ItemDone(item=item)]
         if isinstance(event, InputCleared):
             return [wire.BufferCleared()]
         if isinstance(event, ItemDeleted):
@@ -226,9 +238,8 @@ class RealtimeCall:
             id=self.call.session.id if self.call.session else self.call_id, model=MODEL_NAME,
             instructions=self.call.instructions, truncation=TRUNCATION.dump_python(truncation, exclude_none=True),
             audio=wire.SessionAudio(
-                input=wire.SessionAudioInput(
-                    format=wire.format_of(self.input_format),
-                    turn_detection=None if detection is None else detection.model_dump(exclude={"early_start"})),
+                input=wire.SessionAudioInput(format=wire.format_of(self.input_format),
+                                             turn_detection=_turn_detection_out(detection)),
                 output=wire.SessionAudioOutput(format=wire.format_of(self.output_format),
                                                voice=self.call.voice.id if self.call.voice else None),
             ),
@@ -249,11 +260,33 @@ def _invalid(error: ValidationError, message: dict) -> tuple[str, str]:
 def _turn_detection(raw: dict | None, early_start: bool) -> TurnDetection | None:
     if raw is None:
         return None
-    if raw.get("type", "server_vad") != "server_vad":
-        raise CallerError(f"turn_detection {raw.get('type')!r} is not supported: use server_vad or null",
+    if raw.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+        raise CallerError(f"turn_detection {raw.get('type')!r} is not supported: use server_vad, semantic_vad or null",
                           code="invalid_turn_detection")
     known = {k: v for k, v in raw.items() if k in TurnDetection.model_fields}
-    return TurnDetection.model_validate({"early_start": early_start, **known})
+    try:
+        return TurnDetection.model_validate({"early_start": early_start, **known})
+    except ValidationError as error:
+        problem = validation_message(error.errors())
+        raise CallerError(f"turn_detection: {problem}", code="invalid_turn_detection") from None
+
+
+def _turn_detection_out(detection: TurnDetection | None) -> dict | None:
+    """As the client set it: semantic_vad shows its own fields, not the silence window it maps to."""
+    if detection is None:
+        return None
+    if detection.type == "semantic_vad":
+        return detection.model_dump(include={"type", "eagerness", "create_response", "interrupt_response"})
+    return detection.model_dump(exclude={"early_start", "eagerness"})
+
+
+def _item(item: ItemInfo) -> wire.Item:
+    status = "completed" if item.complete else "incomplete"
+    if item.role == "user":
+        content = ([wire.InputText(text=item.text)] if item.text else []) + ([wire.InputAudio()] if item.audio else [])
+        return wire.Item(id=item.item_id, role="user", status=status, content=content)
+    return wire.Item(id=item.item_id, role="assistant", status=status,
+                     content=[wire.OutputAudio(transcript=item.text or "")])
 
 
 def _part(event: ReplyCallEvent) -> dict:
@@ -273,9 +306,9 @@ def _assistant_item(event: ReplyCallEvent, status: str, transcript: str) -> wire
 def _reply_started(event: ReplyStarted) -> list[wire._ServerEvent]:
     item = _assistant_item(event, "in_progress", "")
     return [
-        wire.ResponseCreated(response=wire.Response(id=event.reply_id, status="in_progress")),
+        wire.ResponseCreated(response=wire.Response(id=event.reply_id, status="in_progress", metadata=event.metadata)),
         wire.OutputItemAdded(response_id=event.reply_id, item=item),
-        wire.ItemAdded(item=item),
+        wire.ItemAdded(previous_item_id=event.previous_item_id, item=item),
         wire.ContentPartAdded(**_part(event), part=wire.AudioPart(transcript="")),
     ]
 
@@ -295,5 +328,14 @@ def _reply_finished(event: ReplyFinished) -> list[wire._ServerEvent]:
         wire.OutputItemDone(response_id=event.reply_id, item=item),
         wire.ItemDone(item=item),
         wire.ResponseDone(response=wire.Response(id=event.reply_id, status=event.outcome, status_details=details,
-                                                 output=[item])),
+                                                 output=[item], metadata=event.metadata, usage=_usage(event.usage))),
     ]
+
+
+def _usage(usage: Usage) -> wire.Usage:
+    output = usage.text_tokens + usage.audio_frames
+    return wire.Usage(
+        total_tokens=usage.input_tokens + output, input_tokens=usage.input_tokens, output_tokens=output,
+        input_token_details=wire.InputTokenDetails(cached_tokens=usage.cached_tokens, text_tokens=usage.input_tokens),
+        output_token_details=wire.OutputTokenDetails(text_tokens=usage.text_tokens, audio_tokens=usage.audio_frames),
+    )

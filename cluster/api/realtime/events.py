@@ -110,6 +110,7 @@ class ContentIn(_Lenient):
 
 
 class UserItem(_Lenient):
+    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")  # the client's, kept
     type: Literal["message"] = "message"
     role: Literal["user"]
     content: list[ContentIn] = Field(min_length=1)
@@ -154,8 +155,13 @@ class ConversationItemDelete(_ClientEvent):
     item_id: str
 
 
+class ResponseParams(_Lenient):
+    metadata: dict[str, str] | None = None  # comes back on response.created and response.done
+
+
 class ResponseCreate(_ClientEvent):
     type: Literal["response.create"]
+    response: ResponseParams = Field(default_factory=ResponseParams)
 
 
 class ResponseCancel(_ClientEvent):
@@ -163,9 +169,19 @@ class ResponseCancel(_ClientEvent):
     response_id: str | None = None
 
 
+class ConversationItemRetrieve(_ClientEvent):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class OutputAudioBufferClear(_ClientEvent):
+    type: Literal["output_audio_buffer.clear"]
+
+
 ClientEvent = Annotated[
     Union[SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
-          ConversationItemCreate, ConversationItemTruncate, ConversationItemDelete, ResponseCreate, ResponseCancel],
+          ConversationItemCreate, ConversationItemTruncate, ConversationItemDelete, ConversationItemRetrieve,
+          ResponseCreate, ResponseCancel, OutputAudioBufferClear],
     Field(discriminator="type"),
 ]
 CLIENT_EVENT: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
@@ -215,6 +231,25 @@ class StatusDetails(BaseModel):
     error: ResponseError | None = None
 
 
+class InputTokenDetails(BaseModel):
+    cached_tokens: int
+    text_tokens: int  # the prompt's positions that are not caller audio are not told apart here: all count as text
+    audio_tokens: int = 0
+
+
+class OutputTokenDetails(BaseModel):
+    text_tokens: int
+    audio_tokens: int  # Mimi frames
+
+
+class Usage(BaseModel):
+    total_tokens: int
+    input_tokens: int
+    output_tokens: int
+    input_token_details: InputTokenDetails
+    output_token_details: OutputTokenDetails
+
+
 class Response(BaseModel):
     id: str
     object: Literal["realtime.response"] = "realtime.response"
@@ -223,6 +258,8 @@ class Response(BaseModel):
     output: list[Item] = Field(default_factory=list)
     output_modalities: list[Literal["audio"]] = Field(default_factory=lambda: ["audio"])
     conversation_id: None = None
+    metadata: dict[str, str] | None = None
+    usage: Usage | None = None
 
 
 class SessionAudioInput(BaseModel):
@@ -312,6 +349,11 @@ class ItemDone(_ServerEvent):
     item: Item
 
 
+class ItemRetrieved(_ServerEvent):
+    type: Literal["conversation.item.retrieved"] = "conversation.item.retrieved"
+    item: Item
+
+
 class ItemDeleted(_ServerEvent):
     type: Literal["conversation.item.deleted"] = "conversation.item.deleted"
     item_id: str
@@ -393,6 +435,6 @@ class TranscriptDone(_Part):
 
 ServerEvent = Union[
     SessionCreated, SessionUpdated, Error, SpeechStarted, SpeechStopped, BufferCommitted, BufferCleared, ItemAdded,
-    ItemDone, ItemDeleted, ItemTruncated, ResponseCreated, ResponseDone, OutputItemAdded, OutputItemDone,
+    ItemDone, ItemRetrieved, ItemDeleted, ItemTruncated, ResponseCreated, ResponseDone, OutputItemAdded, OutputItemDone,
     ContentPartAdded, ContentPartDone, AudioDelta, AudioDone, TranscriptDelta, TranscriptDone,
 ]

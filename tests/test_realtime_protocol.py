@@ -1,7 +1,12 @@
-"""The barge-in rules of a live call, provoked again and again under CPU load, over a real WebSocket on the real app
-(uvicorn, a real redis-server, the engines in process: the tiny RANDOM-WEIGHT checkpoint, so the replies are noise and
-only their lifecycle is looked at):
+"""`/v1/realtime` over a real WebSocket on the real app (uvicorn, a real redis-server, the engines in process: the
+tiny RANDOM-WEIGHT checkpoint, so the replies are noise and only their lifecycle is looked at). Every event the server
+sends validates against the `openai` SDK's `RealtimeServerEvent`.
 
+What strict clients (pipecat, LiveKit Agents) rely on: client item ids kept, `previous_item_id` on every item added,
+`metadata` and `usage` on the response, OpenAI's wording for a cancel with nothing active, item retrieval, semantic_vad,
+a truncate past the audio clamped.
+
+The barge-in rules, provoked again and again under CPU load:
 - once `input_audio_buffer.speech_started` has interrupted a reply, not one more byte of that reply is sent;
 - a second truncate of an item cannot cut its history below what the first one kept.
 
@@ -25,6 +30,7 @@ import pytest_asyncio
 import redis.asyncio
 import uvicorn
 import websockets
+from pydantic import TypeAdapter
 
 from cluster.api.app import build_api
 from cluster.calls.settings import CallSettings
@@ -92,6 +98,18 @@ def cpu_load():
         burner.wait()
 
 
+SERVER_EVENT = None
+
+
+def server_event():
+    global SERVER_EVENT
+    if SERVER_EVENT is None:
+        from openai.types.realtime import RealtimeServerEvent
+
+        SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+    return SERVER_EVENT
+
+
 class Caller:
     def __init__(self, ws):
         self.ws, self.events, self.arrived = ws, [], asyncio.Event()
@@ -99,8 +117,16 @@ class Caller:
 
     async def _read(self):
         async for message in self.ws:
-            self.events.append(json.loads(message))
+            event = json.loads(message)
+            server_event().validate_python(event)  # the SDK's own type, every event
+            self.events.append(event)
             self.arrived.set()
+
+    def of_type(self, kind: str, after: int = 0) -> list[dict]:
+        return [e for e in self.events[after:] if e["type"] == kind]
+
+    async def next(self, kind: str, after: int) -> dict:
+        return self.events[await self.wait_for(lambda e: e["type"] in (kind, "error"), after=after)]
 
     async def send(self, **event):
         await self.ws.send(json.dumps(event))
@@ -167,3 +193,84 @@ async def test_no_audio_after_speech_started_and_a_second_truncate_cannot_shrink
             await call.wait_for(lambda e: e["type"] == "response.done" and e["response"]["id"] != reply_id, after=done)
         call.reader.cancel()
     print(f"{interrupted_while_generating} of {ROUNDS} barge-ins came while the reply was generating")
+
+
+async def configured(ws, voice_id: str, **session) -> Caller:
+    call = Caller(ws)
+    await call.send(type="session.update", session={"type": "realtime", "audio": {"output": {"voice": voice_id}},
+                                                    **session})
+    await call.wait_for(lambda e: e["type"] == "session.updated")
+    return call
+
+
+async def test_what_strict_clients_rely_on(url, voice_id):
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = await configured(ws, voice_id, audio={"output": {"voice": voice_id},
+                                                     "input": {"turn_detection": None}})
+        at = len(call.events)
+        await call.send(type="response.cancel")
+        refused = await call.next("error", at)
+        assert refused["error"]["code"] == "response_cancel_not_active"
+        assert refused["error"]["message"].startswith("Cancellation failed")  # LiveKit stays quiet only for this
+
+        # A typed message under the client's own id, answered with the client's metadata.
+        at = len(call.events)
+        await call.send(type="conversation.item.create", event_id="ev_1", item={
+            "id": "item_client_1", "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Hello there?"}]})
+        added = await call.next("conversation.item.added", at)
+        assert added["item"]["id"] == "item_client_1" and "previous_item_id" in added
+        await call.send(type="conversation.item.create", event_id="ev_2", item={
+            "id": "item_client_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]})
+        duplicate = await call.next("error", at)
+        assert duplicate["error"]["code"] == "invalid_item_id" and duplicate["error"]["event_id"] == "ev_2"
+        at = len(call.events)
+        await call.send(type="response.create", response={"metadata": {"client_event_id": "ev_3"}})
+        created = await call.next("response.created", at)
+        assert created["response"]["metadata"] == {"client_event_id": "ev_3"}
+        assistant = next(e for e in call.of_type("conversation.item.added", at) if e["item"]["role"] == "assistant")
+        assert assistant["previous_item_id"] == "item_client_1"
+        done = (await call.next("response.done", at))["response"]
+        assert done["status"] == "completed" and done["metadata"] == {"client_event_id": "ev_3"}
+        assert done["usage"]["input_tokens"] > 0 and done["usage"]["output_token_details"]["audio_tokens"] > 0
+        assert call.of_type("response.output_audio.delta", at)  # a spoken answer to a text message
+
+        # Items can be read back; unknown ones answer OpenAI's code.
+        reply_item = done["output"][0]["id"]
+        for item_id, role in (("item_client_1", "user"), (reply_item, "assistant")):
+            at = len(call.events)
+            await call.send(type="conversation.item.retrieve", item_id=item_id)
+            retrieved = await call.next("conversation.item.retrieved", at)
+            assert retrieved["type"] == "conversation.item.retrieved", retrieved
+            assert (retrieved["item"]["id"], retrieved["item"]["role"]) == (item_id, role)
+        at = len(call.events)
+        await call.send(type="conversation.item.retrieve", item_id="item_nope")
+        assert (await call.next("error", at))["error"]["code"] == "item_retrieve_invalid_item_id"
+
+        # A truncate past the item's audio means all of it; output_audio_buffer.clear is accepted.
+        at = len(call.events)
+        await call.send(type="conversation.item.truncate", item_id=reply_item, content_index=0, audio_end_ms=10**6)
+        truncated = await call.next("conversation.item.truncated", at)
+        assert truncated["type"] == "conversation.item.truncated", truncated
+        assert 0 < truncated["audio_end_ms"] < 10**6
+        await call.send(type="output_audio_buffer.clear")
+        await call.send(type="session.update", session={"type": "realtime", "instructions": "probe"})
+        await call.wait_for(lambda e: e["type"] == "session.updated" and e["session"]["instructions"] == "probe",
+                            after=at)
+        assert call.of_type("error", at) == []
+        call.reader.cancel()
+
+
+async def test_semantic_vad_is_the_silence_window_its_eagerness_picks(url, voice_id):
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = await configured(ws, voice_id, audio={
+            "output": {"voice": voice_id}, "input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}})
+        detection = call.of_type("session.updated")[-1]["session"]["audio"]["input"]["turn_detection"]
+        assert detection == {"type": "semantic_vad", "eagerness": "high", "create_response": True,
+                             "interrupt_response": True}
+        at = len(call.events)
+        await call.say(np.concatenate([speak_at("Hello, how are you?", CODEC_RATE), np.zeros(CODEC_RATE, np.float32)]))
+        stopped = await call.next("input_audio_buffer.speech_stopped", at)
+        assert stopped["type"] == "input_audio_buffer.speech_stopped"
+        assert (await call.next("response.done", at))["response"]["status"] == "completed"
+        call.reader.cancel()
