@@ -1,4 +1,4 @@
-"""The local cluster's Serve config profiles (cluster/profiles) and their rendering by `chroma-serve up`; the
+"""The local cluster's Serve config profiles (cluster/local/profiles) and their rendering by `chroma-serve up`; the
 cluster itself is exercised in test_cluster.py."""
 
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, gpu_needs, render_serve_config, up
+from cluster.local.supervisor import PROFILES_DIR, LocalClusterSettings, gpu_needs, render_serve_config, up
 from cluster.config import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -99,7 +99,7 @@ def test_up_refuses_a_gpu_profile_without_cuda_before_starting_anything(tmp_path
 
 @needs_no_cuda
 def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "up", "--profile", "gpu", "--checkpoint",
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--profile", "gpu", "--checkpoint",
                            str(tmp_path / "ckpt"), "--home", str(tmp_path / "home")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2
@@ -110,7 +110,7 @@ def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
 def test_demo_against_no_cluster_is_a_clear_error(tmp_path):
     from tests.conftest import free_port
 
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
                            "--api-key", "k", "--out", str(tmp_path / "r.wav")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "chroma-serve: error: the cluster did not answer (ConnectError" in done.stderr and "Traceback" not in done.stderr

@@ -15,8 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from cluster.ops.client import ChromaClient
-from cluster.ops.local import cluster_processes, down, ray_running, settings_env, up
+from cluster.clients.http import ChromaClient
+from cluster.local.supervisor import cluster_processes, down, ray_running, settings_env, up
 from model.processing.audio import decode_audio, encode_wav
 from model.testing.speech import synthetic_speech
 from tests.conftest import cluster_settings
@@ -85,7 +85,7 @@ async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
 def slots_in_use(cluster) -> dict:
     """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
     env = {**os.environ, **settings_env(cluster["settings"])}
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     engines = json.loads(done.stdout)["engines"]
     return {

@@ -4,7 +4,7 @@
   1. a Ray head (`ray start --head`, with its dashboard: `serve deploy` talks to it);
   2. redis-server with its append-only file in the cluster's data dir, unless a Redis URL is given;
   3. an API key file (one generated key for tenant "local") unless one is given;
-  4. the Serve config of a profile (cluster/profiles/*.yaml) with the checkpoint, Redis URL and key file filled
+  4. the Serve config of a profile (cluster/local/profiles/*.yaml) with the checkpoint, Redis URL and key file filled
      in, written to the data dir and deployed with `serve deploy`; then it waits for /readyz.
 `down` stops Ray (and with it every replica) and the redis-server that `up` started. Everything `up` writes
 lives in `LocalClusterSettings.home`, so a second `up` after `down` finds its voices and sessions again.
