@@ -384,16 +384,20 @@ def up(
 
 
 def cluster_processes(settings: LocalClusterSettings) -> list:
-    """This cluster's Ray processes (psutil): those whose command line names its temp dir, and all their descendants.
-    The raylet's agents retitle themselves (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`), so only their parentage
-    says whose they are."""
+    """This cluster's Ray processes (psutil): those whose command line names its temp dir or whose output goes to a
+    log there, and all their descendants. The raylet's agents retitle themselves (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`), so only their parentage says whose they are; the Ray client server names no temp dir
+    and is an orphan once `ray start` exits, but logs there. A driver of the cluster (`ray_driver`) writes its own
+    output elsewhere, so it is none of them."""
     import psutil
 
     marker = str(ray_temp_dir(settings))
+    logs = os.path.realpath(marker) + os.sep  # open files show resolved paths
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+            if proc.pid != os.getpid() and (any(marker in arg for arg in proc.info["cmdline"] or ())
+                                            or any(f.fd in (1, 2) and f.path.startswith(logs) for f in proc.open_files())):
                 found[proc.pid] = proc
                 found.update((child.pid, child) for child in proc.children(recursive=True))
     return list(found.values())
