@@ -1,6 +1,7 @@
 # One-command entry points. `make demo` sets up, brings the local cluster up and answers a spoken turn through it;
 # `make test` sets up and runs the tests; `make image` builds the container image, `make image-test` runs it,
-# `make chart-test` runs the Helm chart's cluster on it (two Ray nodes in containers, as KubeRay would).
+# `make chart-test` runs the Helm chart's cluster on it (two Ray nodes in containers, as KubeRay would); `make dashboard`
+# writes the chart's Grafana dashboard. The build tools live in tools/, outside the installed package.
 PYTHON ?= python3.11
 VENV ?= .venv
 # cpu or cuda: the CUDA stack where nvidia-smi lists a GPU, the CPU one elsewhere; `make setup DEVICE=cuda` forces it.
@@ -28,7 +29,7 @@ WITH_VLLM ?= 1
 PACKAGE ?= -e .[dev]
 PIP = $(VENV)/bin/pip install -q
 
-.PHONY: setup system-packages vllm demo offline-demo down test image image-test chart-test image-stack image-deps image-package clean
+.PHONY: setup system-packages vllm demo offline-demo down test image image-test chart-test dashboard image-stack image-deps image-package clean
 
 setup: system-packages $(VENV)/.installed $(if $(filter 1,$(WITH_VLLM)),$(VENV)/.vllm-installed)
 
@@ -97,26 +98,30 @@ test: setup
 
 # The container image (Containerfile) with podman, or docker where podman is missing, tagged with the package's
 # version (the Helm chart's default image): REGISTRY=host/path prefixes it; DEVICE=cuda builds the GPU one on a CUDA
-# base. This machine's pip sources, wheel folders and CA bundle are handed in (cluster/ops/container.py).
+# base. This machine's pip sources, wheel folders and CA bundle are handed in (tools/container.py).
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= $(if $(REGISTRY),$(REGISTRY)/)chroma-serve:$(VERSION)$(if $(filter cuda,$(DEVICE)),-cuda)
 BASE_IMAGE ?= $(if $(filter cuda,$(DEVICE)),docker.io/nvidia/cuda:13.0.2-runtime-ubuntu24.04,docker.io/library/debian:bookworm-slim)
 image:
-	python3 -m cluster.ops.container build --image $(IMAGE) --base $(BASE_IMAGE) --device $(DEVICE) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
+	python3 -m tools.container build --image $(IMAGE) --base $(BASE_IMAGE) --device $(DEVICE) $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
 
 # Builds the CPU image on a local Debian base (debootstrap: no registry is reachable here), runs it and answers a
 # spoken turn through its published port from this machine, then removes it. Installs podman if it is missing.
 image-test: setup
-	$(VENV)/bin/python -m cluster.ops.container test
+	$(VENV)/bin/python -m tools.container test
 
 # The Helm chart's cluster for real (helm/README.md): renders it with the CPU values, runs the Redis, head and worker
 # pods KubeRay v1.7.0 would make of it as podman containers of the image-test image (rebuilt from its cached
 # layers), deploys the rendered serveConfigV2 through the head's dashboard, answers a turn and a /v1/realtime call,
 # then kills the worker under two live calls and restarts it. A few minutes; prints each check and figure.
 chart-test: setup
-	$(VENV)/bin/python -m cluster.ops.chart_test
+	$(VENV)/bin/python -m tools.chart_test
 
-# `make print-TORCH_SPEC`: a variable as this Makefile computes it (cluster/ops/container.py reads the pins so).
+# The Helm chart's Grafana dashboard, rewritten from tools/dashboard.py's panels (standard library only).
+dashboard:
+	python3 -m tools.dashboard
+
+# `make print-TORCH_SPEC`: a variable as this Makefile computes it (tools/container.py reads the pins so).
 print-%:
 	@echo '$($*)'
 

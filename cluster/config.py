@@ -1,5 +1,5 @@
 """The application's configuration as one typed tree: the Serve app's arguments (`deployments.app:build_app`),
-the profiles in cluster/ops/profiles and the Helm chart's serveConfigV2 all validate against `AppConfig`.
+the profiles in cluster/local/profiles and the Helm chart's serveConfigV2 all validate against `AppConfig`.
 
 Each concern owns its settings model, next to the code it configures; this module only nests them and checks
 the rules that span stages. Unknown keys are errors everywhere (extra="forbid").

@@ -1,6 +1,6 @@
 """The Serve application: Ingress -> Codec -> SpeechStack -> Reasoner.
 
-`build_app` is the import path the Serve config (cluster/ops/profiles, helm/) names, e.g.
+`build_app` is the import path the Serve config (cluster/local/profiles, helm/) names, e.g.
 `serve run deployments.app:build_app checkpoint='{path: /models/chroma-4b}'`. Its arguments are one
 `cluster.config.AppConfig`; replica resources and autoscaling come from the Serve config, and
 `replica_cpus` overrides the CPU share of every replica for a small local cluster.

@@ -40,8 +40,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.ops.client import ApiError, ChromaClient  # noqa: E402
-from cluster.ops.local import LocalClusterSettings, dotted, down, local_api_key, merge_args, ray_running, up  # noqa: E402
+from cluster.clients.http import ApiError, ChromaClient  # noqa: E402
+from cluster.local.supervisor import LocalClusterSettings, dotted, down, local_api_key, merge_args, ray_running, up  # noqa: E402
 from model.testing.speech import speak_at, synthetic_speech  # noqa: E402
 from model.testing.tiny import ensure_tiny_checkpoint  # noqa: E402
 

@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.ops.call_client import RealtimeCaller  # noqa: E402
-from cluster.ops.client import ChromaClient  # noqa: E402
-from cluster.ops.local import LocalClusterSettings, client_api_key  # noqa: E402
-from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
+from cluster.clients.realtime import RealtimeCaller  # noqa: E402
+from cluster.clients.http import ChromaClient  # noqa: E402
+from cluster.local.supervisor import LocalClusterSettings, client_api_key  # noqa: E402
+from cluster.clients.phone import LINE_RATE, CarrierCall  # noqa: E402
 from model.processing.audio import CODEC_RATE  # noqa: E402
 from model.testing.speech import speak, speak_at  # noqa: E402
 

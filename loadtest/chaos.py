@@ -2,7 +2,7 @@
 
 Needs a local cluster (`chroma-serve up`; its CHROMA_LOCAL_* settings). For each stage (Ingress, Codec,
 SpeechStack, Reasoner, the Serve proxy), `--callers` sessions take turns back to back; after `--warmup-s` one
-replica of the stage is killed (`cluster.ops.faults`), the load goes on until /readyz answers again and
+replica of the stage is killed (`cluster.local.faults`), the load goes on until /readyz answers again and
 `--settle-s` more. Per stage it prints:
   - turns in flight at the kill, and how many of them failed;
   - ms from the kill until a caller saw the error (first, and the slowest of the turns in flight);
@@ -29,9 +29,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.ops.client import ApiError, ChromaClient  # noqa: E402
-from cluster.ops.faults import STAGES, FaultAgent  # noqa: E402
-from cluster.ops.local import LocalClusterSettings, local_api_key  # noqa: E402
+from cluster.clients.http import ApiError, ChromaClient  # noqa: E402
+from cluster.local.faults import STAGES, FaultAgent  # noqa: E402
+from cluster.local.supervisor import LocalClusterSettings, local_api_key  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 
 

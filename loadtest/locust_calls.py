@@ -15,7 +15,7 @@ up after a few turns. Besides the connection it reports, per turn:
     locust -f loadtest/locust_calls.py --host http://127.0.0.1:8000 --headless --users 4 --spawn-rate 1 --run-time 2m
     locust -f loadtest/locust_calls.py TwilioCall --host http://127.0.0.1:8000 --headless --users 4 ...   # one kind
 
-Every call runs the asyncio call client (cluster/ops/call_client.py) in its own event loop, in a real thread of
+Every call runs the asyncio call client (cluster/clients/realtime.py) in its own event loop, in a real thread of
 gevent's thread pool (greenlets share one thread, so their loops would collide).
 The API key comes from CHROMA_API_KEY, else the local cluster's generated key. Caller speech is espeak-ng's; the
 tiny checkpoint's weights are RANDOM anyway: timings only.
@@ -36,12 +36,12 @@ from locust import User, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.ops.local import client_api_key  # noqa: E402
+from cluster.local.supervisor import client_api_key  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cluster.ops.call_client import RealtimeCaller  # noqa: E402
-from cluster.ops.phone_client import LINE_RATE, CarrierCall  # noqa: E402
+from cluster.clients.realtime import RealtimeCaller  # noqa: E402
+from cluster.clients.phone import LINE_RATE, CarrierCall  # noqa: E402
 from loadtest.refusals import REFUSED_STATUSES, Refused, error_code, retrying  # noqa: E402
 from model.processing.audio import CODEC_RATE, encode_wav  # noqa: E402
 from model.testing.speech import speak, speak_at  # noqa: E402

@@ -31,7 +31,7 @@ from locust import HttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.ops.local import client_api_key  # noqa: E402
+from cluster.local.supervisor import client_api_key  # noqa: E402
 from loadtest.refusals import MAX_ATTEMPTS, REFUSED_STATUSES, error_code, report_refusal, retry_delay_s  # noqa: E402
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech  # noqa: E402

@@ -40,8 +40,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.ops.client import ApiError, ChromaClient  # noqa: E402
-from cluster.ops.local import LocalClusterSettings, local_api_key  # noqa: E402
+from cluster.clients.http import ApiError, ChromaClient  # noqa: E402
+from cluster.local.supervisor import LocalClusterSettings, local_api_key  # noqa: E402
 from loadtest.turn_timing import percentile  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
-from cluster.ops.local import LocalClusterSettings
+from cluster.local.supervisor import LocalClusterSettings
 from model.testing.speech import synthetic_speech as speech_like  # noqa: F401  (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from cluster.calls.cursor import PlaybackCursor
 from cluster.calls.reply import Reply, ReplyState, UserInput
 from cluster.calls.session import CallSession
 from cluster.calls.settings import CallSettings
-from cluster.ops.call_client import ReplyPlayback
-from cluster.ops.client import TurnReply, playback_gaps
+from cluster.clients.realtime import ReplyPlayback
+from cluster.clients.http import TurnReply, playback_gaps
 from cluster.pipeline.history import HistoryPolicy, HistorySettings
 from cluster.pipeline.turn import StageStatus
 from cluster.state.store import StateSettings, StateStore

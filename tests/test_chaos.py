@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from cluster.ops.client import ApiError, ChromaClient
-from cluster.ops.faults import FaultAgent
-from cluster.ops.local import LocalClusterSettings, down, start_redis, up
+from cluster.clients.http import ApiError, ChromaClient
+from cluster.local.faults import FaultAgent
+from cluster.local.supervisor import LocalClusterSettings, down, start_redis, up
 from cluster.state.ledger import AdmissionLedger
 from model.processing.audio import encode_wav
 from model.testing.speech import synthetic_speech

@@ -150,7 +150,7 @@ def test_inspect_reports_components(tiny_checkpoint):
     report = describe(tiny_checkpoint)
     assert set(report) == {"thinker", "speech", "codec"}
     assert report["speech"]["parameters"] > 0 and report["speech"]["dtypes"] == ["F32"]
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "checkpoint", "inspect", str(tiny_checkpoint)],
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "checkpoint", "inspect", str(tiny_checkpoint)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0
     assert "RANDOM WEIGHTS" in done.stderr

@@ -13,7 +13,7 @@ from tests.conftest import speech_like
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cluster.ops.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_generate_writes_a_wav_of_frames_times_frame_size(tiny_checkpoint, tmp_path):

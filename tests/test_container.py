@@ -1,5 +1,5 @@
 """The image build's plumbing without a container engine: how this machine's pip sources become build args, volumes
-and a CA secret (cluster/ops/container.py), and that the Containerfile's install steps are the Makefile's own rules.
+and a CA secret (tools/container.py), and that the Containerfile's install steps are the Makefile's own rules.
 `make image-test` builds and runs the real image."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from cluster.ops.container import PipSources
+from tools.container import PipSources
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.api.app import build_api
 from cluster.api.settings import ApiSettings
 from cluster.config import AppConfig
-from cluster.ops.dashboard import DASHBOARD, PANELS, queried_series, render
+from tools.dashboard import DASHBOARD, PANELS, queried_series, render
 from cluster.pipeline.local import LocalTurnBackend
 from cluster.state.store import StateSettings, StateStore
 from cluster.state.tenants import TenantDirectory
@@ -27,7 +27,7 @@ KEY = {"Authorization": "Bearer key-ops"}
 
 
 def test_the_chart_dashboard_is_the_generated_one():
-    assert DASHBOARD.read_text() == render(), "run `python -m cluster.ops.dashboard` after changing PANELS"
+    assert DASHBOARD.read_text() == render(), "run `make dashboard` after changing PANELS"
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert [p["title"] for p in panels] == [p.title for p in PANELS]
     assert all(t["expr"] for p in panels for t in p["targets"])

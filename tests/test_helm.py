@@ -17,8 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster.ops.kuberay import build_cluster, hosts_for
-from cluster.ops.local import merge_args
+from tools.kuberay import build_cluster, hosts_for
+from cluster.local.supervisor import merge_args
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')")
 
@@ -459,7 +459,7 @@ def test_observability_options(chart):
     assert render(chart).all("ServiceMonitor") == [] and render(chart).all("ConfigMap") == []
 
 
-# --- the pods KubeRay builds from it (cluster/ops/kuberay.py mirrors KubeRay v1.7.0; `make chart-test` runs them) ---
+# --- the pods KubeRay builds from it (tools/kuberay.py mirrors KubeRay v1.7.0; `make chart-test` runs them) ---
 
 def _selects(selector: dict, labels: dict) -> bool:
     """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""

@@ -1,4 +1,4 @@
-"""The KubeRay mirror (cluster/ops/kuberay.py) and the kubelet's part of `make chart-test` (cluster/ops/chart_test.py)
+"""The KubeRay mirror (tools/kuberay.py) and the kubelet's part of `make chart-test` (tools/chart_test.py)
 on small hand-made specs: no podman, no cluster. What the chart renders, built into pods, is in tests/test_helm.py."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ops import kuberay
-from cluster.ops.chart_test import Node, expand, resolve_env, run_argv
-from cluster.ops.kuberay import NotEmulated, build_cluster, hosts_for, quantity, quantity_value, ray_start_flags
+from tools import kuberay
+from tools.chart_test import Node, expand, resolve_env, run_argv
+from tools.kuberay import NotEmulated, build_cluster, hosts_for, quantity, quantity_value, ray_start_flags
 
 
 def rayservice(**cluster) -> dict:

@@ -1,14 +1,20 @@
-"""The local cluster's Serve config profiles (cluster/profiles) and their rendering by `chroma-serve up`; the
+"""The local cluster's Serve config profiles (cluster/local/profiles) and their rendering by `chroma-serve up`; the
 cluster itself is exercised in test_cluster.py."""
 
+import contextlib
+import shutil
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 import yaml
 
-from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, gpu_needs, render_serve_config, up
+from cluster.local.supervisor import (
+    PROFILES_DIR, LocalClusterSettings, gpu_needs, ray_temp_dir, render_serve_config, stop_ray, up,
+)
 from cluster.config import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -99,7 +105,7 @@ def test_up_refuses_a_gpu_profile_without_cuda_before_starting_anything(tmp_path
 
 @needs_no_cuda
 def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "up", "--profile", "gpu", "--checkpoint",
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--profile", "gpu", "--checkpoint",
                            str(tmp_path / "ckpt"), "--home", str(tmp_path / "home")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2
@@ -110,7 +116,59 @@ def test_the_cli_refuses_a_gpu_profile_without_cuda_clearly(tmp_path):
 def test_demo_against_no_cluster_is_a_clear_error(tmp_path):
     from tests.conftest import free_port
 
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--url", f"http://127.0.0.1:{free_port()}",
                            "--api-key", "k", "--out", str(tmp_path / "r.wav")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "chroma-serve: error: the cluster did not answer (ConnectError" in done.stderr and "Traceback" not in done.stderr
+
+
+# A raylet's agent: retitled, deaf to SIGTERM, named nowhere but in its parentage.
+AGENT = """
+import ctypes, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ctypes.CDLL(None).prctl(15, b"ray::TestAgent")  # PR_SET_NAME, as setproctitle retitles Ray's agents
+time.sleep(600)
+"""
+# A raylet: its command line names the temp dir; it exits on SIGTERM and leaves its agent behind.
+RAYLET = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {AGENT!r}]); time.sleep(600)"
+SLEEP = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN) if 'deaf' in sys.argv else None; time.sleep(600)"
+
+
+def test_stop_ray_leaves_none_of_its_clusters_processes_and_only_those(tmp_path):
+    """What `down` finds and stops, without Ray: the processes that name the cluster's temp dir and their
+    descendants (a retitled agent that ignores SIGTERM included), and one that names nothing but logs there (the
+    Ray client server, an orphan); not another cluster's processes, nor a driver that has a file open there."""
+    settings = LocalClusterSettings(home=tmp_path / "home")
+    temp_dir = ray_temp_dir(settings)
+    logs = temp_dir / "session_1" / "logs"
+    logs.mkdir(parents=True)
+    started = []
+
+    def start(*argv, **streams):
+        started.append(subprocess.Popen([sys.executable, "-c", *argv], **streams))
+        return psutil.Process(started[-1].pid)
+
+    try:
+        with open(logs / "ray_client_server.out", "w") as log, open(logs / "python-core-driver.log", "w") as driver_log:
+            raylet = start(RAYLET, f"--temp_dir={temp_dir}")
+            client_server = start(SLEEP, "deaf", stdout=log, stderr=log)
+            other_cluster = start(SLEEP, f"--temp_dir={ray_temp_dir(LocalClusterSettings(home=tmp_path / 'other'))}")
+            driver = start(SLEEP, pass_fds=[driver_log.fileno()])
+        deadline = time.monotonic() + 30
+        while not [c for c in raylet.children() if c.name() == "ray::TestAgent"]:
+            assert time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.05)
+        (agent,) = raylet.children()
+
+        assert stop_ray(settings, timeout_s=2, stragglers_s=0.5) == 3
+        for proc in started:
+            proc.poll()  # reaps the ones that are gone
+        assert [p for p in (raylet, agent, client_server) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+        assert other_cluster.is_running() and driver.is_running()
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(agent.pid).kill()
+        shutil.rmtree(temp_dir)

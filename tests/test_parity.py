@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 def run_check(path):
     return subprocess.run(
-        [sys.executable, "-m", "cluster.ops.cli", "check-parity", str(path)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cluster.cli", "check-parity", str(path)], capture_output=True, text=True, timeout=600
     )
 
 

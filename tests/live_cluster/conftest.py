@@ -6,17 +6,19 @@ append-only file. Tiny RANDOM-WEIGHT checkpoint. It starts once for the package 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from cluster.ops.client import ChromaClient
-from cluster.ops.local import cluster_processes, down, ray_running, settings_env, up
+from cluster.clients.http import ChromaClient
+from cluster.local.supervisor import cluster_processes, down, ray_running, settings_env, up
 from model.processing.audio import decode_audio, encode_wav
 from model.testing.speech import synthetic_speech
 from tests.conftest import cluster_settings
@@ -54,7 +56,20 @@ def cluster(tiny_checkpoint, tmp_path_factory):
     # `down` leaves nothing running, the raylet's agents (which ignore SIGTERM) included.
     assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names
     assert [p.name() for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert started_by(settings) == []  # nor any other process the cluster started (the Ray client server, an orphan)
     assert not (home / "redis" / "redis.pid").exists()
+
+
+def started_by(settings) -> list[str]:
+    """The live processes that run in the environment the cluster's Ray processes get (`ray start` hands each its own
+    token file, in the data dir), but this one: found without `cluster_processes`, which `down` uses."""
+    found = []
+    for proc in psutil.process_iter(["name", "status"]):
+        with contextlib.suppress(psutil.Error):
+            token = proc.environ().get("RAY_AUTH_TOKEN_PATH")
+            if proc.pid != os.getpid() and token and Path(token).parent == settings.home and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid} {proc.info['name']}")
+    return found
 
 
 def client(cluster, key="key-acme") -> ChromaClient:
@@ -85,7 +100,7 @@ async def new_session(api: ChromaClient, seed: int = 1) -> tuple[dict, dict]:
 def slots_in_use(cluster) -> dict:
     """Through `chroma-serve status` in its own process: Ray reads its auth settings once per process."""
     env = {**os.environ, **settings_env(cluster["settings"])}
-    done = subprocess.run([sys.executable, "-m", "cluster.ops.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     engines = json.loads(done.stdout)["engines"]
     return {

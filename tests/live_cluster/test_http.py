@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.ops.local import start_redis, stop_redis
+from cluster.local.supervisor import start_redis, stop_redis
 from model.processing.audio import decode_audio, encode_wav
 from model.processing.processor import Conversation, Message
 from tests.live_cluster.conftest import (
@@ -214,7 +214,7 @@ async def test_restarting_redis_between_turns_loses_nothing(cluster):
 def test_the_demo_answers_a_spoken_turn(cluster, tmp_path):
     out = tmp_path / "reply.wav"
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.ops.cli", "demo", "--url", cluster["url"], "--api-key", "key-acme", "--out", str(out)],
+        [sys.executable, "-m", "cluster.cli", "demo", "--url", cluster["url"], "--api-key", "key-acme", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from cluster.ops.call_client import RealtimeCaller
+from cluster.clients.realtime import RealtimeCaller
 from cluster.pipeline.turn import build_conversation
 from cluster.state.store import StateStore
 from model.processing.audio import encode_mulaw, pcm16_wave, resample

@@ -16,8 +16,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from pydantic import TypeAdapter
 
-from cluster.ops.call_client import RealtimeCaller
-from cluster.ops.faults import FaultAgent, paused
+from cluster.clients.realtime import RealtimeCaller
+from cluster.local.faults import FaultAgent, paused
 from model.processing.audio import CODEC_RATE, encode_wav, pcm16_bytes
 from model.testing.speech import speak, speak_at
 from tests.live_cluster.conftest import CALL_LIMIT_PER_TENANT, wait_for_no_slots_in_use

@@ -1,5 +1,5 @@
 """Phone calls over /v1/telephony/twilio (and /telnyx) on the real cluster: Ray, Redis, the vLLM CPU Reasoner.
-Twilio's side is played with `websockets` from Twilio's documented message shapes (cluster/ops/phone_client.py),
+Twilio's side is played with `websockets` from Twilio's documented message shapes (cluster/clients/phone.py),
 with an 8 kHz playback clock that echoes marks as it plays. Caller audio is espeak-ng speech; weights RANDOM."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import redis.asyncio
 
-from cluster.ops.client import ChromaClient
-from cluster.ops.phone_client import FRAME, CarrierCall
+from cluster.clients.http import ChromaClient
+from cluster.clients.phone import FRAME, CarrierCall
 from cluster.pipeline.turn import build_conversation
 from cluster.state.store import StateStore
 from model.processing.audio import decode_audio, pcm16_wave

@@ -1,4 +1,4 @@
-"""What the KubeRay operator makes of a rendered RayService, mirrored for `make chart-test` (cluster/ops/chart_test.py).
+"""What the KubeRay operator makes of a rendered RayService, mirrored for `make chart-test` (tools/chart_test.py).
 
 Mirrors KubeRay **v1.7.0** (ray-operator/controllers/ray: common/pod.go, utils/util.go, utils/constant.go,
 rayservice_controller.go, utils/dashboardclient), written from its source, for what the chart uses:

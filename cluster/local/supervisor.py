@@ -4,7 +4,7 @@
   1. a Ray head (`ray start --head`, with its dashboard: `serve deploy` talks to it);
   2. redis-server with its append-only file in the cluster's data dir, unless a Redis URL is given;
   3. an API key file (one generated key for tenant "local") unless one is given;
-  4. the Serve config of a profile (cluster/profiles/*.yaml) with the checkpoint, Redis URL and key file filled
+  4. the Serve config of a profile (cluster/local/profiles/*.yaml) with the checkpoint, Redis URL and key file filled
      in, written to the data dir and deployed with `serve deploy`; then it waits for /readyz.
 `down` stops Ray (and with it every replica) and the redis-server that `up` started. Everything `up` writes
 lives in `LocalClusterSettings.home`, so a second `up` after `down` finds its voices and sessions again.
@@ -384,16 +384,20 @@ def up(
 
 
 def cluster_processes(settings: LocalClusterSettings) -> list:
-    """This cluster's Ray processes (psutil): those whose command line names its temp dir, and all their descendants.
-    The raylet's agents retitle themselves (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`), so only their parentage
-    says whose they are."""
+    """This cluster's Ray processes (psutil): those whose command line names its temp dir or whose output goes to a
+    log there, and all their descendants. The raylet's agents retitle themselves (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`), so only their parentage says whose they are; the Ray client server names no temp dir
+    and is an orphan once `ray start` exits, but logs there. A driver of the cluster (`ray_driver`) writes its own
+    output elsewhere, so it is none of them."""
     import psutil
 
     marker = str(ray_temp_dir(settings))
+    logs = os.path.realpath(marker) + os.sep  # open files show resolved paths
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+            if proc.pid != os.getpid() and (any(marker in arg for arg in proc.info["cmdline"] or ())
+                                            or any(f.fd in (1, 2) and f.path.startswith(logs) for f in proc.open_files())):
                 found[proc.pid] = proc
                 found.update((child.pid, child) for child in proc.children(recursive=True))
     return list(found.values())

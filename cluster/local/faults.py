@@ -6,10 +6,10 @@ is `ray.kill` of one ALIVE actor, which dies at once, mid-request; the Serve con
 `paused(pids)` stops a stage's replica processes where they stand (SIGSTOP, as a stalled process or a long GC pause
 would) for the length of a block: their calls wait and nothing is lost. It needs the replicas on this machine.
 
-`python -m cluster.ops.faults` joins the cluster named by the CHROMA_LOCAL_* settings and answers one JSON line
+`python -m cluster.local.faults` joins the cluster named by the CHROMA_LOCAL_* settings and answers one JSON line
 per command line read from stdin: `kill STAGE` -> {"killed": actor id}, `alive` -> {stage: [actor ids]},
 `pids STAGE` -> {"pids": the live replicas' process ids},
-`replicas` -> {deployment: RUNNING replicas}, `stats` -> each engine's live work (`cluster.ops.local.engine_stats`).
+`replicas` -> {deployment: RUNNING replicas}, `stats` -> each engine's live work (`cluster.local.supervisor.engine_stats`).
 `FaultAgent` runs it as a child process. Ray reads
 its auth settings once per process, so a test process that serves several clusters drives each one through such
 a child process.
@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 
-from cluster.ops.local import APP_NAME, LocalClusterSettings, connected_engine_stats, ray_driver, settings_env
+from cluster.local.supervisor import APP_NAME, LocalClusterSettings, connected_engine_stats, ray_driver, settings_env
 
 STAGES = ("Ingress", "Codec", "SpeechStack", "Reasoner", "proxy")
 
@@ -107,11 +107,11 @@ def answer(line: str) -> dict:
 
 
 class FaultAgent:
-    """`python -m cluster.ops.faults` for one cluster, as a child process."""
+    """`python -m cluster.local.faults` for one cluster, as a child process."""
 
     def __init__(self, settings: LocalClusterSettings, timeout_s: float = 120.0):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.ops.faults"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "cluster.local.faults"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, env={**os.environ, **settings_env(settings)},
         )
         if not json.loads(self.process.stdout.readline() or "{}").get("ready"):

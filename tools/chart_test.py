@@ -3,7 +3,7 @@ would run it, and a node's death under live calls.
 
 A build and test tool beside the image's (container.py, whose podman helpers it uses), not part of the service.
 No Kubernetes API server runs here, so this plays its three parts with what the chart renders:
-- **KubeRay** (v1.7.0, cluster/ops/kuberay.py): the RayCluster's pods with KubeRay's commands, environment, ports,
+- **KubeRay** (v1.7.0, tools/kuberay.py): the RayCluster's pods with KubeRay's commands, environment, ports,
   probes and init container; the Serve config PUT to the head's dashboard and its status polled until RUNNING;
 - **the kubelet**: each pod as a container of the project's image on a podman network of its own, with the pod's
   environment (Secrets, field references and `$(VAR)` expansion resolved as the kubelet resolves them), its
@@ -45,11 +45,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cluster.ops import container, kuberay
-from cluster.ops.call_client import RealtimeCaller
-from cluster.ops.client import ApiError, ChromaClient
-from cluster.ops.container import Checks, Engine
-from cluster.ops.kuberay import RayCluster, all_running, build_cluster, hosts_for, quantity, quantity_value
+from tools import container, kuberay
+from cluster.clients.realtime import RealtimeCaller
+from cluster.clients.http import ApiError, ChromaClient
+from tools.container import Checks, Engine
+from tools.kuberay import RayCluster, all_running, build_cluster, hosts_for, quantity, quantity_value
 from model.processing.audio import CODEC_RATE
 from model.testing.speech import speak, speak_at, synthetic_speech
 
@@ -795,7 +795,7 @@ async def _back_after_restart(run: Run, dashboard: kuberay.Dashboard, head: Runn
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.ops.chart_test", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.chart_test", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
-from cluster.ops.call_client import speech_end, websocket_url
+from cluster.clients.realtime import speech_end, websocket_url
 from model.processing.audio import encode_alaw, encode_mulaw, resample
 
 LINE_RATE = 8000

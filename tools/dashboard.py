@@ -1,6 +1,6 @@
 """The Grafana dashboard of the Helm chart (helm/chroma-serve/dashboards/chroma-serve.json), made from PANELS.
 
-To add a panel, add a `Panel` to PANELS and run `python -m cluster.ops.dashboard` (it rewrites the JSON).
+To add a panel, add a `Panel` to PANELS and run `make dashboard` (`python -m tools.dashboard`: it rewrites the JSON).
 tests/test_dashboard.py checks that the JSON is this output and that every metric and label a panel queries is one
 the app exports at /metrics (cluster/api/metrics.py). Standard library only.
 """
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "chroma-serve" / "dashboards" / "chroma-serve.json"
+DASHBOARD = Path(__file__).resolve().parents[1] / "helm" / "chroma-serve" / "dashboards" / "chroma-serve.json"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
-from cluster.ops.client import playback_gaps
+from cluster.clients.http import playback_gaps
 from model.processing.audio import CODEC_RATE, pcm16_bytes
 
 CHUNK_S = 0.1  # caller audio per message

@@ -101,7 +101,7 @@ def cmd_check_parity(args) -> int:
 
 def _local_settings(args):
     """The local cluster's settings ($CHROMA_LOCAL_*), with --home / --port where the command has them."""
-    from cluster.ops.local import LocalClusterSettings
+    from cluster.local.supervisor import LocalClusterSettings
 
     given = {"home": getattr(args, "home", None), "port": getattr(args, "port", None)}
     return LocalClusterSettings(**{k: v for k, v in given.items() if v is not None})
@@ -110,7 +110,7 @@ def _local_settings(args):
 def cmd_up(args) -> int:
     import yaml
 
-    from cluster.ops.local import dotted, down, merge_args, up
+    from cluster.local.supervisor import dotted, down, merge_args, up
     from model.testing.tiny import RANDOM_WEIGHTS_NOTICE, ensure_tiny_checkpoint, uses_random_weights
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_tiny_checkpoint()
@@ -141,14 +141,14 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from cluster.ops.local import down
+    from cluster.local.supervisor import down
 
     down(_local_settings(args))
     return 0
 
 
 def cmd_status(args) -> int:
-    from cluster.ops.local import application_status, engine_stats, ray_running
+    from cluster.local.supervisor import application_status, engine_stats, ray_running
 
     settings = _local_settings(args)
     if not ray_running(settings):
@@ -167,7 +167,7 @@ def cmd_status(args) -> int:
 
 def _client_inputs(args):
     """The cluster, its key, the voice clip and the caller's audio of `demo` and `call`."""
-    from cluster.ops.local import client_api_key
+    from cluster.local.supervisor import client_api_key
     from model.processing.audio import load_audio_file
     from model.testing.speech import speak
 
@@ -188,7 +188,7 @@ async def _create_voice(client, args, voice_audio, voice_rate) -> dict:
 def cmd_demo(args) -> int:
     import asyncio
 
-    from cluster.ops.client import ChromaClient
+    from cluster.clients.http import ChromaClient
     from model.processing.audio import CODEC_RATE, write_wav
 
     url, api_key, (voice_audio, voice_rate), (caller_audio, caller_rate) = _client_inputs(args)
@@ -217,8 +217,8 @@ def cmd_call(args) -> int:
 
     import numpy as np
 
-    from cluster.ops.call_client import JITTER_BUFFER_S, RealtimeCaller
-    from cluster.ops.client import ChromaClient
+    from cluster.clients.realtime import JITTER_BUFFER_S, RealtimeCaller
+    from cluster.clients.http import ChromaClient
     from model.processing.audio import CODEC_RATE, resample, write_wav
 
     url, api_key, (voice_audio, voice_rate), (caller_audio, caller_rate) = _client_inputs(args)
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start a local cluster: Ray, Redis, the Serve app; print its URL")
     up.add_argument("--checkpoint", help="checkpoint directory (default: a tiny RANDOM-WEIGHT one, made on first use)")
-    up.add_argument("--profile", default="cpu-dev", help="cluster/profiles/<name>.yaml or a Serve config file")
+    up.add_argument("--profile", default="cpu-dev", help="cluster/local/profiles/<name>.yaml or a Serve config file")
     up.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else a local redis-server with AOF)")
     up.add_argument("--api-keys", help='JSON {"key": "tenant"} or a file with it (default: a generated key)')
     up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BASE_TAG = "localhost/chroma-serve-base:bookworm"
 TEST_IMAGE = "localhost/chroma-serve:image-test"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chroma-serve" / "container"
@@ -335,7 +335,7 @@ def test(ready_timeout_s: float = 900.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.ops.container", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.container", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build_cmd = commands.add_parser("build", help="build the image with podman or docker")
