@@ -11,11 +11,13 @@ import pytest
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from cluster.api.admission import Admission, AdmissionSettings
+from cluster.api.admission import Admission
 from cluster.api.metrics import ApiMetrics
 from cluster.pipeline.turn import StageStatus
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.tenants import TenantQuota
 from cluster.state.ledger import AdmissionLedger
-from cluster.state.tenants import TenantDirectory, TenantQuota
+from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
 from model.errors import CapacityError, StageUnavailable, TenantLimit
 from tests.conftest import free_port

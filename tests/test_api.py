@@ -15,17 +15,20 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
-from cluster.api.admission import AdmissionSettings
 from cluster.api.app import build_api
-from cluster.api.settings import ApiSettings
-from cluster.config import AppConfig
 from cluster.pipeline import turn as pipeline
-from cluster.pipeline.history import HistorySettings, TurnPlan
+from cluster.pipeline.history import TurnPlan
 from cluster.pipeline.local import LocalTurnBackend
+from cluster.settings import AppConfig
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.api import ApiSettings
+from cluster.settings.state import StateSettings
+from cluster.settings.tenants import TenantQuota
+from cluster.settings.turns import HistorySettings
 from model.chroma.turn import VoicePrompt
 from cluster.state.ledger import AdmissionLedger
-from cluster.state.store import StateSettings, StateStore
-from cluster.state.tenants import TenantDirectory, TenantQuota
+from cluster.state.store import StateStore
+from cluster.state.tenants import TenantDirectory
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech
 from model.engines.realtime import Headroom

@@ -16,16 +16,18 @@ import redis.asyncio
 import uvicorn
 import websockets
 
-from cluster.api.admission import AdmissionSettings
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
-from cluster.calls.settings import CallSettings
 from cluster.ops.call_client import ReplyPlayback
 from cluster.ops.client import TurnReply, playback_gaps
-from cluster.pipeline.history import HistoryPolicy, HistorySettings
+from cluster.pipeline.history import HistoryPolicy
 from cluster.pipeline.turn import StageStatus
-from cluster.state.store import StateSettings, StateStore
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.calls import CallSettings
+from cluster.settings.state import StateSettings
+from cluster.settings.turns import HistorySettings
+from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
 from model.errors import StageFailed

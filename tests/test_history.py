@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from cluster.pipeline.history import ContextFull, HistoryPolicy, HistorySettings, UserTurn, UtteranceTooLong
+from cluster.pipeline.history import ContextFull, HistoryPolicy, UserTurn, UtteranceTooLong
 from cluster.pipeline.turn import ReasonerPrompt, build_conversation, history_message, next_conversation
+from cluster.settings.turns import HistorySettings
 from cluster.state.history import RetentionRatio, TokenLimits
 from cluster.state.store import HistoryMessage, Session, audio_digest
 from model.processing.audio import pcm16_bytes

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from cluster.ops.local import PROFILES_DIR, LocalClusterSettings, gpu_needs, render_serve_config, up
-from cluster.config import AppConfig
+from cluster.settings import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 DEPLOYMENTS = {"Reasoner", "SpeechStack", "Codec", "Ingress"}

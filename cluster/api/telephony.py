@@ -35,7 +35,6 @@ from redis.exceptions import RedisError
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
 from cluster.api.admission import Ticket
-from cluster.calls.settings import TelephonySettings
 from cluster.calls.vad import TurnDetection
 from cluster.calls.session import (
     CallError,
@@ -48,6 +47,7 @@ from cluster.calls.session import (
     ReplyFinished,
     ReplyStarted,
 )
+from cluster.settings.calls import TelephonySettings
 from model.errors import ChromaError
 
 log = logging.getLogger(__name__)

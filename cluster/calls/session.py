@@ -37,13 +37,13 @@ from typing import Literal, Protocol
 import numpy as np
 
 from cluster.api.metrics import ApiMetrics
-from cluster.calls.settings import CallSettings
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
 from cluster.pipeline.history import TurnPlan, UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
+from cluster.settings.calls import CallSettings
+from cluster.settings.tenants import Kind
 from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
-from cluster.state.tenants import Kind
 from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE
 from model.processing.processor import ChromaProcessor

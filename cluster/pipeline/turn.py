@@ -26,37 +26,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.pipeline.history import HistoryPolicy, TurnPlan, UserTurn
+from cluster.settings.turns import TurnSettings
 from cluster.state.store import HistoryMessage, Session, Voice
 from model.chroma.sampling import SamplingParams
-from model.chroma.turn import (
-    DEFAULT_MAX_FRAMES,
-    DEFAULT_MAX_TOKENS,
-    GeneratedFrame,
-    ReasonerPair,
-    ReplyChunk,
-    VoicePrompt,
-    reasoner_tokens_for,
-)
+from model.chroma.turn import GeneratedFrame, ReasonerPair, ReplyChunk, VoicePrompt
 from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
 from model.errors import InternalError
 from model.processing.audio import REASONER_RATE, pcm16_wave
 from model.processing.processor import ChromaProcessor, Conversation, Message, VoicePromptInputs
 from model.reasoner.base import AudioNotHeld, PromptStats, Reasoner
-
-
-class TurnSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="reply frame limit (12.5 frames per second)")
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Reasoner token limit per reply")
-
-    def reply_tokens(self) -> int:
-        """The Reasoner tokens a reply may take: `max_tokens`, capped by what `max_frames` frames can speak."""
-        return min(self.max_tokens, reasoner_tokens_for(self.max_frames))
 
 
 @dataclass
