@@ -42,13 +42,14 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import RedisError
 
 from cluster.api.metrics import ApiMetrics
+from cluster.errors import TenantLimit
 from cluster.pipeline.turn import StageStatus
 from cluster.settings.admission import AdmissionSettings
 from cluster.settings.tenants import Kind
 from cluster.state.ledger import AdmissionLedger, Verdict
 from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
-from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable, TenantLimit
+from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from cluster.api.errors import validation_message
+from cluster.api.errors import http_status, validation_message
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
 from cluster.calls.session import (
@@ -53,8 +53,9 @@ from cluster.calls.session import (
     SpeechStoppedEvent,
 )
 from cluster.calls.vad import TurnDetection
+from cluster.errors import Unauthorized
 from cluster.state.history import Truncation
-from model.errors import CallerError, ChromaError, Unauthorized
+from model.errors import CallerError, ChromaError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ async def _refuse(websocket: WebSocket, services: Services, refusal: ChromaError
     """Refuse at the handshake: an HTTP answer where the server can send one (401, 429 or 503 with Retry-After),
     else close with the matching code (1008 policy violation, 1013 try again later) after an `error` event."""
     services.metrics.calls_refused.labels(refusal.code).inc()
-    status = refusal.status if isinstance(refusal, CallerError) else 503
+    status = http_status(refusal)
     headers = None if isinstance(refusal, Unauthorized) else {"Retry-After": str(services.settings.retry_after_s)}
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         body = {"error": {"code": refusal.code, "message": refusal.message}}

@@ -11,12 +11,12 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from cluster.api.admission import Admission, Ticket
 from cluster.api.metrics import ApiMetrics
+from cluster.errors import Unauthorized
 from cluster.pipeline.turn import TurnBackend
 from cluster.settings.api import ApiSettings
 from cluster.settings.calls import CallSettings, TelephonySettings
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
-from model.errors import Unauthorized
 
 
 @dataclass
