@@ -11,11 +11,11 @@ import pytest
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from cluster.api.admission import Admission
+from cluster.admission.control import Admission
+from cluster.admission.stages import StageStatus
 from cluster.api.errors import http_status
 from cluster.api.metrics import ApiMetrics
 from cluster.errors import TenantLimit
-from cluster.pipeline.turn import StageStatus
 from cluster.settings.admission import AdmissionSettings
 from cluster.settings.tenants import TenantQuota
 from cluster.state.ledger import AdmissionLedger

@@ -15,6 +15,7 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
+from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
 from cluster.pipeline import turn as pipeline
 from cluster.pipeline.history import TurnPlan
@@ -390,7 +391,7 @@ class StubBackend:
         self._ready, self.busy = ready, busy
 
     async def stages(self):
-        return [pipeline.StageStatus.of("Stub", Headroom(None), problem="" if self._ready else "stopped")]
+        return [StageStatus.of("Stub", Headroom(None), problem="" if self._ready else "stopped")]
 
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)

@@ -16,13 +16,13 @@ import redis.asyncio
 import uvicorn
 import websockets
 
+from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.session import CallSession, PlaybackCursor, Reply, UserInput
 from cluster.ops.call_client import ReplyPlayback
 from cluster.ops.client import TurnReply, playback_gaps
 from cluster.pipeline.history import HistoryPolicy
-from cluster.pipeline.turn import StageStatus
 from cluster.settings.admission import AdmissionSettings
 from cluster.settings.calls import CallSettings
 from cluster.settings.state import StateSettings

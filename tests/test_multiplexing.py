@@ -12,7 +12,7 @@ import pytest_asyncio
 import redis.asyncio
 from prometheus_client import generate_latest
 
-from cluster.api.admission import Admission
+from cluster.admission.control import Admission
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.session import CallError, CallSession, ReplyAudio, ReplyFinished
 from cluster.pipeline.local import LocalTurnBackend

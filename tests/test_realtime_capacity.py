@@ -6,9 +6,9 @@ import asyncio
 import pytest
 import torch
 
+from cluster.admission.stages import StageStatus
 from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CodecEngine
-from cluster.pipeline.turn import StageStatus
 from model.engines.realtime import Headroom, StepTimes
 from model.engines.speech import SpeechEngine
 from model.settings import SpeechEngineSettings

@@ -25,8 +25,8 @@ import contextlib
 
 from fastapi import FastAPI
 
+from cluster.admission.control import Admission
 from cluster.api import health, realtime, sessions, telephony, turns, voices
-from cluster.api.admission import Admission
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services

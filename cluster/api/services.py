@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from cluster.api.admission import Admission, Ticket
+from cluster.admission.control import Admission, Ticket
 from cluster.api.metrics import ApiMetrics
 from cluster.errors import Unauthorized
 from cluster.pipeline.turn import TurnBackend

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from redis.exceptions import RedisError
 
+from cluster.admission.control import Ticket
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat, OutboundAudio
-from cluster.api.admission import Ticket
 from cluster.calls.vad import TurnDetection
 from cluster.calls.session import (
     CallError,

@@ -157,7 +157,7 @@ class Place(Protocol):
 
 
 class ReplyPlaces(Protocol):
-    """Admission control as a call sees it (`cluster.api.admission.Admission`)."""
+    """Admission control as a call sees it (`cluster.admission.control.Admission`)."""
 
     async def admit(self, tenant: str, kind: Kind) -> Place:
         """A reply place, waiting in line for one up to its budget (CapacityError past it)."""

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from cluster.admission.stages import StageStatus
 from cluster.pipeline.history import HistoryPolicy, TurnPlan
 from cluster.pipeline.turn import (
     AudioSource,
     ReplyEvent,
     STAGES,
-    StageStatus,
     build_turn_request,
     clone_voice,
     reasoner_pairs,

@@ -38,12 +38,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
-from cluster.api.metrics import ApiMetrics
+from cluster.admission.stages import StageStatus
 from cluster.errors import TenantLimit
-from cluster.pipeline.turn import StageStatus
 from cluster.settings.admission import AdmissionSettings
 from cluster.settings.tenants import Kind
 from cluster.state.ledger import AdmissionLedger, Verdict
@@ -55,6 +56,18 @@ log = logging.getLogger(__name__)
 
 UNBOUNDED = 2**31 - 1  # the ledger's capacity when no stage sets one
 _LINE_POLL_S = 0.05  # a waiting turn also looks again this often: other Ingress replicas release without telling us
+
+
+class AdmissionMetrics(Protocol):
+    """The gauges and counters admission control keeps (`cluster.api.metrics.ApiMetrics` has them)."""
+
+    capacity: Gauge
+    call_budget: Gauge
+    reply_places_busy: Gauge
+    call_reply_share: Gauge
+    queued: Gauge
+    admissions: Counter
+    admission_wait: Histogram
 
 
 class _Average:
@@ -103,7 +116,7 @@ class Ticket:
 class Admission:
     def __init__(
         self, ledger: AdmissionLedger, read_stages: Callable[[], Awaitable[list[StageStatus]]],
-        tenants: TenantDirectory, settings: AdmissionSettings, metrics: ApiMetrics,
+        tenants: TenantDirectory, settings: AdmissionSettings, metrics: AdmissionMetrics,
     ):
         self.ledger, self._read_stages, self.tenants = ledger, read_stages, tenants
         self.settings, self.metrics = settings, metrics
