@@ -2,7 +2,7 @@
 
 `build_app` is the import path the Serve config (cluster/local/profiles, helm/) names, e.g.
 `serve run deployments.app:build_app checkpoint='{path: /models/chroma-4b}'`. Its arguments are one
-`cluster.config.AppConfig`; replica resources and autoscaling come from the Serve config, and
+`cluster.settings.AppConfig`; replica resources and autoscaling come from the Serve config, and
 `replica_cpus` overrides the CPU share of every replica for a small local cluster.
 
 Every replica that is scaled down or replaced waits for its live turns to end before it stops: the graceful
@@ -12,7 +12,7 @@ admitted turn is cut off; an Ingress replica, which holds live calls, waits for 
 
 from __future__ import annotations
 
-from cluster.config import AppConfig
+from cluster.settings import AppConfig
 from deployments.codec import CodecDeployment
 from deployments.ingress import IngressDeployment
 from deployments.reasoner import ReasonerDeployment

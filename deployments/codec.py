@@ -10,8 +10,8 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import AppConfig
 from cluster.pipeline.turn import SpeechRequest, peel, surfaced
+from cluster.settings import AppConfig
 from deployments.streams import CallerWatch, answered_here, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt

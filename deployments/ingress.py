@@ -25,18 +25,12 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
+from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
-from cluster.config import AppConfig
 from cluster.pipeline.history import HistoryPolicy, TurnPlan
-from cluster.pipeline.turn import (
-    STAGES,
-    ReplyEvent,
-    StageStatus,
-    TurnSettings,
-    build_turn_request,
-    clone_voice,
-    reply_events,
-)
+from cluster.pipeline.turn import STAGES, ReplyEvent, build_turn_request, clone_voice, reply_events
+from cluster.settings import AppConfig
+from cluster.settings.turns import TurnSettings
 from cluster.state.store import Session, StateStore, Voice, redis_client
 from cluster.state.tenants import TenantDirectory
 from deployments.streams import relay, result, this_replica

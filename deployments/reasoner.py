@@ -14,13 +14,13 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AppConfig
 from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
+from cluster.settings import AppConfig
 from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch, answered_here
 from model.engines.realtime import Headroom
+from model.reasoner import build_reasoner
 from model.reasoner.base import PromptStats
-from model.reasoner.settings import build_reasoner
 
 
 @serve.deployment(

@@ -28,10 +28,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.config import AppConfig  # noqa: E402
 from cluster.clients.http import ChromaClient, TurnReply  # noqa: E402
 from cluster.local.supervisor import APP_NAME, LocalClusterSettings, local_api_key  # noqa: E402
 from cluster.pipeline.local import LocalTurnBackend  # noqa: E402
+from cluster.settings import AppConfig  # noqa: E402
 from cluster.state.store import Voice  # noqa: E402
 from loadtest.turn_timing import TurnTiming, engine_turn, measure, summary  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402

@@ -44,8 +44,9 @@ from model.chroma.checkpoint import Checkpoint, load_codec, load_speech, load_th
 from model.chroma.speech import SpeechModel  # noqa: E402
 from model.chroma.turn import VoicePrompt  # noqa: E402
 from model.engines.codec import CodecEngine  # noqa: E402
-from model.engines.speech import SpeechEngine, SpeechEngineSettings  # noqa: E402
+from model.engines.speech import SpeechEngine  # noqa: E402
 from model.offline import speak_turn  # noqa: E402
+from model.settings import SpeechEngineSettings  # noqa: E402
 from model.testing.random_speech import random_speech, speech_config  # noqa: E402
 
 FRAME_SECONDS = 0.08

@@ -27,16 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cluster.pipeline.local import LocalTurnBackend  # noqa: E402
-from cluster.pipeline.turn import TurnSettings  # noqa: E402
+from cluster.settings.turns import TurnSettings  # noqa: E402
 from cluster.state.store import Voice  # noqa: E402
 from loadtest.turn_timing import engine_turn, measure, summary  # noqa: E402
 from model.chroma.checkpoint import resolve_dtype  # noqa: E402
 from model.chroma.config import BACKBONE_DEFAULTS, DECODER_DEFAULTS, ChromaConfig  # noqa: E402
 from model.engines.codec import CodecEngine  # noqa: E402
 from model.engines.codec_loop import CodecLoop  # noqa: E402
-from model.engines.speech import SpeechEngine, SpeechEngineSettings  # noqa: E402
+from model.engines.speech import SpeechEngine  # noqa: E402
 from model.processing.processor import ChromaProcessor  # noqa: E402
 from model.reasoner.hf import HFReasoner  # noqa: E402
+from model.settings import SpeechEngineSettings  # noqa: E402
 from model.testing.processor_files import remapped_special_token_ids, write_processor_files  # noqa: E402
 from model.testing.random_speech import random_speech  # noqa: E402
 from model.testing.speech import synthetic_speech  # noqa: E402

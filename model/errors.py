@@ -1,10 +1,11 @@
-"""The project's typed errors. Every layer raises these; the HTTP API maps them to answers by class alone.
+"""The project's typed errors. Every layer raises these; the HTTP API maps them to answers by class alone
+(`cluster/api/errors.py`), so none carries an HTTP status.
 
-- `CallerError`: the caller's mistake (bad audio, bad request, unknown id, over a limit). The API answers with
-  the error's `status` (4xx), `code` and message, which must name the problem and carry nothing internal.
-- `Unavailable`: nobody's fault, try again shortly (every slot taken, a stage or Redis down): 503 with
-  Retry-After. `retryable` errors say so in the `error` event that ends a failed stream.
-- `TenantLimit`: the tenant's own concurrency quota is used up: 429 with Retry-After.
+- `CallerError`: the caller's mistake (bad audio, bad request, unknown id, over a limit). The API answers with a
+  4xx, the error's `code` and its message, which must name the problem and carry nothing internal. The cluster's
+  own caller errors (tenants, API keys, HTTP media) are in `cluster/errors.py`.
+- `Unavailable`: nobody's fault, try again shortly (every slot taken, a stage or Redis down): the API answers 503
+  with Retry-After. `retryable` errors say so in the `error` event that ends a failed stream.
 - Anything else (including `InternalError` and exceptions of other libraries) is an internal failure: the API
   answers 500 with code `internal_error` and the request id, and logs the traceback on the server.
 
@@ -44,7 +45,6 @@ def _rebuild(cls: type[ChromaError], message: str, state: dict) -> ChromaError:
 
 
 class CallerError(ChromaError):
-    status = 422
     code = "invalid_request"
 
 
@@ -61,7 +61,6 @@ class AudioError(InvalidInput):
 class NotFound(CallerError, KeyError):
     """An unknown id, or one that belongs to another tenant (callers must not learn which)."""
 
-    status = 404
     code = "not_found"
 
     def __init__(self, kind: str, id: str):
@@ -70,41 +69,8 @@ class NotFound(CallerError, KeyError):
         self.id = id
 
 
-class BadRequest(CallerError):
-    status = 400
-
-
-class TooLarge(CallerError):
-    status = 413
-    code = "too_large"
-
-
 class Conflict(CallerError):
-    status = 409
     code = "version_conflict"
-
-
-class Unauthorized(CallerError):
-    status = 401
-    code = "unauthorized"
-
-
-class UnsupportedMediaType(CallerError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class NotAcceptable(CallerError):
-    status = 406
-    code = "not_acceptable"
-
-
-class TenantLimit(CallerError):
-    """The tenant already has as many live turns (or calls) as its quota allows."""
-
-    status = 429
-    code = "tenant_concurrency_limit"
-    retryable = True
 
 
 class Unavailable(ChromaError):

@@ -11,13 +11,17 @@ import pytest
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from cluster.api.admission import Admission, AdmissionSettings
+from cluster.admission.control import Admission
+from cluster.admission.stages import StageStatus
+from cluster.api.errors import http_status
 from cluster.api.metrics import ApiMetrics
-from cluster.pipeline.turn import StageStatus
+from cluster.errors import TenantLimit
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.tenants import TenantQuota
 from cluster.state.ledger import AdmissionLedger
-from cluster.state.tenants import TenantDirectory, TenantQuota
+from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
-from model.errors import CapacityError, StageUnavailable, TenantLimit
+from model.errors import CapacityError, StageUnavailable
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -107,7 +111,7 @@ async def test_tenant_quotas_per_kind(ledger):
         turn = await admission.admit("acme", "turn")
         with pytest.raises(TenantLimit, match="acme") as refused:
             await admission.admit("acme", "turn")
-        assert refused.value.status == 429 and refused.value.code == "tenant_concurrency_limit"
+        assert http_status(refused.value) == 429 and refused.value.code == "tenant_concurrency_limit"
         call = await admission.admit("acme", "call")  # calls have their own quota
         with pytest.raises(TenantLimit):
             await admission.admit("acme", "call")

@@ -15,17 +15,21 @@ import pytest_asyncio
 import redis.asyncio
 import torch
 
-from cluster.api.admission import AdmissionSettings
+from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
-from cluster.api.settings import ApiSettings
-from cluster.config import AppConfig
 from cluster.pipeline import turn as pipeline
-from cluster.pipeline.history import HistorySettings, TurnPlan
+from cluster.pipeline.history import TurnPlan
 from cluster.pipeline.local import LocalTurnBackend
+from cluster.settings import AppConfig
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.api import ApiSettings
+from cluster.settings.state import StateSettings
+from cluster.settings.tenants import TenantQuota
+from cluster.settings.turns import HistorySettings
 from model.chroma.turn import VoicePrompt
 from cluster.state.ledger import AdmissionLedger
-from cluster.state.store import StateSettings, StateStore
-from cluster.state.tenants import TenantDirectory, TenantQuota
+from cluster.state.store import StateStore
+from cluster.state.tenants import TenantDirectory
 from model.processing.audio import encode_mulaw, encode_wav, resample
 from model.testing.speech import synthetic_speech
 from model.engines.realtime import Headroom
@@ -387,7 +391,7 @@ class StubBackend:
         self._ready, self.busy = ready, busy
 
     async def stages(self):
-        return [pipeline.StageStatus.of("Stub", Headroom(None), problem="" if self._ready else "stopped")]
+        return [StageStatus.of("Stub", Headroom(None), problem="" if self._ready else "stopped")]
 
     async def clone_voice(self, transcript, audio, sample_rate):
         return VoicePrompt(torch.tensor([1, 2, 3]), torch.ones((4, 8), dtype=torch.long), 4)

@@ -16,18 +16,20 @@ import redis.asyncio
 import uvicorn
 import websockets
 
-from cluster.api.admission import AdmissionSettings
+from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.cursor import PlaybackCursor
 from cluster.calls.reply import Reply, ReplyState, UserInput
 from cluster.calls.session import CallSession
-from cluster.calls.settings import CallSettings
-from cluster.clients.realtime import ReplyPlayback
 from cluster.clients.http import TurnReply, playback_gaps
-from cluster.pipeline.history import HistoryPolicy, HistorySettings
-from cluster.pipeline.turn import StageStatus
-from cluster.state.store import StateSettings, StateStore
+from cluster.clients.realtime import ReplyPlayback
+from cluster.pipeline.history import HistoryPolicy
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.calls import CallSettings
+from cluster.settings.state import StateSettings
+from cluster.settings.turns import HistorySettings
+from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
 from model.errors import StageFailed

@@ -165,7 +165,7 @@ def test_a_read_only_checkpoint_has_its_thinker_split_on_the_node(tiny_checkpoin
     """The Helm chart mounts the checkpoint read-only (and the Reasoner's node may not be where the app was built):
     the thinker is split on the Reasoner's node, under the tools' home, once, and the checkpoint is left as it was."""
     import model.testing.tiny
-    from cluster.config import AppConfig
+    from cluster.settings import AppConfig
 
     checkpoint = tmp_path / "ro"
     # without a thinker split beside it (an earlier test in the session may have split the shared one)
@@ -189,7 +189,7 @@ def test_a_read_only_checkpoint_has_its_thinker_split_on_the_node(tiny_checkpoin
 
 
 def test_a_writable_checkpoint_keeps_its_thinker_beside_it(tiny_checkpoint, tmp_path):
-    from cluster.config import AppConfig
+    from cluster.settings import AppConfig
 
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, checkpoint, ignore=shutil.ignore_patterns("thinker"))

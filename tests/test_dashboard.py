@@ -14,11 +14,12 @@ import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.api.app import build_api
-from cluster.api.settings import ApiSettings
-from cluster.config import AppConfig
 from tools.dashboard import DASHBOARD, PANELS, queried_series, render
 from cluster.pipeline.local import LocalTurnBackend
-from cluster.state.store import StateSettings, StateStore
+from cluster.settings import AppConfig
+from cluster.settings.api import ApiSettings
+from cluster.settings.state import StateSettings
+from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.processing.audio import encode_wav
 from model.testing.speech import synthetic_speech

@@ -15,8 +15,9 @@ from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import VoicePrompt
 from model.engines.codec import CodecEngine
-from model.engines.speech import SpeechEngine, SpeechEngineSettings
+from model.engines.speech import SpeechEngine
 from model.offline import speak_turn
+from model.settings import SpeechEngineSettings
 from model.testing.random_speech import random_speech, speech_config
 
 # CHROMA_CUDA_TESTS_DEVICE=cpu (gpu_check.sh --dry-run) runs them on the CPU, graphs replaced by their padded eager

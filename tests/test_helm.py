@@ -205,7 +205,7 @@ def test_ingress_resource_when_enabled(chart):
 
 @pytest.mark.parametrize("values", [None, CPU_DEV], ids=["default", "cpu-dev"])
 def test_rendered_app_args_are_a_valid_app_config(chart, values):
-    from cluster.config import AppConfig
+    from cluster.settings import AppConfig
 
     config = AppConfig.model_validate(render(chart, values).app["args"])
     assert config.checkpoint.device == ("cpu" if values else "cuda")

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from cluster.pipeline.history import ContextFull, HistoryPolicy, HistorySettings, UserTurn, UtteranceTooLong
+from cluster.api.errors import http_status
+from cluster.pipeline.history import ContextFull, HistoryPolicy, UserTurn, UtteranceTooLong
 from cluster.pipeline.turn import ReasonerPrompt, build_conversation, history_message, next_conversation
+from cluster.settings.turns import HistorySettings
 from cluster.state.history import RetentionRatio, TokenLimits
 from cluster.state.store import HistoryMessage, Session, audio_digest
 from model.processing.audio import pcm16_bytes
@@ -104,12 +106,12 @@ def test_disabled_names_the_limit_and_a_long_utterance_is_the_callers(processor)
     session, _ = session_of(20, "disabled")
     with pytest.raises(ContextFull, match="context of 1000.*\"disabled\".*delete earlier items") as full:
         policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
-    assert full.value.status == 409 and full.value.code == "context_full"
+    assert http_status(full.value) == 409 and full.value.code == "context_full"
     short, _ = session_of(2, "disabled")
     assert not policy(processor).plan(short, UserTurn("new", utterance(2.0, 9))).drop
     with pytest.raises(UtteranceTooLong, match=r"utterance takes \d+ positions.*context of 1000") as long:
         policy(processor).plan(short, UserTurn("new", utterance(45.0, 9)))
-    assert long.value.status == 422 and long.value.code == "utterance_too_long"
+    assert http_status(long.value) == 422 and long.value.code == "utterance_too_long"
 
 
 def test_the_new_utterance_is_quantised_once_and_named_by_its_samples(processor):

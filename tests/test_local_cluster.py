@@ -15,7 +15,7 @@ import yaml
 from cluster.local.supervisor import (
     PROFILES_DIR, LocalClusterSettings, gpu_needs, ray_temp_dir, render_serve_config, stop_ray, up,
 )
-from cluster.config import AppConfig
+from cluster.settings import AppConfig
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 DEPLOYMENTS = {"Reasoner", "SpeechStack", "Codec", "Ingress"}

@@ -12,15 +12,17 @@ import pytest_asyncio
 import redis.asyncio
 from prometheus_client import generate_latest
 
-from cluster.api.admission import Admission, AdmissionSettings
+from cluster.admission.control import Admission
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.events import CallError, ReplyAudio, ReplyFinished
 from cluster.calls.session import CallSession
-from cluster.calls.settings import CallSettings
-from cluster.config import AppConfig
 from cluster.pipeline.local import LocalTurnBackend
+from cluster.settings import AppConfig
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.calls import CallSettings
+from cluster.settings.state import StateSettings
 from cluster.state.ledger import AdmissionLedger
-from cluster.state.store import StateSettings, StateStore
+from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.testing.speech import synthetic_speech
 

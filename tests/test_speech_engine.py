@@ -15,7 +15,8 @@ from model.reasoner.hf import ReasonerSession
 from model.processing.processor import Conversation, Message
 from model.chroma.sampling import SamplingParams
 from model.engines.realtime import CALIBRATION_RUNS
-from model.engines.speech import CapacityError, SpeechEngine, SpeechEngineSettings
+from model.engines.speech import CapacityError, SpeechEngine
+from model.settings import SpeechEngineSettings
 from tests.conftest import cuda_layout_sdpa, speech_like
 
 

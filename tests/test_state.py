@@ -12,10 +12,12 @@ import pytest
 import redis.asyncio
 import torch
 
+from cluster.settings.state import StateSettings
+from cluster.settings.tenants import TenantSettings
 from cluster.state.redis_server import start_local_redis, stop_local_redis
 from cluster.state.history import HistoryDrop
-from cluster.state.store import SessionSampling, StateSettings, StateStore, VersionConflict, audio_digest, redis_client
-from cluster.state.tenants import TenantDirectory, TenantSettings
+from cluster.state.store import SessionSampling, StateStore, VersionConflict, audio_digest, redis_client
+from cluster.state.tenants import TenantDirectory
 from model.errors import NotFound, StateUnavailable
 from model.processing.audio import ReplyFormat
 from tests.conftest import free_port

@@ -25,14 +25,15 @@ import contextlib
 
 from fastapi import FastAPI
 
+from cluster.admission.control import Admission
 from cluster.api import health, realtime, sessions, telephony, turns, voices
-from cluster.api.admission import Admission, AdmissionSettings
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services
-from cluster.api.settings import ApiSettings
-from cluster.calls.settings import CallSettings, TelephonySettings
 from cluster.pipeline.turn import TurnBackend
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.api import ApiSettings
+from cluster.settings.calls import CallSettings, TelephonySettings
 from cluster.state.ledger import AdmissionLedger
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory

@@ -1,8 +1,8 @@
 """Error answers: one JSON shape everywhere, status and code by error class, a request id on every response.
 
-`{"error": {"code": "...", "message": "...", "request_id": "req_..."}}`. Caller mistakes (`CallerError`) answer
-with their own status (429 `tenant_concurrency_limit` with Retry-After); `Unavailable` (and Redis being away)
-answers 503 with Retry-After; anything else is an internal failure: 500 `internal_error`, the traceback in the
+`{"error": {"code": "...", "message": "...", "request_id": "req_..."}}`. Which status answers which error is the
+one table here (`http_status`): caller mistakes (`CallerError`) answer 4xx (429 `tenant_concurrency_limit` with
+Retry-After); `Unavailable` (and Redis being away) answers 503 with Retry-After; anything else is an internal failure: 500 `internal_error`, the traceback in the
 server log under the request id, and nothing of it in the body. A stream that fails after it started ends with
 the same body as an `error` event (`stream_error`), plus `retryable`.
 """
@@ -22,11 +22,24 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.api.metrics import ApiMetrics
-from model.errors import CallerError, ChromaError, TenantLimit, Unauthorized, Unavailable
+from cluster.errors import BadRequest, NotAcceptable, TenantLimit, TooLarge, Unauthorized, UnsupportedMediaType
+from model.errors import CallerError, ChromaError, Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+
+# An error's HTTP status by class, most derived first: the first class it is an instance of answers. Only caller
+# mistakes are 4xx; anything not listed is an internal failure (500).
+STATUSES: tuple[tuple[type[ChromaError], int], ...] = (
+    (BadRequest, 400), (Unauthorized, 401), (NotFound, 404), (NotAcceptable, 406), (Conflict, 409),
+    (TooLarge, 413), (UnsupportedMediaType, 415), (TenantLimit, 429), (CallerError, 422), (Unavailable, 503),
+)
+RETRY_LATER = (TenantLimit, Unavailable)  # answered with Retry-After
+
+
+def http_status(error: BaseException) -> int:
+    return next((status for kind, status in STATUSES if isinstance(error, kind)), 500)
 
 
 class ErrorDetail(BaseModel):
@@ -104,14 +117,13 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics, retry_after_s: int
         return error_response(request, status, code, message, headers, retryable)
 
     async def chroma_error(request: Request, exc: ChromaError) -> JSONResponse:
-        if isinstance(exc, CallerError):
-            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-            if isinstance(exc, TenantLimit):
-                headers = retry
-            return answer(request, exc.status, exc.code, exc.message, headers, exc.retryable)
-        if isinstance(exc, Unavailable):
-            return answer(request, 503, exc.code, exc.message, retry, exc.retryable)
-        return await internal_error(request, exc)
+        status = http_status(exc)
+        if status == 500:
+            return await internal_error(request, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        if isinstance(exc, RETRY_LATER):
+            headers = retry
+        return answer(request, status, exc.code, exc.message, headers, exc.retryable)
 
     async def state_unavailable(request: Request, exc: RedisError) -> JSONResponse:
         log.warning("request %s: Redis unavailable: %r", request_id(request), exc)

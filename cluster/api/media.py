@@ -7,8 +7,9 @@ from collections.abc import Callable
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
+from cluster.errors import BadRequest, NotAcceptable, TooLarge, UnsupportedMediaType
 from cluster.state.store import Session
-from model.errors import BadRequest, InvalidInput, NotAcceptable, TooLarge, UnsupportedMediaType
+from model.errors import InvalidInput
 from model.processing.audio import ReplyFormat
 
 PCM_TYPES = ("audio/pcm", "audio/x-pcm", "audio/pcm16")

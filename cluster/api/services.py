@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from cluster.api.admission import Admission, Ticket
+from cluster.admission.control import Admission, Ticket
 from cluster.api.metrics import ApiMetrics
-from cluster.api.settings import ApiSettings
-from cluster.calls.settings import CallSettings, TelephonySettings
+from cluster.errors import Unauthorized
 from cluster.pipeline.turn import TurnBackend
+from cluster.settings.api import ApiSettings
+from cluster.settings.calls import CallSettings, TelephonySettings
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
-from model.errors import Unauthorized
 
 
 @dataclass

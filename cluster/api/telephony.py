@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 
-from cluster.api.admission import Ticket
+from cluster.admission.control import Ticket
 from cluster.api.services import Services
 from cluster.calls.audio import InboundAudio, LineFormat
 from cluster.calls.cursor import MarkCursor
 from cluster.calls.events import CallError, CallEvent, PlaybackStopped, ReplyAudio, ReplyFinished, ReplyStarted
 from cluster.calls.session import CallSession
-from cluster.calls.settings import TelephonySettings
 from cluster.calls.transport import BadMessage, CallTransport, ReplyEncoders
 from cluster.calls.vad import TurnDetection
+from cluster.settings.calls import TelephonySettings
 from model.errors import ChromaError
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """POST /v1/sessions/{id}/turns: caller audio in, the spoken reply streamed out (SSE or raw audio).
 
 A turn is admitted or refused once, as soon as its body is read, before its audio is decoded or anything runs
-(`cluster.api.admission`: 429 over the tenant's quota, 503 at capacity or while a stage is down), so a refusal costs
-no work. Then its prompt is planned (`cluster.pipeline.history`: the session's truncation drops the oldest
+(`cluster.admission.control`: 429 over the tenant's quota, 503 at capacity or while a stage is down), so a refusal
+costs no work. Then its prompt is planned (`cluster.pipeline.history`: the session's truncation drops the oldest
 history that does not fit the Reasoner's context; 422 `utterance_too_long` for an utterance that does not fit by
 itself, 409 `context_full` where the session disabled truncation); a turn refused by then releases its place.
 The turn and its reply join the session's history atomically when the reply ends, with what the plan dropped; a
@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from cluster.api.admission import Ticket
+from cluster.admission.control import Ticket
 from cluster.api.errors import error_responses, request_id, stream_error
 from cluster.api.media import caller_encoding, check_duration, negotiate_reply, read_body
 from cluster.api.schemas import TurnDoneEvent

@@ -9,7 +9,8 @@ from cluster.api.errors import error_responses
 from cluster.api.media import check_duration, media_type, read_body, replay
 from cluster.api.schemas import VoiceForm, VoiceList, VoiceOut
 from cluster.api.services import ServicesDep, TenantDep
-from model.errors import InvalidInput, UnsupportedMediaType
+from cluster.errors import UnsupportedMediaType
+from model.errors import InvalidInput
 from model.processing.audio import decode_audio
 
 router = APIRouter(prefix="/v1/voices", tags=["voices"])

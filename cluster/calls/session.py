@@ -59,14 +59,14 @@ from cluster.calls.events import (
 )
 from cluster.calls.metrics import CallMetrics
 from cluster.calls.reply import FRAME_MS, Reply, ReplyState, UserInput
-from cluster.calls.settings import CallSettings
 from cluster.calls.transport import CallTasks, cancel_quietly
 from cluster.calls.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnDetection, TurnDetector
 from cluster.pipeline.history import UserTurn
 from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend, TurnDone
+from cluster.settings.calls import CallSettings
+from cluster.settings.tenants import Kind
 from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
-from cluster.state.tenants import Kind
 from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE
 from model.processing.processor import ChromaProcessor
@@ -85,7 +85,7 @@ class Place(Protocol):
 
 
 class ReplyPlaces(Protocol):
-    """Admission control as a call sees it (`cluster.api.admission.Admission`)."""
+    """Admission control as a call sees it (`cluster.admission.control.Admission`)."""
 
     async def admit(self, tenant: str, kind: Kind) -> Place:
         """A reply place, waiting in line for one up to its budget (CapacityError past it)."""

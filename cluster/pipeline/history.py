@@ -17,23 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.state.history import HistoryDrop, RetentionRatio, Truncation
+from cluster.settings.turns import HistorySettings
+from cluster.state.history import HistoryDrop, RetentionRatio
 from cluster.state.store import HistoryMessage, Session, audio_digest
 from model.errors import Conflict, InvalidInput
 from model.processing.audio import REASONER_RATE, pcm16_bytes, pcm16_wave
 from model.processing.processor import ChromaProcessor, Message
-
-
-class HistorySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    truncation: Truncation = "auto"  # new sessions' policy, unless they name one
-    auto_retention_ratio: float = Field(
-        0.8, gt=0.0, le=1.0, description='what "auto" keeps of the room after the system prompt when it truncates: '
-        "less than all of it, so the next turns fit without truncating again (and hit the prefix cache)",
-    )
 
 
 class UtteranceTooLong(InvalidInput):

@@ -11,14 +11,12 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from cluster.config import AppConfig
-from cluster.pipeline.history import HistoryPolicy, HistorySettings, TurnPlan
+from cluster.admission.stages import StageStatus
+from cluster.pipeline.history import HistoryPolicy, TurnPlan
 from cluster.pipeline.turn import (
     AudioSource,
     ReplyEvent,
     STAGES,
-    StageStatus,
-    TurnSettings,
     build_turn_request,
     clone_voice,
     reasoner_pairs,
@@ -26,6 +24,8 @@ from cluster.pipeline.turn import (
     speech_frames,
     surfaced,
 )
+from cluster.settings import AppConfig
+from cluster.settings.turns import HistorySettings, TurnSettings
 from cluster.state.store import Session, Voice
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
@@ -34,8 +34,8 @@ from model.engines.codec_loop import CodecLoop
 from model.engines.realtime import Headroom
 from model.engines.speech import SpeechEngine
 from model.processing.processor import VoicePromptInputs
+from model.reasoner import build_reasoner
 from model.reasoner.base import PromptStats, Reasoner
-from model.reasoner.settings import build_reasoner
 
 
 class LocalTurnBackend:

@@ -19,7 +19,7 @@ from enum import IntEnum
 
 import redis.asyncio
 
-from cluster.state.tenants import Kind
+from cluster.settings.tenants import Kind
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 

@@ -21,8 +21,6 @@ ReasonerPair = tuple[int, torch.Tensor]
 FRAME_SECONDS = 0.08  # audio per frame: Mimi runs at 12.5 frames/s
 FRAMES_PER_TOKEN = 2  # the 1:2 interleave: one Reasoner pair per two frames
 TOKEN_SECONDS = FRAMES_PER_TOKEN * FRAME_SECONDS  # reply audio per Reasoner token: 6.25 tokens/s keep a turn real-time
-DEFAULT_MAX_FRAMES = 750  # 60 s of reply audio
-DEFAULT_MAX_TOKENS = 256  # Reasoner tokens per reply; the frame budget usually bounds them first
 
 
 @dataclass

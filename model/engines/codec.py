@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from transformers.models.mimi.modeling_mimi import (
     MimiConv1d,
     MimiConvTranspose1d,
@@ -43,24 +42,10 @@ from model.chroma.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
 from model.chroma.turn import FRAME_SECONDS, VoicePrompt
-from model.engines.graphs import BucketedStep, CompileBackend, StepMode, bucket_for, power_of_two_buckets, resolve_step_mode
-from model.engines.realtime import Headroom, StepRtf, StepTimes
+from model.engines.graphs import BucketedStep, bucket_for, power_of_two_buckets, resolve_step_mode
+from model.engines.realtime import Headroom, StepTimes
 from model.errors import CapacityError
-
-DEFAULT_CHUNK_FRAMES = 2  # 160 ms of audio per streamed chunk
-
-
-class CodecSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_streams: int = Field(64, ge=1, description="replies decoding at once per replica")
-    chunk_frames: int = Field(DEFAULT_CHUNK_FRAMES, ge=1, description="frames per streamed audio chunk (2 = 160 ms)")
-    decode_mode: StepMode = Field(
-        "auto", description='how a batched chunk decode runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
-        '"eager", "padded", "cuda_graphs", "compiled", "compiled_graphs" (see model/engines/graphs.py)',
-    )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled decode modes')
-    max_step_rtf: StepRtf = 0.8  # of one chunk's audio per batched decode
+from model.settings import DEFAULT_CHUNK_FRAMES, CodecSettings, CompileBackend, StepMode
 
 
 @dataclass
@@ -80,7 +65,7 @@ class CodecEngine:
         codec = load_codec(checkpoint, resolve_dtype(dtype), device)
         return cls(
             codec, checkpoint.config, max_streams=settings.max_streams, chunk_frames=settings.chunk_frames,
-            decode_mode=settings.decode_mode, compile_backend=settings.compile_backend, max_step_rtf=settings.max_step_rtf,
+            decode_mode=settings.step_mode, compile_backend=settings.compile_backend, max_step_rtf=settings.max_step_rtf,
         )
 
     def __init__(

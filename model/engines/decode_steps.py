@@ -22,7 +22,8 @@ import torch
 from model.chroma.layers import KVCache
 from model.chroma.sampling import SamplingBatch, SamplingParams
 from model.chroma.speech import DecodeInputs, SpeechModel
-from model.engines.graphs import BucketedStep, CompileBackend, bucket_for, power_of_two_buckets
+from model.engines.graphs import BucketedStep, bucket_for, power_of_two_buckets
+from model.settings import CompileBackend
 
 WIDTHS = (1, 3)  # a frame alone; a frame and a Reasoner pair (or a first step's pair alone)
 SMALLEST_KV_BUCKET = 64

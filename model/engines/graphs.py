@@ -5,7 +5,7 @@ time. Padding each step up to a bucket (batch 1, 2, 4, ...) gives it one of a fe
 graph per bucket then replays the whole step as a single launch. The kernels are the ones the eager step runs at
 that shape, so a replay computes exactly what the padded step computes eagerly (mode "padded").
 
-Modes (the `step_mode` of SpeechEngineSettings and the `decode_mode` of CodecSettings):
+Modes (`StepMode`, the `step_mode` of SpeechEngineSettings and CodecSettings):
 - "eager": exact shapes, no padding (the CPU default);
 - "padded": bucket shapes, run eagerly: the graphs' math without capture, to check them against;
 - "cuda_graphs": bucket shapes, each captured once as a CUDA graph and replayed (the CUDA default);
@@ -31,12 +31,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-StepMode = Literal["auto", "eager", "padded", "cuda_graphs", "compiled", "compiled_graphs"]
-CompileBackend = Literal["inductor", "aot_eager", "eager"]
+from model.settings import CompileBackend, StepMode
+
 GRAPH_MODES = ("cuda_graphs", "compiled_graphs")
 # Tried in this order per bucket. The engines' attention always carries a mask, which flash attention does not take;
 # the memory-efficient kernel does, in float32 too, and it is what torch picks for these calls by default.

@@ -30,16 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from pydantic import Field
-
-# The engines' `max_step_rtf` setting.
-StepRtf = Annotated[
-    Annotated[float, Field(gt=0, le=1)] | None,
-    Field(description="a replica takes as many turns as keep its measured step time within this fraction of the "
-          "audio a step makes (0.8: 80 ms of audio in at most 64 ms); null: its slots alone bound it"),
-]
 
 @dataclass(frozen=True)
 class Headroom:

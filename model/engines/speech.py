@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from model.chroma.checkpoint import Checkpoint, load_speech, resolve_dtype
 from model.chroma.layers import KVCache
 from model.chroma.sampling import SamplingParams
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import (
-    DEFAULT_MAX_FRAMES,
     FRAME_SECONDS,
     GeneratedFrame,
     ReasonerPair,
@@ -40,34 +38,11 @@ from model.chroma.turn import (
 )
 from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
-from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
-from model.engines.realtime import Headroom, StepRtf, StepTimes
+from model.engines.graphs import resolve_step_mode
+from model.engines.realtime import Headroom, StepTimes
 from model.engines.voice_prefill import VoicePrefill, VoicePrefix
 from model.errors import CapacityError
-
-
-class SpeechEngineSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_slots: int = Field(16, ge=1, description="live turns per device")
-    max_queue: int = Field(48, ge=0, description="turns waiting for a slot before submit refuses")
-    voice_cache_mb: float = Field(256.0, ge=0, description="memory bound of the voice-prompt KV cache (LRU)")
-    max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="frame limit per turn (60 s at 12.5 frames/s)")
-    step_mode: StepMode = Field(
-        "auto", description='how the batched decode step runs: "auto" (CUDA graphs on a GPU, eager elsewhere), '
-        '"eager", "padded" (the graphs\' bucket shapes, eagerly), "cuda_graphs", "compiled" (torch.compile), '
-        '"compiled_graphs" (compiled, then captured): model/engines/graphs.py',
-    )
-    compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled step modes')
-    prefill_voices: int = Field(
-        8, ge=1, description="voice prompts prefilled in one forward: turns in new voices that arrive together share it",
-    )
-    cpu_threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads of the engine thread when the model is on a CPU (null: torch's "
-        "count). 1: a step of a small model is many small ops, which more threads only slow down from a second "
-        "thread (model/engines/cpu_threads.py); raise it for a large model on a CPU with cores to spare",
-    )
-    max_step_rtf: StepRtf = 0.8  # of one frame's 80 ms per batched step
+from model.settings import SpeechEngineSettings
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from model.chroma.layers import StepInputs
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import VoicePrompt, voice_prompt_attend
-from model.engines.graphs import BucketedStep, CompileBackend, bucket_for, power_of_two_buckets
+from model.engines.graphs import BucketedStep, bucket_for, power_of_two_buckets
+from model.settings import CompileBackend
 
 SMALLEST_LENGTH_BUCKET = 64
 

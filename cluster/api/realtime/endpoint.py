@@ -6,10 +6,12 @@ from __future__ import annotations
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 
+from cluster.api.errors import http_status
 from cluster.api.realtime.connection import RealtimeCall
 from cluster.api.realtime.events import Error
 from cluster.api.services import Services
-from model.errors import CallerError, ChromaError, Unauthorized
+from cluster.errors import Unauthorized
+from model.errors import ChromaError
 
 router = APIRouter()
 
@@ -43,7 +45,7 @@ async def _refuse(websocket: WebSocket, services: Services, refusal: ChromaError
     """Refuse at the handshake: an HTTP answer where the server can send one (401, 429 or 503 with Retry-After),
     else close with the matching code (1008 policy violation, 1013 try again later) after an `error` event."""
     services.metrics.calls_refused.labels(refusal.code).inc()
-    status = refusal.status if isinstance(refusal, CallerError) else 503
+    status = http_status(refusal)
     headers = None if isinstance(refusal, Unauthorized) else {"Retry-After": str(services.settings.retry_after_s)}
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         body = {"error": {"code": refusal.code, "message": refusal.message}}

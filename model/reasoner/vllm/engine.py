@@ -75,8 +75,8 @@ from model.reasoner.base import (
     load_reasoner_processor,
     token_budget,
 )
-from model.reasoner.settings import VLLMSettings
 from model.reasoner.vllm.channel import CHANNEL_CONFIG_KEY, REQUEST_TAG_KEY, decode_rows, new_ipc_address
+from model.settings import VLLMSettings
 
 log = logging.getLogger(__name__)
 

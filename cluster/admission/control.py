@@ -38,16 +38,19 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
-from cluster.api.metrics import ApiMetrics
-from cluster.pipeline.turn import StageStatus
+from cluster.admission.stages import StageStatus
+from cluster.errors import TenantLimit
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.tenants import Kind
 from cluster.state.ledger import AdmissionLedger, Verdict
-from cluster.state.tenants import Kind, TenantDirectory
+from cluster.state.tenants import TenantDirectory
 from model.engines.realtime import Headroom
-from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable, TenantLimit
+from model.errors import CapacityError, ChromaError, StageFailed, StageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +58,16 @@ UNBOUNDED = 2**31 - 1  # the ledger's capacity when no stage sets one
 _LINE_POLL_S = 0.05  # a waiting turn also looks again this often: other Ingress replicas release without telling us
 
 
-class AdmissionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AdmissionMetrics(Protocol):
+    """The gauges and counters admission control keeps (`cluster.api.metrics.ApiMetrics` has them)."""
 
-    ttfa_budget_s: float = Field(
-        1.0, gt=0, description="time to first audio a turn that waits for capacity must still meet: the only bound "
-        "of the line; past it the turn is refused",
-    )
-    start_timeout_s: float = Field(
-        10.0, gt=0, description="an admitted turn whose reply has not started by then is stopped (503 stage_unavailable)",
-    )
-    stage_poll_s: float = Field(0.5, gt=0, description="how often the stages' readiness and capacity are read")
-    probe_timeout_s: float = Field(2.0, gt=0, description="a stage whose probe is not answered within this is not ready")
-    lease_s: float = Field(
-        15.0, ge=1, description="a ticket's lease in the ledger, renewed every third of it: what an Ingress that dies "
-        "holds is free again after this",
-    )
-    call_oversubscription: float = Field(
-        2.0, ge=1, description="live calls admitted per reply place: a call takes a place only while a reply of it "
-        "is generated (sized by the measured reply_share in /readyz)",
-    )
-    reply_queue_s: float = Field(
-        1.0, gt=0, description="how long a live call's reply may wait for a reply place when every place is busy; "
-        "past it the reply is refused in-band and the call goes on",
-    )
+    capacity: Gauge
+    call_budget: Gauge
+    reply_places_busy: Gauge
+    call_reply_share: Gauge
+    queued: Gauge
+    admissions: Counter
+    admission_wait: Histogram
 
 
 class _Average:
@@ -127,7 +116,7 @@ class Ticket:
 class Admission:
     def __init__(
         self, ledger: AdmissionLedger, read_stages: Callable[[], Awaitable[list[StageStatus]]],
-        tenants: TenantDirectory, settings: AdmissionSettings, metrics: ApiMetrics,
+        tenants: TenantDirectory, settings: AdmissionSettings, metrics: AdmissionMetrics,
     ):
         self.ledger, self._read_stages, self.tenants = ledger, read_stages, tenants
         self.settings, self.metrics = settings, metrics

@@ -1,8 +1,10 @@
 """The application's configuration as one typed tree: the Serve app's arguments (`deployments.app:build_app`),
 the profiles in cluster/local/profiles and the Helm chart's serveConfigV2 all validate against `AppConfig`.
 
-Each concern owns its settings model, next to the code it configures; this module only nests them and checks
-the rules that span stages. Unknown keys are errors everywhere (extra="forbid").
+Each concern has its settings model in a module of this package (the engines' in `model.settings`); `AppConfig`
+nests them and checks the rules that span stages. Unknown keys are errors everywhere (extra="forbid"). Settings
+import nothing heavy (no torch, Ray, Redis client or web framework), so any process may parse a config: what
+needs more imports it in the method that uses it.
 """
 
 from __future__ import annotations
@@ -14,17 +16,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.api.admission import AdmissionSettings
-from cluster.api.settings import ApiSettings
-from cluster.calls.settings import CallSettings, TelephonySettings
-from cluster.pipeline.history import HistorySettings
-from cluster.pipeline.turn import TurnSettings
-from cluster.state.store import StateSettings
-from cluster.state.tenants import TenantSettings
-from model.chroma.turn import FRAME_SECONDS
-from model.engines.codec import CodecSettings
-from model.engines.speech import SpeechEngineSettings
-from model.reasoner.settings import ReasonerSettings
+from cluster.settings.admission import AdmissionSettings
+from cluster.settings.api import ApiSettings
+from cluster.settings.calls import CallSettings, TelephonySettings
+from cluster.settings.state import StateSettings
+from cluster.settings.tenants import TenantSettings
+from cluster.settings.turns import HistorySettings, TurnSettings
+from model.settings import CodecSettings, ReasonerSettings, SpeechEngineSettings
 
 
 class CheckpointSettings(BaseModel):
@@ -102,6 +100,8 @@ class AppConfig(BaseModel):
     def longest_turn_s(self) -> float:
         """The longest an admitted turn may last: its start timeout, then its longest reply at real time (admitted
         turns run faster than that). Replicas wait this long for their turns before shutting down."""
+        from model.chroma.turn import FRAME_SECONDS
+
         return self.admission.start_timeout_s + self.turns.max_frames * FRAME_SECONDS
 
     @model_validator(mode="after")
