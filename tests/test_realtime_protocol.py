@@ -33,9 +33,9 @@ import websockets
 from pydantic import TypeAdapter
 
 from cluster.api.app import build_api
-from cluster.settings.calls import CallSettings
-from cluster.settings import AppConfig
 from cluster.pipeline.local import LocalTurnBackend
+from cluster.settings import AppConfig
+from cluster.settings.calls import CallSettings
 from cluster.settings.state import StateSettings
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
