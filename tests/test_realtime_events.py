@@ -32,7 +32,8 @@ def every_server_event() -> list[wire._ServerEvent]:
         wire.BufferCommitted(item_id="item_1", previous_item_id=None), wire.BufferCleared(),
         wire.ItemAdded(previous_item_id="item_0", item=_user_item("item_1", None)),
         wire.ItemAdded(item=_user_item("item_3", "Hello?")), wire.ItemDone(item=_user_item("item_3", "Hello?")),
-        wire.ItemRetrieved(item=_user_item("item_3", "Hello?")), wire.ItemDeleted(item_id="item_1"), wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
+        wire.ItemRetrieved(item=_user_item("item_3", "Hello?")), wire.ItemDeleted(item_id="item_1"),
+        wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
         wire.AudioDelta(**part, delta="AAAA"), wire.TranscriptDelta(**part, delta="Hi"),
         *_reply_started(started),
         *_reply_finished(ReplyFinished("resp_1", "item_2", "completed", None, "Hi there.", {"client_event_id": "c1"},
@@ -85,3 +86,25 @@ def test_client_events_parse_beta_spellings_and_leave_unsent_settings_alone():
     assert "turn_detection" not in plain.session.audio.input.model_fields_set
     append = wire.CLIENT_EVENT.validate_python({"type": "input_audio_buffer.append", "audio": "AAE="})
     assert append.audio == b"\x00\x01"
+
+
+@pytest.mark.parametrize(("session", "named"), [
+    ({"tools": [{"type": "function", "name": "lookup"}]}, "session.tools"),
+    ({"output_modalities": ["text"]}, "session.output_modalities"),
+    ({"audio": {"output": {"speed": 1.5}}}, "session.audio.output.speed"),
+])
+def test_what_a_session_cannot_have_is_named(session, named):
+    update = wire.CLIENT_EVENT.validate_python({"type": "session.update", "session": {"type": "realtime", **session}})
+    assert update.session.unsupported().startswith(named)
+
+
+def test_the_ga_session_fields_clients_send_are_accepted():
+    update = wire.CLIENT_EVENT.validate_python({"type": "session.update", "session": {
+        "type": "realtime", "output_modalities": ["audio"], "instructions": "Hi.", "tools": [], "tool_choice": "auto",
+        "max_output_tokens": "inf", "tracing": None, "truncation": "auto",
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "noise_reduction": None,
+                            "transcription": {"model": "whisper-1"},
+                            "turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000, "create_response": True,
+                                               "interrupt_response": True}},
+                  "output": {"format": {"type": "audio/pcmu"}, "voice": "voice_1", "speed": 1.0}}}})
+    assert update.session.unsupported() is None

@@ -209,6 +209,12 @@ async def test_what_strict_clients_rely_on(url, voice_id):
         call = await configured(ws, voice_id, audio={"output": {"voice": voice_id},
                                                      "input": {"turn_detection": None}})
         at = len(call.events)
+        await call.send(type="session.update", event_id="ev_0", session={"type": "realtime", "tools": [
+            {"type": "function", "name": "lookup", "parameters": {}}]})
+        unsupported = await call.next("error", at)
+        assert unsupported["error"]["code"] == "unsupported_session_field"
+        assert "session.tools" in unsupported["error"]["message"]
+        at = len(call.events)
         await call.send(type="response.cancel")
         refused = await call.next("error", at)
         assert refused["error"]["code"] == "response_cancel_not_active"

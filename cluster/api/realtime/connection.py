@@ -103,6 +103,8 @@ class RealtimeCall:
 
     async def _session_update(self, event: wire.SessionUpdate) -> None:
         config = event.session
+        if problem := config.unsupported():  # refused whole: nothing of the update is applied
+            raise CallerError(problem, code="unsupported_session_field")
         audio_in, audio_out = config.audio.input, config.audio.output
         turn_detection = ("unchanged" if "turn_detection" not in audio_in.model_fields_set
                           else _turn_detection(audio_in.turn_detection, self.settings.early_start))

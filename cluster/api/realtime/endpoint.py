@@ -21,7 +21,8 @@ async def realtime(websocket: WebSocket, session_id: str | None = None) -> None:
     services: Services = websocket.app.state.services
     tenant = services.tenants.tenant_for(_bearer(websocket.headers.get("authorization")))
     if tenant is None:
-        await _refuse(websocket, services, Unauthorized("missing or unknown API key (send 'Authorization: Bearer <key>')"))
+        refusal = Unauthorized("missing or unknown API key (send 'Authorization: Bearer <key>')")
+        await _refuse(websocket, services, refusal)
         return
     try:
         ticket = await services.admit_call(tenant, "realtime")

@@ -68,6 +68,7 @@ class AudioInput(_Lenient):
 class AudioOutput(_Lenient):
     format: AudioFormat | None = None
     voice: str | None = None
+    speed: float | None = None
 
 
 class AudioConfig(_Lenient):
@@ -76,9 +77,24 @@ class AudioConfig(_Lenient):
 
 
 class SessionConfig(_Lenient):
+    """GA session fields; those this server does nothing with (tracing, noise_reduction, max_output_tokens, ...) are
+    accepted and ignored, those it cannot honour are named by `unsupported`."""
+
     instructions: str | None = None
     audio: AudioConfig = Field(default_factory=AudioConfig)
     truncation: Truncation | None = None
+    output_modalities: list[str] | None = None
+    tools: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """What the session asks for that no reply here can do, naming the field."""
+        if self.tools:
+            return "session.tools: function and MCP tools are not supported; send an empty list"
+        if self.output_modalities not in (None, ["audio"]):
+            return f"session.output_modalities {self.output_modalities}: replies are spoken, use [\"audio\"]"
+        if self.audio.output.speed not in (None, 1.0):
+            return f"session.audio.output.speed {self.audio.output.speed:g}: the voice speaks at 1.0 only"
+        return None
 
     @model_validator(mode="before")
     @classmethod
