@@ -44,12 +44,7 @@ class ReasonerDeployment:
                 yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
 
     def stats(self) -> dict:
-        headroom = self.reasoner.headroom()
-        stats = {"unfinished_requests": self.reasoner.num_unfinished_requests(), "realtime_streams": headroom.turns,
-                 "step_ms_by_batch": headroom.step_ms}
-        if hasattr(self.reasoner, "prefix_cache_stats"):  # vLLM's: what its prefix cache served of the prompts
-            stats.update(self.reasoner.prefix_cache_stats(), calibration_s=self.reasoner.steps.calibration_s)
-        return stats
+        return self.reasoner.stats()
 
     async def check_health(self) -> None:
         """Serve's health check: the engine (vLLM's processes) is alive; Serve restarts the replica when not."""

@@ -439,7 +439,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
             body = encode_wav(caller_wave(), 16000)
             first = await client.post(f"/v1/sessions/{sessions[0]['id']}/turns", headers=ACME, content=body)
             assert parse_sse(first.text)[-1][0] == "done"
-            assert backend.speech.stats()["step_ms_by_batch"] and backend.speech.realtime_slots() == 1
+            assert backend.speech.stats()["step_ms_by_batch"] and backend.speech.realtime.capacity() == 1
             ready = (await client.get("/readyz")).json()
             assert ready["capacity"] == 1
 
@@ -523,7 +523,7 @@ async def test_a_fresh_backend_admits_what_its_calibrated_curve_allows_and_refus
             ready = (await client.get("/readyz")).json()
             speech = {s["name"]: s for s in ready["stages"]}["SpeechStack"]
             assert set(speech["step_ms_by_batch"]) == {"1", "2", "4"}  # the calibrated buckets, no turn yet
-            assert ready["capacity"] == min(backend.speech.realtime_slots(), backend.codec.engine.realtime_streams())
+            assert ready["capacity"] == min(backend.speech.realtime.capacity(), backend.codec.engine.realtime.capacity())
             assert ready["capacity"] >= 2  # a step of the tiny model's 2 turns takes a few ms of its 64 ms
             body = encode_wav(caller_wave(), 16000)
             outcomes = await asyncio.gather(*(

@@ -241,21 +241,21 @@ async def test_vllm_measures_its_decode_steps_and_keeps_learning_from_turns(vllm
     rows = await _rows_settle(vllm_reasoner)
     await vllm_reasoner.calibrate()
     headroom = vllm_reasoner.headroom()
-    assert set(vllm_reasoner.buckets) <= set(headroom.step_ms) and all(ms > 0 for ms in headroom.step_ms.values())
-    assert 1 <= headroom.turns <= vllm_reasoner.max_streams and vllm_reasoner.steps.calibration_s > 0
+    assert set(vllm_reasoner.realtime.buckets) <= set(headroom.step_ms) and all(ms > 0 for ms in headroom.step_ms.values())
+    assert 1 <= headroom.turns <= vllm_reasoner.realtime.limit and vllm_reasoner.realtime.steps.calibration_s > 0
     assert vllm_reasoner.num_unfinished_requests() == 0
     assert await _rows_settle(vllm_reasoner) == rows, "a probe request sent hidden rows"
 
     began = time.monotonic()
     convs = conversations()
     await asyncio.gather(collect(vllm_reasoner, convs["text_short"]), collect(vllm_reasoner, convs["text_long"]))
-    assert vllm_reasoner.steps._samples[2][-1][0] > began, "two turns decoding together added no sample at batch 2"
+    assert vllm_reasoner.realtime.steps._samples[2][-1][0] > began, "two turns decoding together added no sample at batch 2"
 
-    vllm_reasoner.max_step_rtf = 1e-6  # a step would have to take 0.16 us
+    vllm_reasoner.realtime.max_step_rtf = 1e-6  # a step would have to take 0.16 us
     try:
         assert vllm_reasoner.headroom().turns == 1
     finally:
-        vllm_reasoner.max_step_rtf = VLLMSettings().max_step_rtf
+        vllm_reasoner.realtime.max_step_rtf = VLLMSettings().max_step_rtf
 
 
 # -- a call's later turns: audio held by id, the prefix from the cache ---------------------------------------------

@@ -74,7 +74,7 @@ class CodecLoop:
         which runs one where it is due: the stages' readiness is read every fraction of a second, whether replies
         run or not. Not waited for, so a reading of the stages never waits for a decode."""
         self._worker.submit(self.engine.reprobe)
-        return self.engine.headroom()
+        return self.engine.realtime.headroom()
 
     async def check(self) -> None:
         """Returns once the worker thread has run a no-op (after the work queued before it); raises once closed.

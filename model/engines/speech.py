@@ -41,7 +41,7 @@ from model.chroma.turn import (
 from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
 from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
-from model.engines.realtime import Headroom, StepRtf, StepTimes
+from model.engines.realtime import Headroom, RealtimeBound, StepRtf, StepTimes
 from model.engines.voice_prefill import VoicePrefill, VoicePrefix
 from model.errors import CapacityError
 
@@ -127,7 +127,6 @@ class SpeechEngine:
         self.steps = 0
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
-        self.batch_step_times = StepTimes()
         self.steps_by_batch: Counter[int] = Counter()  # the turns' own steps (not calibration or probes)
         self._lock = threading.Condition()
         self._in_flight: set[str] = set()
@@ -141,8 +140,9 @@ class SpeechEngine:
         self.voice_prefill = VoicePrefill(
             speech, mode, min(self.settings.prefill_voices, self.settings.max_slots), self.settings.compile_backend
         )
-        if self.settings.max_step_rtf is not None:
-            self._calibrate()
+        self.realtime = RealtimeBound(StepTimes(), FRAME_SECONDS, self.settings.max_step_rtf, self.settings.max_slots,
+                                      self.decode_steps.batch_buckets)
+        self._calibrate()
 
     def _calibrate(self) -> None:
         """The step's time at every batch bucket, before any turn (model.engines.realtime), on a thread with the
@@ -150,7 +150,7 @@ class SpeechEngine:
         def measure() -> None:
             if self.speech.device.type == "cpu" and self.settings.cpu_threads is not None:
                 use_intra_op_threads(self.settings.cpu_threads)
-            self.batch_step_times.calibrate(self.decode_steps.run_padding, self.decode_steps.batch_buckets)
+            self.realtime.calibrate(self.decode_steps.run_padding)
 
         thread = threading.Thread(target=measure, name="speech-calibration")
         thread.start()
@@ -217,24 +217,18 @@ class SpeechEngine:
                 "step_mode": self.decode_steps.mode,
                 **self.decode_steps.step.stats(),
                 "voice_prefill": self.voice_prefill.stats(),
-                "step_ms_by_batch": self.batch_step_times.snapshot_ms(),
+                "step_ms_by_batch": self.realtime.steps.snapshot_ms(),
                 "steps_by_batch": dict(sorted(self.steps_by_batch.items())),
-                "calibration_s": self.batch_step_times.calibration_s,
-                "realtime_slots": self.realtime_slots(),
+                "calibration_s": self.realtime.steps.calibration_s,
+                "realtime_slots": self.realtime.capacity(),
             }
-
-    def realtime_slots(self) -> int:
-        """Turns this engine holds at once and keeps real-time: its slots, or fewer where its measured steps say so
-        (model.engines.realtime)."""
-        rtf, slots = self.settings.max_step_rtf, self.settings.max_slots
-        return slots if rtf is None else self.batch_step_times.largest_batch(rtf * FRAME_SECONDS, slots)
 
     def headroom(self) -> Headroom:
         """From the event loop. Starts the engine thread where it is not running yet: it also re-probes the curve
         while no turn runs, so a replica that calibrated under contention (one autoscaling added during a burst)
         recovers before its first turn."""
         self._start()
-        return Headroom(self.realtime_slots(), self.batch_step_times.snapshot_ms())
+        return self.realtime.headroom()
 
     def clear_voice_cache(self) -> None:
         with self._lock:
@@ -347,7 +341,7 @@ class SpeechEngine:
                 if not batch:
                     if self._stopping:
                         return
-                    self._lock.wait(self.batch_step_times.reprobe_s)  # new work wakes it; so does a re-probe's time
+                    self._lock.wait(self.realtime.steps.reprobe_s)  # new work wakes it; so does a re-probe's time
                     continue
                 # cancel() may end a turn while the step runs; its slot is freed only after the step.
                 self._in_flight = {row.turn.turn_id for row in batch}
@@ -373,7 +367,7 @@ class SpeechEngine:
                 elapsed = time.perf_counter() - started
                 self.step_times.append(elapsed)
                 if not new_voices:  # a voice prefill is once per voice, not the cost of batching
-                    self.batch_step_times.record(len(batch), elapsed)
+                    self.realtime.steps.record(len(batch), elapsed)
                 self.steps_by_batch[len(batch)] += 1
                 self.steps += 1
                 self._apply(batch, frames)
@@ -381,14 +375,7 @@ class SpeechEngine:
     def _reprobe(self) -> None:
         """Engine thread, between steps: while fewer turns are live than the estimate allows, measure the bucket
         above it again now and then (model.engines.realtime), so an estimate that contention lowered recovers."""
-        rtf = self.settings.max_step_rtf
-        if rtf is None:
-            return
-        live = self.settings.max_slots - len(self.free_slots)
-        batch = self.batch_step_times.probe_batch(live, rtf * FRAME_SECONDS, self.settings.max_slots,
-                                                  self.decode_steps.batch_buckets)
-        if batch is not None:
-            self.batch_step_times.measure(self.decode_steps.run_padding, batch)
+        self.realtime.reprobe(self.decode_steps.run_padding, self.settings.max_slots - len(self.free_slots))
 
     def _compact_slots(self) -> None:
         """Under the lock, between steps: move the turn in the highest slot to the lowest free one while that is

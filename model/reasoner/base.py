@@ -99,6 +99,10 @@ class Reasoner(Protocol):
         """Measure what `headroom` reports before serving (a no-op for an engine that sets no bound)."""
         ...
 
+    def stats(self) -> dict:
+        """Read only (no probe starts): streams held, the real-time capacity, its curve and calibration seconds."""
+        ...
+
     async def check_health(self) -> None:
         """Raise ReasonerEngineError when the engine cannot serve any more (its processes died)."""
         ...

@@ -183,6 +183,10 @@ class HFReasoner:
     async def calibrate(self) -> None:
         """Nothing to measure (`headroom` sets no bound)."""
 
+    def stats(self) -> dict:
+        return {"unfinished_requests": self._live, "realtime_streams": None, "step_ms_by_batch": {},
+                "calibration_s": None}
+
     async def check_health(self) -> None:
         if self._closed:
             raise ReasonerEngineError("the transformers Reasoner was closed")
