@@ -19,7 +19,7 @@ from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
 from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch, answered_here
 from model.engines.realtime import Headroom
-from model.reasoner.base import PromptStats
+from model.reasoner.base import PromptStats, ReasonerStats
 from model.reasoner.settings import build_reasoner
 
 
@@ -43,7 +43,7 @@ class ReasonerDeployment:
             async for item in surfaced(reasoner_pairs(self.reasoner, prompt, self.state, found.append), found):
                 yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
 
-    def stats(self) -> dict:
+    def stats(self) -> ReasonerStats:
         return self.reasoner.stats()
 
     async def check_health(self) -> None:

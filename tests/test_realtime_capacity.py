@@ -120,10 +120,10 @@ def test_probes_wait_for_room_and_stop_at_the_slots():
 def test_calibration_measures_every_bucket_before_any_turn(chroma):
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
     stats = engine.stats()
-    assert set(stats["step_ms_by_batch"]) == {1, 2, 4} and stats["steps_by_batch"] == {}
-    assert stats["calibration_s"] > 0 and stats["realtime_slots"] == engine.realtime.capacity() >= 1
+    assert set(stats.step_ms_by_batch) == {1, 2, 4} and stats.steps_by_batch == {}
+    assert stats.calibration_s > 0 and stats.realtime_slots == engine.realtime.capacity() >= 1
     unbounded = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=None))
-    assert unbounded.stats()["calibration_s"] is None  # the slots alone bound it: nothing to measure
+    assert unbounded.stats().calibration_s is None  # the slots alone bound it: nothing to measure
 
 
 async def test_an_idle_replica_reprobes_until_its_estimate_recovers(chroma):
@@ -181,12 +181,12 @@ async def test_the_speech_engine_reports_its_measured_real_time_slots(chroma):
                                   max_frames=8) for i in range(2)]
     await asyncio.gather(*(collect(f) for f in frames))
     stats = engine.stats()
-    assert set(stats["steps_by_batch"]) <= {1, 2} and stats["steps_by_batch"]
-    assert set(stats["step_ms_by_batch"]) >= {1, 2, 4}  # the calibrated buckets, and the real steps' sizes
+    assert set(stats.steps_by_batch) <= {1, 2} and stats.steps_by_batch
+    assert set(stats.step_ms_by_batch) >= {1, 2, 4}  # the calibrated buckets, and the real steps' sizes
     measured = StepTimes()
-    for batch, ms in stats["step_ms_by_batch"].items():
+    for batch, ms in stats.step_ms_by_batch.items():
         measured.record(batch, ms / 1000)
-    assert engine.realtime.capacity() == measured.largest_batch(BUDGET_S, 4) == stats["realtime_slots"]
+    assert engine.realtime.capacity() == measured.largest_batch(BUDGET_S, 4) == stats.realtime_slots
     await engine.close()
 
     tight = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=1e-6))
@@ -205,14 +205,14 @@ def test_the_codec_engine_calibrates_and_reports_its_measured_real_time_streams(
     engine = CodecEngine(codec, config, max_streams=3, chunk_frames=2, max_step_rtf=0.8)
     assert engine.realtime.capacity() == 1  # nothing measured yet
     engine.calibrate()
-    assert set(engine.stats()["decode_ms_by_batch"]) == {1, 2, 3} and engine.stats()["calibration_s"] > 0
+    assert set(engine.stats().decode_ms_by_batch) == {1, 2, 3} and engine.stats().calibration_s > 0
     codes = torch.randint(0, engine.codebook_size, (2, engine.num_codebooks))
     for turn in ("a", "b"):
         engine.open_stream(turn)
         engine.push(turn, codes)
     assert set(engine.step()) == {"a", "b"}
     measured = StepTimes()
-    for batch, ms in engine.stats()["decode_ms_by_batch"].items():
+    for batch, ms in engine.stats().decode_ms_by_batch.items():
         measured.record(batch, ms / 1000)
     assert engine.realtime.capacity() == measured.largest_batch(0.8 * 2 * 0.080, 3)
     assert CodecEngine(codec, config, max_streams=3).realtime.capacity() == 3  # no bound: its streams

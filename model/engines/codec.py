@@ -43,7 +43,15 @@ from model.chroma.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
 from model.chroma.turn import FRAME_SECONDS, VoicePrompt
-from model.engines.graphs import BucketedStep, CompileBackend, StepMode, bucket_for, power_of_two_buckets, resolve_step_mode
+from model.engines.graphs import (
+    BucketedStep,
+    CompileBackend,
+    StepMode,
+    StepStats,
+    bucket_for,
+    power_of_two_buckets,
+    resolve_step_mode,
+)
 from model.engines.realtime import RealtimeBound, StepRtf, StepTimes
 from model.errors import CapacityError
 
@@ -61,6 +69,22 @@ class CodecSettings(BaseModel):
     )
     compile_backend: CompileBackend = Field("inductor", description='torch.compile backend of the compiled decode modes')
     max_step_rtf: StepRtf = 0.8  # of one chunk's audio per batched decode
+
+
+@dataclass(frozen=True)
+class CodecStats(StepStats):
+    """A CodecEngine's streams and state; the batched decode's buckets are the StepStats fields."""
+
+    open_streams: int
+    max_streams: int
+    pending_frames: int  # pushed, not decoded yet
+    state_bytes: int  # preallocated for every slot
+    state_bytes_per_stream: int
+    kv_positions_per_stream: int  # the sliding window's, whatever the turn's length
+    decode_mode: StepMode
+    decode_ms_by_batch: dict[int, float]  # the real-time curve (model.engines.realtime)
+    calibration_s: float | None  # None: no real-time bound, nothing measured
+    realtime_streams: int
 
 
 @dataclass
@@ -212,22 +236,22 @@ class CodecEngine:
         else:
             self._decode_step((count,), self._step_codes[:count], self._step_slots[:count]).cpu()
 
-    def stats(self) -> dict:
+    def stats(self) -> CodecStats:
         state = [*self._conv_state, self._kv, self._positions]
         state_bytes = sum(t[: self.max_streams].numel() * t.element_size() for t in state)
-        return {
-            "open_streams": len(self._streams),
-            "max_streams": self.max_streams,
-            "pending_frames": sum(s.pending.shape[0] for s in self._streams.values()),
-            "state_bytes": state_bytes,  # preallocated for every slot
-            "state_bytes_per_stream": state_bytes // self.max_streams,
-            "kv_positions_per_stream": self._kv.shape[-2],  # the sliding window's, whatever the turn's length
-            "decode_mode": self.decode_mode,
-            **self._decode_step.stats(),
-            "decode_ms_by_batch": self.realtime.steps.snapshot_ms(),
-            "calibration_s": self.realtime.steps.calibration_s,
-            "realtime_streams": self.realtime.capacity(),
-        }
+        return CodecStats(
+            **vars(self._decode_step.stats()),
+            open_streams=len(self._streams),
+            max_streams=self.max_streams,
+            pending_frames=sum(s.pending.shape[0] for s in self._streams.values()),
+            state_bytes=state_bytes,
+            state_bytes_per_stream=state_bytes // self.max_streams,
+            kv_positions_per_stream=self._kv.shape[-2],
+            decode_mode=self.decode_mode,
+            decode_ms_by_batch=self.realtime.steps.snapshot_ms(),
+            calibration_s=self.realtime.steps.calibration_s,
+            realtime_streams=self.realtime.capacity(),
+        )
 
     def _stream(self, turn_id) -> _Stream:
         if turn_id not in self._streams:

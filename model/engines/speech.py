@@ -40,9 +40,9 @@ from model.chroma.turn import (
 )
 from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
-from model.engines.graphs import CompileBackend, StepMode, resolve_step_mode
+from model.engines.graphs import CompileBackend, StepMode, StepStats, resolve_step_mode
 from model.engines.realtime import Headroom, RealtimeBound, StepRtf, StepTimes
-from model.engines.voice_prefill import VoicePrefill, VoicePrefix
+from model.engines.voice_prefill import VoicePrefill, VoicePrefillStats, VoicePrefix
 from model.errors import CapacityError
 
 
@@ -68,6 +68,29 @@ class SpeechEngineSettings(BaseModel):
         "thread (model/engines/cpu_threads.py); raise it for a large model on a CPU with cores to spare",
     )
     max_step_rtf: StepRtf = 0.8  # of one frame's 80 ms per batched step
+
+
+@dataclass(frozen=True)
+class SpeechStats(StepStats):
+    """A SpeechEngine's state and step times; the decode step's buckets are the StepStats fields."""
+
+    live_slots: int
+    free_slots: int
+    queued: int  # turns waiting for a slot
+    steps: int
+    frames: int
+    steps_per_s: float  # over the last 200 steps
+    step_ms_p50: float
+    step_ms_p95: float
+    slot_cache_bytes_in_use: int
+    voice_cache_entries: int
+    voice_cache_bytes: int
+    step_mode: StepMode
+    voice_prefill: VoicePrefillStats
+    step_ms_by_batch: dict[int, float]  # the real-time curve (model.engines.realtime)
+    steps_by_batch: dict[int, int]  # the turns' own steps (not calibration or probes)
+    calibration_s: float | None  # None: no real-time bound, nothing measured
+    realtime_slots: int
 
 
 @dataclass
@@ -198,30 +221,30 @@ class SpeechEngine:
             self._finish(turn)
             return True
 
-    def stats(self) -> dict:
+    def stats(self) -> SpeechStats:
         with self._lock:
             live = [t for t in self.turns.values() if t.slot is not None]
             step_times = sorted(self.step_times)
-            return {
-                "live_slots": len(live),
-                "free_slots": len(self.free_slots),
-                "queued": len(self.waiting),
-                "steps": self.steps,
-                "frames": self.frames_out,
-                "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
-                "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
-                "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
-                "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
-                "voice_cache_entries": len(self.voice_cache),
-                "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
-                "step_mode": self.decode_steps.mode,
-                **self.decode_steps.step.stats(),
-                "voice_prefill": self.voice_prefill.stats(),
-                "step_ms_by_batch": self.realtime.steps.snapshot_ms(),
-                "steps_by_batch": dict(sorted(self.steps_by_batch.items())),
-                "calibration_s": self.realtime.steps.calibration_s,
-                "realtime_slots": self.realtime.capacity(),
-            }
+            return SpeechStats(
+                **vars(self.decode_steps.step.stats()),
+                live_slots=len(live),
+                free_slots=len(self.free_slots),
+                queued=len(self.waiting),
+                steps=self.steps,
+                frames=self.frames_out,
+                steps_per_s=len(step_times) / sum(step_times) if step_times else 0.0,
+                step_ms_p50=1000 * step_times[len(step_times) // 2] if step_times else 0.0,
+                step_ms_p95=1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
+                slot_cache_bytes_in_use=sum(t.length for t in live) * self._position_bytes,
+                voice_cache_entries=len(self.voice_cache),
+                voice_cache_bytes=sum(p.nbytes for p in self.voice_cache.values()),
+                step_mode=self.decode_steps.mode,
+                voice_prefill=self.voice_prefill.stats(),
+                step_ms_by_batch=self.realtime.steps.snapshot_ms(),
+                steps_by_batch=dict(sorted(self.steps_by_batch.items())),
+                calibration_s=self.realtime.steps.calibration_s,
+                realtime_slots=self.realtime.capacity(),
+            )
 
     def headroom(self) -> Headroom:
         """From the event loop. Starts the engine thread where it is not running yet: it also re-probes the curve

@@ -24,7 +24,7 @@ How a request runs:
   each other), keeps the first row per (request, position) and ignores repeats (recomputation after preemption).
 - Greedy decoding, im_end as stop token (yielded), prefix caching on, vLLM batching concurrent requests itself.
   Each request's prompt length and prefix-cache hits (vLLM's `num_cached_tokens`) go to `on_prompt` and into
-  `prefix_cache_stats()`.
+  `stats()`.
 - Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
 - **Real-time headroom** (`headroom`, `model.engines.realtime`): a decode step makes one text token per
   conversation, which the 1:2 interleave speaks as `TOKEN_SECONDS` (160 ms) of audio, so a turn needs 6.25 tokens
@@ -54,6 +54,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ from model.reasoner.base import (
     PromptStats,
     ReasonerEngineError,
     ReasonerError,
+    ReasonerStats,
     check_conversation,
     check_fits,
     check_reasoner_dir,
@@ -95,6 +97,17 @@ def check_vllm_version() -> str:
 
 DECODE_PROBE_TOKENS = 8  # tokens each probe request decodes: the intervals after its first output are decode steps
 HELD_AUDIO_IDS = 100_000  # audio ids remembered as sent to the engine (vLLM's processor cache evicts by size)
+
+
+@dataclass(frozen=True)
+class VLLMReasonerStats(ReasonerStats):
+    """Also the prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
+    warmed for a later turn (`warm`; not counted in the others)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    prefix_cache_hit_rate: float | None  # None: no prompt yet
+    warmed_prompts: int
 
 
 def vllm_prompt(layout: PromptLayout) -> dict:
@@ -330,18 +343,18 @@ class VLLMReasoner:
 
         return statistics.median(s for run in await asyncio.gather(*(intervals() for _ in range(batch))) for s in run)
 
-    def stats(self) -> dict:
-        """Read only: the streams held, the real-time capacity and its curve, and the prefix cache's figures."""
-        steps = self.realtime.steps
-        return {"unfinished_requests": self.num_unfinished_requests(), "realtime_streams": self.realtime.capacity(),
-                "step_ms_by_batch": steps.snapshot_ms(), "calibration_s": steps.calibration_s, **self.prefix_cache_stats()}
-
-    def prefix_cache_stats(self) -> dict:
-        """Prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
-        warmed for a later turn (`warm`; not counted in the others)."""
+    def stats(self) -> VLLMReasonerStats:
         rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
-        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "prefix_cache_hit_rate": None if rate is None else round(rate, 4), "warmed_prompts": self.warmed}
+        return VLLMReasonerStats(
+            unfinished_requests=self.num_unfinished_requests(),
+            realtime_streams=self.realtime.capacity(),
+            step_ms_by_batch=self.realtime.steps.snapshot_ms(),
+            calibration_s=self.realtime.steps.calibration_s,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            prefix_cache_hit_rate=None if rate is None else round(rate, 4),
+            warmed_prompts=self.warmed,
+        )
 
     def warm(self, conversation: Conversation) -> None:
         task = asyncio.get_running_loop().create_task(self._warm(conversation), name="chroma-warm")
