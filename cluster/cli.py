@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_REPLY = Path("reply.wav")
@@ -155,7 +156,8 @@ def cmd_status(args) -> int:
         print("chroma-serve: no local cluster is running (start one with `chroma-serve up`)", file=sys.stderr)
         return 1
     status, message = application_status(settings)
-    report = {"application": status, "message": message, "engines": engine_stats(settings) if status == "RUNNING" else {}}
+    engines = engine_stats(settings) if status == "RUNNING" else {}
+    report = {"application": status, "message": message, "engines": {name: asdict(s) for name, s in engines.items()}}
     if args.json:
         print(json.dumps(report))
         return 0

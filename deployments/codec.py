@@ -15,7 +15,7 @@ from cluster.settings import AppConfig
 from deployments.streams import CallerWatch, answered_here, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
-from model.engines.codec import CodecEngine
+from model.engines.codec import CodecEngine, CodecStats
 from model.engines.codec_loop import CodecLoop
 from model.engines.realtime import Headroom
 from model.processing.processor import VoicePromptInputs
@@ -42,7 +42,7 @@ class CodecDeployment:
             async for item in surfaced(self.loop.decode(request.turn_id, peel(groups, PromptStats, found)), found):
                 yield item
 
-    def stats(self) -> dict:
+    def stats(self) -> CodecStats:
         return self.loop.stats()
 
     async def check_health(self) -> None:

@@ -20,7 +20,7 @@ from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch, answered_here
 from model.engines.realtime import Headroom
 from model.reasoner import build_reasoner
-from model.reasoner.base import PromptStats
+from model.reasoner.base import PromptStats, ReasonerStats
 
 
 @serve.deployment(
@@ -43,13 +43,8 @@ class ReasonerDeployment:
             async for item in surfaced(reasoner_pairs(self.reasoner, prompt, self.state, found.append), found):
                 yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
 
-    def stats(self) -> dict:
-        headroom = self.reasoner.headroom()
-        stats = {"unfinished_requests": self.reasoner.num_unfinished_requests(), "realtime_streams": headroom.turns,
-                 "step_ms_by_batch": headroom.step_ms}
-        if hasattr(self.reasoner, "prefix_cache_stats"):  # vLLM's: what its prefix cache served of the prompts
-            stats.update(self.reasoner.prefix_cache_stats(), calibration_s=self.reasoner.steps.calibration_s)
-        return stats
+    def stats(self) -> ReasonerStats:
+        return self.reasoner.stats()
 
     async def check_health(self) -> None:
         """Serve's health check: the engine (vLLM's processes) is alive; Serve restarts the replica when not."""

@@ -20,7 +20,7 @@ from cluster.settings import AppConfig
 from deployments.streams import CallerWatch, answered_here, relay, this_replica
 from model.chroma.checkpoint import Checkpoint
 from model.engines.realtime import Headroom
-from model.engines.speech import SpeechEngine
+from model.engines.speech import SpeechEngine, SpeechStats
 from model.reasoner.base import PromptStats
 
 
@@ -42,7 +42,7 @@ class SpeechStackDeployment:
             async for item in surfaced(speech_frames(self.engine, request, _as_tensors(pairs), group_size), found):
                 yield item
 
-    def stats(self) -> dict:
+    def stats(self) -> SpeechStats:
         return self.engine.stats()
 
     async def check_health(self) -> None:

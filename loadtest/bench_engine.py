@@ -33,6 +33,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -328,7 +329,7 @@ async def run_level(engine: SpeechEngine, codec_engine: CodecEngine | None, args
     rtfs = [t["rtf"] for t in turns]
     first_frames = sorted(t["first_frame_ms"] for t in turns)
     record = {
-        "step_mode": stats["step_mode"],
+        "step_mode": stats.step_mode,
         "concurrency": concurrency,
         **clock.rates(sum(t["frames"] for t in turns)),
         "rtf_p50": statistics.median(rtfs),
@@ -336,8 +337,8 @@ async def run_level(engine: SpeechEngine, codec_engine: CodecEngine | None, args
         "first_frame_ms_p50": statistics.median(first_frames),
         "first_frame_ms_p95": first_frames[int(0.95 * (len(first_frames) - 1))],
         "first_frame_ms_max": first_frames[-1],
-        "step_ms_p50": stats["step_ms_p50"],
-        "step_ms_p95": stats["step_ms_p95"],
+        "step_ms_p50": stats.step_ms_p50,
+        "step_ms_p95": stats.step_ms_p95,
         "peak_mem_mb": peak_memory_mb(args.device),
     }
     if codec_engine:
@@ -403,15 +404,15 @@ def run_mode(speech: SpeechModel, codec, args, step_mode: str, save=lambda recor
         return [{"step_mode": step_mode, "concurrency": c, "error": mode_record["error"]} for c in args.concurrency], mode_record
     stats = engine.stats()
     mode_record.update(setup)
-    mode_record.update({k: stats[k] for k in ("cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb", "sdpa_backends")})
+    mode_record.update({k: getattr(stats, k) for k in ("cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb", "sdpa_backends")})
     mode_record["buckets"] = engine.decode_steps.step.bucket_table()
-    mode_record["voice_prefill"] = {**engine.voice_prefill.stats(), "buckets": engine.voice_prefill.step.bucket_table()}
+    mode_record["voice_prefill"] = {**asdict(engine.voice_prefill.stats()), "buckets": engine.voice_prefill.step.bucket_table()}
     if codec_engine is not None:
         codec_stats = codec_engine.stats()
-        mode_record["codec"] = {k: codec_stats[k] for k in ("decode_mode", "cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb")}
+        mode_record["codec"] = {k: getattr(codec_stats, k) for k in ("decode_mode", "cuda_graphs", "eager_fallback_buckets", "graph_capture_s", "graph_pool_mb")}
         mode_record["codec"]["buckets"] = codec_engine._decode_step.bucket_table()
-    print(f"{step_mode:>15}: {stats['cuda_graphs']} graphs, {stats['eager_fallback_buckets']} buckets padded eager, capture "
-          f"{stats['graph_capture_s']:.1f} s, graph pool {stats['graph_pool_mb']:.0f} MB, setup {setup['speech_setup_s']:.1f} s"
+    print(f"{step_mode:>15}: {stats.cuda_graphs} graphs, {stats.eager_fallback_buckets} buckets padded eager, capture "
+          f"{stats.graph_capture_s:.1f} s, graph pool {stats.graph_pool_mb:.0f} MB, setup {setup['speech_setup_s']:.1f} s"
           + (f"; codec {mode_record['codec']['cuda_graphs']} graphs, {mode_record['codec']['graph_pool_mb']:.0f} MB" if codec_engine else ""), flush=True)
     if mode_record["buckets"]:
         print(f"{'':>15}  SDPA backend per bucket (batch x width x kv_len): {bucket_summary(mode_record['buckets'])}", flush=True)
@@ -427,8 +428,8 @@ def run_mode(speech: SpeechModel, codec, args, step_mode: str, save=lambda recor
         records.append(record)
         save(records)  # what was measured survives a time limit that stops the run later
     stats = engine.stats()
-    mode_record["eager_fallback_steps"] = stats["eager_fallback_steps"]
-    mode_record["step_ms_by_batch"] = stats["step_ms_by_batch"]
+    mode_record["eager_fallback_steps"] = stats.eager_fallback_steps
+    mode_record["step_ms_by_batch"] = stats.step_ms_by_batch
     mode_record["kernels_per_step"] = []
     for batch in sorted({1, max(args.concurrency)}):
         try:

@@ -103,8 +103,8 @@ async def run(args) -> dict:
         finally:
             await backend.close()
     return {"size": args.size, "device": args.device, "setup_s": setup_s, "levels": levels,
-            "speech": {k: stats["speech"][k] for k in ("step_mode", "cuda_graphs", "eager_fallback_buckets", "graph_capture_s")},
-            "codec": {k: stats["codec"][k] for k in ("decode_mode", "cuda_graphs", "eager_fallback_buckets")}}
+            "speech": {k: getattr(stats.speech, k) for k in ("step_mode", "cuda_graphs", "eager_fallback_buckets", "graph_capture_s")},
+            "codec": {k: getattr(stats.codec, k) for k in ("decode_mode", "cuda_graphs", "eager_fallback_buckets")}}
 
 
 def main() -> None:

@@ -364,10 +364,10 @@ async def test_client_disconnect_stops_the_turn(store, backend, client):
     assert chunks and len(chunks[0]) % (FRAME * 2) == 0
     assert sum(len(c) for c in chunks) < MAX_FRAMES * FRAME * 2  # stopped before the whole reply
     for _ in range(200):  # slots are freed at once; the thinker stream closes on the engine's next turn
-        if not backend.speech.turns and backend.codec.stats()["open_streams"] == 0:
+        if not backend.speech.turns and backend.codec.stats().open_streams == 0:
             break
         await asyncio.sleep(0.01)
-    assert backend.speech.turns == {} and backend.codec.stats()["open_streams"] == 0
+    assert backend.speech.turns == {} and backend.codec.stats().open_streams == 0
     assert (await client.get(f"/v1/sessions/{session['id']}", headers=ACME)).json()["history"] == []
     assert "chroma_live_turns 0.0" in (metrics := (await client.get("/metrics")).text) and "chroma_turns_waiting 0.0" in metrics
 
@@ -443,7 +443,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
             body = encode_wav(caller_wave(), 16000)
             first = await client.post(f"/v1/sessions/{sessions[0]['id']}/turns", headers=ACME, content=body)
             assert parse_sse(first.text)[-1][0] == "done"
-            assert backend.speech.stats()["step_ms_by_batch"] and backend.speech.realtime_slots() == 1
+            assert backend.speech.stats().step_ms_by_batch and backend.speech.realtime.capacity() == 1
             ready = (await client.get("/readyz")).json()
             assert ready["capacity"] == 1
 
@@ -457,7 +457,7 @@ async def test_capacity_is_what_the_engines_keep_real_time(store, tiny_checkpoin
                 assert 'chroma_admissions_total{kind="turn",outcome="queued"} 1.0' in metrics
             else:
                 assert codes == ["done", "over_capacity"]
-            assert set(backend.speech.stats()["steps_by_batch"]) == {1}  # never two turns in one step
+            assert set(backend.speech.stats().steps_by_batch) == {1}  # never two turns in one step
     finally:
         await backend.close()
 
@@ -527,7 +527,7 @@ async def test_a_fresh_backend_admits_what_its_calibrated_curve_allows_and_refus
             ready = (await client.get("/readyz")).json()
             speech = {s["name"]: s for s in ready["stages"]}["SpeechStack"]
             assert set(speech["step_ms_by_batch"]) == {"1", "2", "4"}  # the calibrated buckets, no turn yet
-            assert ready["capacity"] == min(backend.speech.realtime_slots(), backend.codec.engine.realtime_streams())
+            assert ready["capacity"] == min(backend.speech.realtime.capacity(), backend.codec.engine.realtime.capacity())
             assert ready["capacity"] >= 2  # a step of the tiny model's 2 turns takes a few ms of its 64 ms
             body = encode_wav(caller_wave(), 16000)
             outcomes = await asyncio.gather(*(

@@ -113,8 +113,8 @@ async def nothing_leaked(cluster, within_s: float = 30) -> dict:
     deadline = time.monotonic() + within_s
     while True:
         stats = await asyncio.to_thread(cluster["faults"].stats)
-        in_use = {"speech_slots": stats["SpeechStack"]["live_slots"], "codec_streams": stats["Codec"]["open_streams"],
-                  "reasoner_requests": stats["Reasoner"]["unfinished_requests"], "tickets": await live_tickets(cluster)}
+        in_use = {"speech_slots": stats["SpeechStack"].live_slots, "codec_streams": stats["Codec"].open_streams,
+                  "reasoner_requests": stats["Reasoner"].unfinished_requests, "tickets": await live_tickets(cluster)}
         if not any(in_use.values()) or time.monotonic() > deadline:
             return in_use
         await asyncio.sleep(1.0)

@@ -153,16 +153,16 @@ def test_close_and_cancel_free_slots_for_reuse(tiny):
     engine.push("a", frames(5, 5))
     engine.push("b", frames(3, 6))
     engine.step()
-    assert engine.stats()["pending_frames"] == 3 + 1
+    assert engine.stats().pending_frames == 3 + 1
     engine.cancel("a")
     assert engine.close("b", flush=False) is None
     stats = engine.stats()
-    assert stats["open_streams"] == 0 and stats["pending_frames"] == 0
+    assert stats.open_streams == 0 and stats.pending_frames == 0
     # Reused slots start from a clean state: decodes still equal the one-shot.
     for turn_id, seed in (("c", 7), ("d", 8)):
         codes = frames(5, seed)
         assert_matches(stream(engine, turn_id, codes), decode_frames(codec, codes))
-    assert engine.stats()["open_streams"] == 0
+    assert engine.stats().open_streams == 0
 
 
 def test_upstream_expected_audio(upstream_fixture, upstream):
@@ -176,7 +176,7 @@ def test_cost_per_chunk_does_not_grow_with_the_turn(small_window):
     codec, config = small_window
     engine = CodecEngine(codec, config, max_streams=1, chunk_frames=2)
     # The transformer holds window - 1 positions per stream, whatever the turn's length.
-    assert engine.stats()["kv_positions_per_stream"] == codec.config.sliding_window - 1
+    assert engine.stats().kv_positions_per_stream == codec.config.sliding_window - 1
     lengths: list[int] = []  # samples into the last conv per step: the chunk plus a fixed left context
     hook = codec.decoder.layers[-1].conv.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[-1]))
     try:
@@ -184,10 +184,10 @@ def test_cost_per_chunk_does_not_grow_with_the_turn(small_window):
         engine.push("turn", frames(60, seed=9))
         for _ in range(5):
             engine.step()
-        state_at_10 = engine.stats()["state_bytes"]
+        state_at_10 = engine.stats().state_bytes
         while engine.step():
             pass
-        assert engine.stats()["state_bytes"] == state_at_10
+        assert engine.stats().state_bytes == state_at_10
     finally:
         hook.remove()
     assert len(lengths) == 30 and len(set(lengths)) == 1
@@ -212,7 +212,7 @@ def test_bad_calls(tiny):
         engine.push("a", torch.zeros(1, 8))
     with pytest.raises(ValueError, match="2048"):
         engine.push("a", torch.full((1, 8), 2050))  # the speech vocab's pad id is not a Mimi code
-    assert engine.stats()["pending_frames"] == 0
+    assert engine.stats().pending_frames == 0
     engine.close("a")
     with pytest.raises(KeyError, match="'a'"):
         engine.push("a", frames(1, 0))
@@ -247,5 +247,5 @@ async def test_a_reply_cancelled_while_its_stream_opens_leaves_no_stream(tiny):
         with contextlib.suppress(asyncio.CancelledError):
             await reply
         await loop.check()  # after the drop that followed the open
-        assert loop.stats()["open_streams"] == 0
+        assert loop.stats().open_streams == 0
     await loop.close()

@@ -103,8 +103,8 @@ def test_graph_frames_equal_the_padded_eager_step(dtype):
     speech = random_model(dtype)
     graphs, stats = run_engine(speech, GRAPHS)
     padded, _ = run_engine(speech, "padded")
-    assert stats["step_mode"] == GRAPHS and (stats["cuda_graphs"] > 0 or DEVICE != "cuda")
-    assert stats["eager_fallback_buckets"] == 0, stats
+    assert stats.step_mode == GRAPHS and (stats.cuda_graphs > 0 or DEVICE != "cuda")
+    assert stats.eager_fallback_buckets == 0, stats
     assert graphs == padded
 
 
@@ -164,11 +164,11 @@ def test_full_size_heads_capture_every_bucket_from_1_to_8(dtype):
     speech = random_model(dtype, FULL_HEADS)
     graphs, stats = run_engine(speech, GRAPHS, plans=PLANS_8, slots=8)
     padded, _ = run_engine(speech, "padded", plans=PLANS_8, slots=8)
-    print(f"{dtype}: SDPA backends of the captured buckets {stats['sdpa_backends']}; voice prefill {stats['voice_prefill']['sdpa_backends']}")
-    assert stats["eager_fallback_buckets"] == 0, stats
-    assert stats["voice_prefill"]["eager_fallback_buckets"] == 0, stats["voice_prefill"]
+    print(f"{dtype}: SDPA backends of the captured buckets {stats.sdpa_backends}; voice prefill {stats.voice_prefill.sdpa_backends}")
+    assert stats.eager_fallback_buckets == 0, stats
+    assert stats.voice_prefill.eager_fallback_buckets == 0, stats.voice_prefill
     if DEVICE == "cuda":
-        assert stats["cuda_graphs"] == 4 * 2 * 3  # batch 1, 2, 4, 8 x width 1, 3 x kv_len 64, 128, 256
+        assert stats.cuda_graphs == 4 * 2 * 3  # batch 1, 2, 4, 8 x width 1, 3 x kv_len 64, 128, 256
     assert graphs == padded
 
 
@@ -191,5 +191,5 @@ def test_compiled_graph_frames_equal_the_padded_eager_step():
     speech = random_model(torch.float32)
     compiled, stats = run_engine(speech, COMPILED_GRAPHS)
     padded, _ = run_engine(speech, "padded")
-    assert stats["eager_fallback_buckets"] == 0, stats
+    assert stats.eager_fallback_buckets == 0, stats
     assert compiled == padded

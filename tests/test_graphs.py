@@ -18,7 +18,7 @@ def test_each_bucket_runs_the_first_sdpa_backend_that_runs_its_step():
     args = {batch: (*torch.randn(3, batch, 2, 4, 8).unbind(), torch.rand(batch, 1, 4, 4) > 0.3) for batch in (1, 2)}
     step.prepare((((batch,), args[batch]) for batch in (2, 1)), torch.device("cpu"), backends=("EFFICIENT_ATTENTION", "MATH"))
     assert {key: bucket.sdpa_backend for key, bucket in step.buckets.items()} == {(2,): "MATH", (1,): "MATH"}
-    assert step.stats()["sdpa_backends"] == {"MATH": 2} and step.stats()["eager_fallback_buckets"] == 0
+    assert step.stats().sdpa_backends == {"MATH": 2} and step.stats().eager_fallback_buckets == 0
     out = step((2,), *args[2])
     with sdpa_backend("MATH"):
         assert torch.equal(out, attention(*args[2]))

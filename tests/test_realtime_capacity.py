@@ -121,27 +121,27 @@ def test_probes_wait_for_room_and_stop_at_the_slots():
 def test_calibration_measures_every_bucket_before_any_turn(chroma):
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
     stats = engine.stats()
-    assert set(stats["step_ms_by_batch"]) == {1, 2, 4} and stats["steps_by_batch"] == {}
-    assert stats["calibration_s"] > 0 and stats["realtime_slots"] == engine.realtime_slots() >= 1
+    assert set(stats.step_ms_by_batch) == {1, 2, 4} and stats.steps_by_batch == {}
+    assert stats.calibration_s > 0 and stats.realtime_slots == engine.realtime.capacity() >= 1
     unbounded = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=None))
-    assert unbounded.stats()["calibration_s"] is None  # the slots alone bound it: nothing to measure
+    assert unbounded.stats().calibration_s is None  # the slots alone bound it: nothing to measure
 
 
 async def test_an_idle_replica_reprobes_until_its_estimate_recovers(chroma):
     """A replica that calibrated under contention (added by autoscaling during a burst) and has had no turn since:
     once its headroom is read, its engine thread re-probes the bucket above its estimate until the estimate is back."""
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
-    times = engine.batch_step_times
+    times = engine.realtime.steps
     times.max_age_s, times.reprobe_s = 0.5, 0.05
     for _ in range(times.window):
         times.record(4, 1.0)  # a step of 4 took a second while the cores were shared
-    assert engine.realtime_slots() < 4
+    assert engine.realtime.capacity() < 4
     assert engine.headroom().turns < 4  # reading it starts the engine thread
     for _ in range(200):
-        if engine.realtime_slots() == 4:
+        if engine.realtime.capacity() == 4:
             break
         await asyncio.sleep(0.05)
-    assert engine.realtime_slots() == 4 and engine.steps == 0  # probes only: no turn ran
+    assert engine.realtime.capacity() == 4 and engine.steps == 0  # probes only: no turn ran
     await engine.close()
 
 
@@ -163,7 +163,7 @@ async def test_probes_between_live_steps_change_no_turn(chroma):
     expected = [reference(chroma, i, voice, 12).frames.tolist() for i in inputs]
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4))
     probes = []
-    engine.batch_step_times.probe_batch = lambda *args: 4  # a probe of every row before every step
+    engine.realtime.steps.probe_batch = lambda *args: 4  # a probe of every row before every step
     run_padding = engine.decode_steps.run_padding
     engine.decode_steps.run_padding = lambda count: (probes.append(count), run_padding(count))
     im_end = chroma.config.im_end_token_id
@@ -182,20 +182,20 @@ async def test_the_speech_engine_reports_its_measured_real_time_slots(chroma):
                                   max_frames=8) for i in range(2)]
     await asyncio.gather(*(collect(f) for f in frames))
     stats = engine.stats()
-    assert set(stats["steps_by_batch"]) <= {1, 2} and stats["steps_by_batch"]
-    assert set(stats["step_ms_by_batch"]) >= {1, 2, 4}  # the calibrated buckets, and the real steps' sizes
+    assert set(stats.steps_by_batch) <= {1, 2} and stats.steps_by_batch
+    assert set(stats.step_ms_by_batch) >= {1, 2, 4}  # the calibrated buckets, and the real steps' sizes
     measured = StepTimes()
-    for batch, ms in stats["step_ms_by_batch"].items():
+    for batch, ms in stats.step_ms_by_batch.items():
         measured.record(batch, ms / 1000)
-    assert engine.realtime_slots() == measured.largest_batch(BUDGET_S, 4) == stats["realtime_slots"]
+    assert engine.realtime.capacity() == measured.largest_batch(BUDGET_S, 4) == stats.realtime_slots
     await engine.close()
 
     tight = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=1e-6))
     unbounded = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=4, max_step_rtf=None))
     frames = await tight.submit("t", voice, reasoner_stream(chroma.thinker, conversation(chroma, 1, 0.6)), max_frames=4)
     await collect(frames)
-    assert tight.realtime_slots() == 1  # no step fits a microsecond: one turn, never none
-    assert unbounded.realtime_slots() == 4  # the slots alone
+    assert tight.realtime.capacity() == 1  # no step fits a microsecond: one turn, never none
+    assert unbounded.realtime.capacity() == 4  # the slots alone
     await tight.close()
     await unbounded.close()
 
@@ -204,19 +204,19 @@ def test_the_codec_engine_calibrates_and_reports_its_measured_real_time_streams(
     checkpoint = Checkpoint(tiny_checkpoint)
     codec, config = load_codec(checkpoint), checkpoint.config
     engine = CodecEngine(codec, config, max_streams=3, chunk_frames=2, max_step_rtf=0.8)
-    assert engine.realtime_streams() == 1  # nothing measured yet
+    assert engine.realtime.capacity() == 1  # nothing measured yet
     engine.calibrate()
-    assert set(engine.stats()["decode_ms_by_batch"]) == {1, 2, 3} and engine.stats()["calibration_s"] > 0
+    assert set(engine.stats().decode_ms_by_batch) == {1, 2, 3} and engine.stats().calibration_s > 0
     codes = torch.randint(0, engine.codebook_size, (2, engine.num_codebooks))
     for turn in ("a", "b"):
         engine.open_stream(turn)
         engine.push(turn, codes)
     assert set(engine.step()) == {"a", "b"}
     measured = StepTimes()
-    for batch, ms in engine.stats()["decode_ms_by_batch"].items():
+    for batch, ms in engine.stats().decode_ms_by_batch.items():
         measured.record(batch, ms / 1000)
-    assert engine.realtime_streams() == measured.largest_batch(0.8 * 2 * 0.080, 3)
-    assert CodecEngine(codec, config, max_streams=3).realtime_streams() == 3  # no bound: its streams
+    assert engine.realtime.capacity() == measured.largest_batch(0.8 * 2 * 0.080, 3)
+    assert CodecEngine(codec, config, max_streams=3).realtime.capacity() == 3  # no bound: its streams
 
 
 def test_a_codec_probe_changes_no_reply(tiny_checkpoint):

@@ -241,21 +241,21 @@ async def test_vllm_measures_its_decode_steps_and_keeps_learning_from_turns(vllm
     rows = await _rows_settle(vllm_reasoner)
     await vllm_reasoner.calibrate()
     headroom = vllm_reasoner.headroom()
-    assert set(vllm_reasoner.buckets) <= set(headroom.step_ms) and all(ms > 0 for ms in headroom.step_ms.values())
-    assert 1 <= headroom.turns <= vllm_reasoner.max_streams and vllm_reasoner.steps.calibration_s > 0
+    assert set(vllm_reasoner.realtime.buckets) <= set(headroom.step_ms) and all(ms > 0 for ms in headroom.step_ms.values())
+    assert 1 <= headroom.turns <= vllm_reasoner.realtime.limit and vllm_reasoner.realtime.steps.calibration_s > 0
     assert vllm_reasoner.num_unfinished_requests() == 0
     assert await _rows_settle(vllm_reasoner) == rows, "a probe request sent hidden rows"
 
     began = time.monotonic()
     convs = conversations()
     await asyncio.gather(collect(vllm_reasoner, convs["text_short"]), collect(vllm_reasoner, convs["text_long"]))
-    assert vllm_reasoner.steps._samples[2][-1][0] > began, "two turns decoding together added no sample at batch 2"
+    assert vllm_reasoner.realtime.steps._samples[2][-1][0] > began, "two turns decoding together added no sample at batch 2"
 
-    vllm_reasoner.max_step_rtf = 1e-6  # a step would have to take 0.16 us
+    vllm_reasoner.realtime.max_step_rtf = 1e-6  # a step would have to take 0.16 us
     try:
         assert vllm_reasoner.headroom().turns == 1
     finally:
-        vllm_reasoner.max_step_rtf = VLLMSettings().max_step_rtf
+        vllm_reasoner.realtime.max_step_rtf = VLLMSettings().max_step_rtf
 
 
 # -- a call's later turns: audio held by id, the prefix from the cache ---------------------------------------------
@@ -298,7 +298,7 @@ async def test_vllm_reads_held_audio_by_id_and_prefills_only_what_is_new(vllm_re
     # 32-position blocks of it, the audio's included (same id, same hashes).
     assert stats[1].prompt_tokens == hf_reasoner.processor.layout(second).length
     assert stats[1].cached_tokens >= first_len // 32 * 32 > 0
-    assert vllm_reasoner.prefix_cache_stats()["cached_tokens"] >= stats[1].cached_tokens
+    assert vllm_reasoner.stats().cached_tokens >= stats[1].cached_tokens
     # An id this engine believes it sent, which vLLM's processor cache does not have (as after an eviction).
     vllm_reasoner._held["aud_evicted"] = None
     evicted = Conversation(SYSTEM, [Message("user", audio_samples=16000, audio_id="aud_evicted")])
@@ -319,16 +319,16 @@ async def test_vllm_warms_a_later_prompt_that_its_turn_then_finds_cached(vllm_re
     await collect(vllm_reasoner, Conversation(SYSTEM, [first, reply, second]))
     held = Message("user", audio_samples=second_audio.size, audio_id="aud_warm_second")
     warmed = Conversation(SYSTEM, [held])  # the first turn dropped: the history the next turn reads
-    before = vllm_reasoner.prefix_cache_stats()
+    before = vllm_reasoner.stats()
     vllm_reasoner.warm(Conversation(SYSTEM, [Message("user", audio_samples=16000, audio_id="aud_never_sent")]))
     vllm_reasoner.warm(warmed)
     for _ in range(600):
-        if vllm_reasoner.prefix_cache_stats()["warmed_prompts"] > before["warmed_prompts"]:
+        if vllm_reasoner.stats().warmed_prompts > before.warmed_prompts:
             break
         await asyncio.sleep(0.05)
-    after = vllm_reasoner.prefix_cache_stats()
-    assert after["warmed_prompts"] == before["warmed_prompts"] + 1  # the prompt with audio never sent: skipped
-    assert after["prompt_tokens"] == before["prompt_tokens"]  # a warm-up is no turn: the hit rate leaves it out
+    after = vllm_reasoner.stats()
+    assert after.warmed_prompts == before.warmed_prompts + 1  # the prompt with audio never sent: skipped
+    assert after.prompt_tokens == before.prompt_tokens  # a warm-up is no turn: the hit rate leaves it out
     third = Message("user", audio=third_audio, sample_rate=16000, audio_id="aud_warm_third")
     next_turn = Conversation(SYSTEM, [held, Message("assistant", text="Yes."), third])
     stats = []

@@ -102,11 +102,11 @@ async def test_batched_greedy_frames_equal_offline_frames(chroma, voices):
     assert cancelled == expected[4][: len(cancelled)]
 
     stats = engine.stats()
-    assert stats["live_slots"] == 0 and stats["queued"] == 0 and stats["free_slots"] == 8
-    assert stats["slot_cache_bytes_in_use"] == 0
-    assert stats["voice_cache_entries"] == 3  # one prefix per voice, shared by the turns in that voice
+    assert stats.live_slots == 0 and stats.queued == 0 and stats.free_slots == 8
+    assert stats.slot_cache_bytes_in_use == 0
+    assert stats.voice_cache_entries == 3  # one prefix per voice, shared by the turns in that voice
     engine.clear_voice_cache()
-    assert engine.stats()["voice_cache_bytes"] == 0
+    assert engine.stats().voice_cache_bytes == 0
     await engine.close()
 
 
@@ -146,7 +146,7 @@ async def test_a_slow_thinker_does_not_stall_other_turns(chroma, voices):
     assert not slow_task.done()  # still waiting for its thinker while the fast turn finished
     assert engine.cancel("slow")
     await slow_task
-    assert engine.stats()["live_slots"] == 0
+    assert engine.stats().live_slots == 0
     await engine.close()
 
 
@@ -154,14 +154,14 @@ async def test_full_engine_refuses_clearly_and_queued_turns_get_slots(chroma, vo
     engine = SpeechEngine(chroma.speech, SpeechEngineSettings(max_slots=1, max_queue=1))
     first = await engine.submit("a", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 1, 1.0)), max_frames=6)
     queued = await engine.submit("b", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 2, 1.0)), max_frames=6)
-    assert engine.stats()["queued"] == 1
+    assert engine.stats().queued == 1
     with pytest.raises(CapacityError, match="no free slots"):
         await engine.submit("c", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 3, 1.0)), max_frames=6)
     with pytest.raises(ValueError, match="already running"):
         await engine.submit("a", voices[0], reasoner_stream(chroma.thinker, conversation(chroma, 3, 1.0)))
     a, b = await asyncio.gather(collect(first), collect(queued))
     assert len(codes_of(a)) == 6 and len(codes_of(b)) == 6
-    assert engine.stats()["free_slots"] == 1
+    assert engine.stats().free_slots == 1
     await engine.close()
 
 
@@ -171,7 +171,7 @@ async def test_closing_the_frame_iterator_cancels_the_turn(chroma, voices):
     async for _ in frames:
         break
     await frames.aclose()
-    assert engine.stats()["live_slots"] == 0 and "x" not in engine.turns
+    assert engine.stats().live_slots == 0 and "x" not in engine.turns
     await engine.close()
 
 
@@ -269,7 +269,7 @@ async def test_submit_and_cancel_return_while_a_voice_prompt_is_prefilled(chroma
         blocking.release.set()
         assert codes_of(await collect(first)) == []
         assert codes_of(await collect(second)) == expected
-        assert engine.stats()["free_slots"] == 2
+        assert engine.stats().free_slots == 2
         await engine.close()
     finally:
         blocking.release.set()
@@ -375,11 +375,11 @@ async def test_buckets_that_cannot_be_captured_run_padded_eager(monkeypatch, cap
     stats = engine.stats()
     await engine.close()
     assert [codes_of(r) for r in results] == expected
-    assert stats["cuda_graphs"] == len(buckets) - len(failing)
-    assert stats["eager_fallback_buckets"] == len(failing)
-    assert stats["eager_fallback_steps"] > 0  # both turns stepped together, in a batch-2 bucket
+    assert stats.cuda_graphs == len(buckets) - len(failing)
+    assert stats.eager_fallback_buckets == len(failing)
+    assert stats.eager_fallback_steps > 0  # both turns stepped together, in a batch-2 bucket
     calibration = (1 + CALIBRATION_RUNS) * len(engine.decode_steps.batch_buckets)  # at width 3, the whole cache
-    assert sum(engine.decode_steps.bucket_steps.values()) == stats["steps"] + calibration
+    assert sum(engine.decode_steps.bucket_steps.values()) == stats.steps + calibration
     assert len(caplog.records) == 1  # the steps themselves log nothing
 
 
@@ -394,7 +394,7 @@ def test_voice_prompts_are_prefilled_together_in_one_forward(mode):
     voices = [synthetic_turn(speech, seed)[0] for seed in range(3)]
     prefill = VoicePrefill(speech, mode, max_voices=4)
     together = prefill.run(voices)
-    assert prefill.stats()["forwards"] == 1 and prefill.stats()["voices"] == 3
+    assert prefill.stats().forwards == 1 and prefill.stats().voices == 3
     for voice, prefix in zip(voices, together):
         embeds = speech.voice_prompt_embeddings(voice.transcript_ids, voice.codes)
         alone = speech.allocate_backbone_cache(rows=1, capacity=embeds.shape[0])
@@ -415,9 +415,9 @@ async def test_a_cached_voice_skips_its_prefill():
     engine = SpeechEngine(speech, SpeechEngineSettings(max_slots=4))
     streams = [await engine.submit(f"t{i}", voice, as_stream(items), max_frames=8) for i, (voice, items) in enumerate(plans)]
     results = [codes_of(r) for r in await asyncio.gather(*(collect(s) for s in streams))]
-    prefilled = engine.stats()["voice_prefill"]
-    assert prefilled["voices"] == 2 and prefilled["forwards"] <= 2
+    prefilled = engine.stats().voice_prefill
+    assert prefilled.voices == 2 and prefilled.forwards <= 2
     results.append(codes_of(await collect(await engine.submit("again", voice_b, as_stream(pairs_a), max_frames=8))))
-    assert engine.stats()["voice_prefill"] == prefilled  # voice b came from the cache
+    assert engine.stats().voice_prefill == prefilled  # voice b came from the cache
     await engine.close()
     assert results == expected

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.calls.cursor import PlaybackCursor
-from cluster.calls.events import CallEvent, Outcome
+from cluster.calls.events import Outcome
 from cluster.pipeline.history import TurnPlan, UserTurn
 from model.errors import InternalError
 from model.reasoner.base import PromptStats

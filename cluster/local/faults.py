@@ -23,10 +23,19 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
+
+from pydantic import TypeAdapter
 
 from cluster.local.supervisor import APP_NAME, LocalClusterSettings, connected_engine_stats, ray_driver, settings_env
+from model.engines.codec import CodecStats
+from model.engines.speech import SpeechStats
+from model.reasoner.base import ReasonerStats
+from model.reasoner.vllm.engine import VLLMReasonerStats
 
 STAGES = ("Ingress", "Codec", "SpeechStack", "Reasoner", "proxy")
+# What each engine's deployment reports (`connected_engine_stats`), by deployment.
+ENGINE_STATS = {"Reasoner": VLLMReasonerStats | ReasonerStats, "SpeechStack": SpeechStats, "Codec": CodecStats}
 
 
 def _class_name(stage: str) -> str:
@@ -100,10 +109,15 @@ def answer(line: str) -> dict:
         if command == "replicas":
             return running_replicas()
         if command == "stats":
-            return connected_engine_stats()
+            return {name: asdict(stats) for name, stats in connected_engine_stats().items()}
         return {"error": f"unknown command {command!r}"}
     except Exception as error:  # the caller reads it and decides
         return {"error": repr(error)}
+
+
+def read_engine_stats(sent: dict) -> dict[str, ReasonerStats | SpeechStats | CodecStats]:
+    """The agent's `stats` answer (the engines' stats as JSON) typed again."""
+    return {name: TypeAdapter(ENGINE_STATS[name]).validate_python(stats) for name, stats in sent.items()}
 
 
 class FaultAgent:
@@ -138,8 +152,8 @@ class FaultAgent:
     def replicas(self) -> dict[str, int]:
         return self.ask("replicas")
 
-    def stats(self) -> dict:
-        return self.ask("stats")
+    def stats(self) -> dict[str, ReasonerStats | SpeechStats | CodecStats]:
+        return read_engine_stats(self.ask("stats"))
 
     def close(self) -> None:
         if self.process.poll() is None:

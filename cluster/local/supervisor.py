@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import yaml
@@ -33,6 +34,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.state.redis_server import redis_server_argv, wait_for_redis
 from model.testing.tiny import CHROMA_SERVE_HOME
+
+if TYPE_CHECKING:  # what the replicas send back; the engines' modules import torch
+    from model.engines.codec import CodecStats
+    from model.engines.speech import SpeechStats
+    from model.reasoner.base import ReasonerStats
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 APP_NAME = "chroma"
@@ -310,13 +316,13 @@ def ray_driver(settings: LocalClusterSettings):
         ray.shutdown()
 
 
-def engine_stats(settings: LocalClusterSettings) -> dict:
+def engine_stats(settings: LocalClusterSettings) -> dict[str, ReasonerStats | SpeechStats | CodecStats]:
     """Live work per engine, as one replica of each deployment reports it (joins the cluster as a driver)."""
     with ray_driver(settings):
         return connected_engine_stats()
 
 
-def connected_engine_stats() -> dict:
+def connected_engine_stats() -> dict[str, ReasonerStats | SpeechStats | CodecStats]:
     """`engine_stats` from a process that is a driver of the cluster already (`ray_driver`)."""
     from ray import serve  # after ray_driver: importing Ray reads its auth settings
 

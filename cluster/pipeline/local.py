@@ -8,6 +8,7 @@ read from `state` (the API's StateStore), as the Reasoner deployment reads it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,13 +30,19 @@ from cluster.settings.turns import HistorySettings, TurnSettings
 from cluster.state.store import Session, Voice
 from model.chroma.checkpoint import Checkpoint
 from model.chroma.turn import VoicePrompt
-from model.engines.codec import CodecEngine
+from model.engines.codec import CodecEngine, CodecStats
 from model.engines.codec_loop import CodecLoop
 from model.engines.realtime import Headroom
-from model.engines.speech import SpeechEngine
+from model.engines.speech import SpeechEngine, SpeechStats
 from model.processing.processor import VoicePromptInputs
 from model.reasoner import build_reasoner
 from model.reasoner.base import PromptStats, Reasoner
+
+
+@dataclass(frozen=True)
+class LocalStats:
+    speech: SpeechStats
+    codec: CodecStats
 
 
 class LocalTurnBackend:
@@ -95,5 +102,5 @@ class LocalTurnBackend:
         await self.reasoner.close()
         await self.codec.close()
 
-    def stats(self) -> dict:
-        return {"speech": self.speech.stats(), "codec": self.codec.stats()}
+    def stats(self) -> LocalStats:
+        return LocalStats(self.speech.stats(), self.codec.stats())

@@ -42,10 +42,26 @@ from model.chroma.checkpoint import Checkpoint, load_codec, resolve_dtype
 from model.chroma.codec import encode_voice
 from model.chroma.config import ChromaConfig
 from model.chroma.turn import FRAME_SECONDS, VoicePrompt
-from model.engines.graphs import BucketedStep, bucket_for, power_of_two_buckets, resolve_step_mode
-from model.engines.realtime import Headroom, StepTimes
+from model.engines.graphs import BucketedStep, StepStats, bucket_for, power_of_two_buckets, resolve_step_mode
+from model.engines.realtime import RealtimeBound, StepTimes
 from model.errors import CapacityError
 from model.settings import DEFAULT_CHUNK_FRAMES, CodecSettings, CompileBackend, StepMode
+
+
+@dataclass(frozen=True)
+class CodecStats(StepStats):
+    """A CodecEngine's streams and state; the batched decode's buckets are the StepStats fields."""
+
+    open_streams: int
+    max_streams: int
+    pending_frames: int  # pushed, not decoded yet
+    state_bytes: int  # preallocated for every slot
+    state_bytes_per_stream: int
+    kv_positions_per_stream: int  # the sliding window's, whatever the turn's length
+    decode_mode: StepMode
+    decode_ms_by_batch: dict[int, float]  # the real-time curve (model.engines.realtime)
+    calibration_s: float | None  # None: no real-time bound, nothing measured
+    realtime_streams: int
 
 
 @dataclass
@@ -81,8 +97,6 @@ class CodecEngine:
             raise ValueError("max_streams and chunk_frames must be >= 1")
         self.codec, self.config = codec, config
         self.max_streams, self.chunk_frames = max_streams, chunk_frames
-        self.max_step_rtf = max_step_rtf
-        self.batch_step_times = StepTimes()
         self.num_codebooks = config.audio_num_codebooks
         self.codebook_size = mimi.codebook_size
         self.window = mimi.sliding_window
@@ -109,6 +123,8 @@ class CodecEngine:
         # A step's chunk decode at static shapes: codes [B, chunk_frames, K] and the streams' slots [B].
         self.decode_mode = resolve_step_mode(decode_mode, device)
         self.batch_buckets = power_of_two_buckets(max_streams)
+        self.realtime = RealtimeBound(StepTimes(), chunk_frames * FRAME_SECONDS, max_step_rtf, max_streams,
+                                      self.batch_buckets)
         self._step_codes = torch.zeros(max_streams, chunk_frames, self.num_codebooks, dtype=torch.long, device=device)
         self._step_slots = torch.full((max_streams,), max_streams, dtype=torch.long, device=device)
         self._decode_step = BucketedStep(self._decode_rows, self.decode_mode, compile_backend, name="codec decode")
@@ -160,7 +176,7 @@ class CodecEngine:
         slots = [s.slot for _, s in ready]
         started = time.perf_counter()
         audio = self._decode(codes, slots) if self.decode_mode == "eager" else self._decode_bucketed(codes, slots)
-        self.batch_step_times.record(len(ready), time.perf_counter() - started)
+        self.realtime.steps.record(len(ready), time.perf_counter() - started)
         return {turn_id: pcm for (turn_id, _), pcm in zip(ready, audio.unbind())}
 
     def close(self, turn_id, flush: bool = True) -> torch.Tensor | None:
@@ -180,18 +196,12 @@ class CodecEngine:
     def calibrate(self) -> None:
         """The batched decode's time at every batch bucket, before any reply (model.engines.realtime); on the thread
         that will step the engine. Nothing to measure without a real-time bound."""
-        if self.max_step_rtf is not None:
-            self.batch_step_times.calibrate(self.decode_padding, self.batch_buckets)
+        self.realtime.calibrate(self.decode_padding)
 
     def reprobe(self) -> None:
         """While fewer replies decode than the estimate allows, measure the bucket above it again now and then, so
         an estimate that contention lowered recovers (model.engines.realtime)."""
-        if self.max_step_rtf is None:
-            return
-        batch = self.batch_step_times.probe_batch(len(self._streams), self._step_budget_s, self.max_streams,
-                                                  self.batch_buckets)
-        if batch is not None:
-            self.batch_step_times.measure(self.decode_padding, batch)
+        self.realtime.reprobe(self.decode_padding, len(self._streams))
 
     @torch.no_grad()
     def decode_padding(self, count: int) -> None:
@@ -203,36 +213,22 @@ class CodecEngine:
         else:
             self._decode_step((count,), self._step_codes[:count], self._step_slots[:count]).cpu()
 
-    @property
-    def _step_budget_s(self) -> float:
-        return self.max_step_rtf * self.chunk_frames * FRAME_SECONDS
-
-    def realtime_streams(self) -> int:
-        """Replies this engine decodes at once and keeps real-time: its streams, or fewer where its measured decodes
-        say so (model.engines.realtime)."""
-        if self.max_step_rtf is None:
-            return self.max_streams
-        return self.batch_step_times.largest_batch(self._step_budget_s, self.max_streams)
-
-    def headroom(self) -> Headroom:
-        return Headroom(self.realtime_streams(), self.batch_step_times.snapshot_ms())
-
-    def stats(self) -> dict:
+    def stats(self) -> CodecStats:
         state = [*self._conv_state, self._kv, self._positions]
         state_bytes = sum(t[: self.max_streams].numel() * t.element_size() for t in state)
-        return {
-            "open_streams": len(self._streams),
-            "max_streams": self.max_streams,
-            "pending_frames": sum(s.pending.shape[0] for s in self._streams.values()),
-            "state_bytes": state_bytes,  # preallocated for every slot
-            "state_bytes_per_stream": state_bytes // self.max_streams,
-            "kv_positions_per_stream": self._kv.shape[-2],  # the sliding window's, whatever the turn's length
-            "decode_mode": self.decode_mode,
-            **self._decode_step.stats(),
-            "decode_ms_by_batch": self.batch_step_times.snapshot_ms(),
-            "calibration_s": self.batch_step_times.calibration_s,
-            "realtime_streams": self.realtime_streams(),
-        }
+        return CodecStats(
+            **vars(self._decode_step.stats()),
+            open_streams=len(self._streams),
+            max_streams=self.max_streams,
+            pending_frames=sum(s.pending.shape[0] for s in self._streams.values()),
+            state_bytes=state_bytes,
+            state_bytes_per_stream=state_bytes // self.max_streams,
+            kv_positions_per_stream=self._kv.shape[-2],
+            decode_mode=self.decode_mode,
+            decode_ms_by_batch=self.realtime.steps.snapshot_ms(),
+            calibration_s=self.realtime.steps.calibration_s,
+            realtime_streams=self.realtime.capacity(),
+        )
 
     def _stream(self, turn_id) -> _Stream:
         if turn_id not in self._streams:

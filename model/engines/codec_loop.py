@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from model.chroma.turn import GeneratedFrame, ReplyChunk, VoicePrompt
-from model.engines.codec import CodecEngine
+from model.engines.codec import CodecEngine, CodecStats
 from model.engines.realtime import Headroom
 
 BATCH_WINDOW_S = 0.003  # against 160 ms of audio per chunk
@@ -66,7 +66,7 @@ class CodecLoop:
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 self._worker.submit(self._drop, turn_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> CodecStats:
         return self.engine.stats()
 
     def headroom(self) -> Headroom:
@@ -74,7 +74,7 @@ class CodecLoop:
         which runs one where it is due: the stages' readiness is read every fraction of a second, whether replies
         run or not. Not waited for, so a reading of the stages never waits for a decode."""
         self._worker.submit(self.engine.reprobe)
-        return self.engine.headroom()
+        return self.engine.realtime.headroom()
 
     async def check(self) -> None:
         """Returns once the worker thread has run a no-op (after the work queued before it); raises once closed.

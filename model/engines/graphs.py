@@ -70,6 +70,18 @@ def bucket_for(size: int, buckets: list[int]) -> int:
     raise ValueError(f"{size} exceeds the largest bucket {buckets[-1]}")
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What a `BucketedStep`'s buckets cost and how they run (its `stats()`); the engines' stats extend it."""
+
+    cuda_graphs: int  # graphs captured
+    eager_fallback_buckets: int  # buckets left to padded eager
+    eager_fallback_steps: int  # steps those buckets ran
+    graph_capture_s: float
+    graph_pool_mb: float
+    sdpa_backends: dict[str, int]  # buckets per SDPA backend
+
+
 @dataclass
 class Bucket:
     """How one bucket runs, as `BucketedStep.prepare` settled it."""
@@ -215,18 +227,16 @@ class BucketedStep:
     def graphs(self) -> int:
         return sum(bucket.graph is not None for bucket in self.buckets.values())
 
-    def stats(self) -> dict:
-        """What the buckets cost and how they run: graphs captured, buckets and steps left to padded eager, capture
-        seconds, graph memory, and the SDPA backend of each bucket (key "8x3x2048" for the bucket (8, 3, 2048))."""
+    def stats(self) -> StepStats:
         fallbacks = [b for b in self.buckets.values() if b.fallback is not None]
-        return {
-            "cuda_graphs": self.graphs,
-            "eager_fallback_buckets": len(fallbacks),
-            "eager_fallback_steps": sum(b.steps for b in fallbacks),
-            "graph_capture_s": round(self.capture_s, 3),
-            "graph_pool_mb": round(self.graph_pool_bytes / 2**20, 1),
-            "sdpa_backends": dict(Counter(b.sdpa_backend or "default" for b in self.buckets.values())),
-        }
+        return StepStats(
+            cuda_graphs=self.graphs,
+            eager_fallback_buckets=len(fallbacks),
+            eager_fallback_steps=sum(b.steps for b in fallbacks),
+            graph_capture_s=round(self.capture_s, 3),
+            graph_pool_mb=round(self.graph_pool_bytes / 2**20, 1),
+            sdpa_backends=dict(Counter(b.sdpa_backend or "default" for b in self.buckets.values())),
+        )
 
     def bucket_table(self) -> list[dict]:
         """One row per bucket: its key, SDPA backend, capture time and memory, fallback reason, steps run."""

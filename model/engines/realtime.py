@@ -3,8 +3,8 @@
 An engine steps all its live turns together, so a step of B turns must finish within the audio it makes (one 80 ms
 frame for the SpeechEngine, one chunk for the codec), with room to spare for the other stages on the same hardware.
 `StepTimes` is the engine's curve of step time against batch size, and answers how large a batch still fits that
-budget. Slot counts are only the upper bound: admission control reads this figure (the engines' `realtime_*`
-methods) as the stage's capacity.
+budget. `RealtimeBound` is the rule every engine applies to it: its slots are only the upper bound, and admission
+control reads the bound's `capacity()` (through the engines' `headroom()`) as the stage's capacity.
 
 How the curve is learned:
 - **Calibration at start**: before its replica reports ready, an engine runs a padded step (padding rows only, so it
@@ -116,6 +116,47 @@ class StepTimes:
     def snapshot_ms(self) -> dict[int, float]:
         """Expected step ms at each batch size that counts now (the curve), for stats."""
         return {batch: round(1000 * s, 2) for batch, s in self.curve()}
+
+
+@dataclass
+class RealtimeBound:
+    """How many turns an engine holds at once and keeps real-time: its `limit` (slots, streams), or fewer where its
+    measured steps (`steps`) say a batch would take more than `max_step_rtf` of the audio a step makes per turn
+    (`step_s`). Also which bucket to probe next, and the calibration; without a bound there is nothing to measure."""
+
+    steps: StepTimes
+    step_s: float  # seconds of audio one step makes for each turn in it
+    max_step_rtf: float | None  # None: the limit alone bounds it
+    limit: int
+    buckets: list[int]  # the batch sizes a padded step runs
+
+    @property
+    def budget_s(self) -> float | None:
+        return None if self.max_step_rtf is None else self.max_step_rtf * self.step_s
+
+    def capacity(self) -> int:
+        """Read only: the current figure from the curve as it is."""
+        budget = self.budget_s
+        return self.limit if budget is None else self.steps.largest_batch(budget, self.limit)
+
+    def headroom(self) -> Headroom:
+        """Read only: the capacity and the curve behind it."""
+        return Headroom(self.capacity(), self.steps.snapshot_ms())
+
+    def next_probe(self, live: int) -> int | None:
+        """The bucket to measure now with a padded step (`StepTimes.probe_batch`) with `live` turns running, or None."""
+        budget = self.budget_s
+        return None if budget is None else self.steps.probe_batch(live, budget, self.limit, self.buckets)
+
+    def reprobe(self, step: Callable[[int], None], live: int) -> None:
+        """Measure `step(batch)` (a padded step) at the bucket `next_probe` names, where it names one."""
+        if (batch := self.next_probe(live)) is not None:
+            self.steps.measure(step, batch)
+
+    def calibrate(self, step: Callable[[int], None]) -> None:
+        """`StepTimes.calibrate` at every bucket, where there is a bound."""
+        if self.max_step_rtf is not None:
+            self.steps.calibrate(step, self.buckets)
 
 
 def calibration_runs(buckets: list[int]) -> list[tuple[int, bool]]:

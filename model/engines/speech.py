@@ -38,11 +38,34 @@ from model.chroma.turn import (
 )
 from model.engines.cpu_threads import use_intra_op_threads
 from model.engines.decode_steps import DecodeSteps, RowInput
-from model.engines.graphs import resolve_step_mode
-from model.engines.realtime import Headroom, StepTimes
-from model.engines.voice_prefill import VoicePrefill, VoicePrefix
+from model.engines.graphs import StepStats, resolve_step_mode
+from model.engines.realtime import Headroom, RealtimeBound, StepTimes
+from model.engines.voice_prefill import VoicePrefill, VoicePrefillStats, VoicePrefix
 from model.errors import CapacityError
-from model.settings import SpeechEngineSettings
+from model.settings import SpeechEngineSettings, StepMode
+
+
+@dataclass(frozen=True)
+class SpeechStats(StepStats):
+    """A SpeechEngine's state and step times; the decode step's buckets are the StepStats fields."""
+
+    live_slots: int
+    free_slots: int
+    queued: int  # turns waiting for a slot
+    steps: int
+    frames: int
+    steps_per_s: float  # over the last 200 steps
+    step_ms_p50: float
+    step_ms_p95: float
+    slot_cache_bytes_in_use: int
+    voice_cache_entries: int
+    voice_cache_bytes: int
+    step_mode: StepMode
+    voice_prefill: VoicePrefillStats
+    step_ms_by_batch: dict[int, float]  # the real-time curve (model.engines.realtime)
+    steps_by_batch: dict[int, int]  # the turns' own steps (not calibration or probes)
+    calibration_s: float | None  # None: no real-time bound, nothing measured
+    realtime_slots: int
 
 
 @dataclass
@@ -102,7 +125,6 @@ class SpeechEngine:
         self.steps = 0
         self.frames_out = 0
         self.step_times: deque[float] = deque(maxlen=200)
-        self.batch_step_times = StepTimes()
         self.steps_by_batch: Counter[int] = Counter()  # the turns' own steps (not calibration or probes)
         self._lock = threading.Condition()
         self._in_flight: set[str] = set()
@@ -116,8 +138,9 @@ class SpeechEngine:
         self.voice_prefill = VoicePrefill(
             speech, mode, min(self.settings.prefill_voices, self.settings.max_slots), self.settings.compile_backend
         )
-        if self.settings.max_step_rtf is not None:
-            self._calibrate()
+        self.realtime = RealtimeBound(StepTimes(), FRAME_SECONDS, self.settings.max_step_rtf, self.settings.max_slots,
+                                      self.decode_steps.batch_buckets)
+        self._calibrate()
 
     def _calibrate(self) -> None:
         """The step's time at every batch bucket, before any turn (model.engines.realtime), on a thread with the
@@ -125,7 +148,7 @@ class SpeechEngine:
         def measure() -> None:
             if self.speech.device.type == "cpu" and self.settings.cpu_threads is not None:
                 use_intra_op_threads(self.settings.cpu_threads)
-            self.batch_step_times.calibrate(self.decode_steps.run_padding, self.decode_steps.batch_buckets)
+            self.realtime.calibrate(self.decode_steps.run_padding)
 
         thread = threading.Thread(target=measure, name="speech-calibration")
         thread.start()
@@ -173,43 +196,37 @@ class SpeechEngine:
             self._finish(turn)
             return True
 
-    def stats(self) -> dict:
+    def stats(self) -> SpeechStats:
         with self._lock:
             live = [t for t in self.turns.values() if t.slot is not None]
             step_times = sorted(self.step_times)
-            return {
-                "live_slots": len(live),
-                "free_slots": len(self.free_slots),
-                "queued": len(self.waiting),
-                "steps": self.steps,
-                "frames": self.frames_out,
-                "steps_per_s": len(step_times) / sum(step_times) if step_times else 0.0,
-                "step_ms_p50": 1000 * step_times[len(step_times) // 2] if step_times else 0.0,
-                "step_ms_p95": 1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
-                "slot_cache_bytes_in_use": sum(t.length for t in live) * self._position_bytes,
-                "voice_cache_entries": len(self.voice_cache),
-                "voice_cache_bytes": sum(p.nbytes for p in self.voice_cache.values()),
-                "step_mode": self.decode_steps.mode,
-                **self.decode_steps.step.stats(),
-                "voice_prefill": self.voice_prefill.stats(),
-                "step_ms_by_batch": self.batch_step_times.snapshot_ms(),
-                "steps_by_batch": dict(sorted(self.steps_by_batch.items())),
-                "calibration_s": self.batch_step_times.calibration_s,
-                "realtime_slots": self.realtime_slots(),
-            }
-
-    def realtime_slots(self) -> int:
-        """Turns this engine holds at once and keeps real-time: its slots, or fewer where its measured steps say so
-        (model.engines.realtime)."""
-        rtf, slots = self.settings.max_step_rtf, self.settings.max_slots
-        return slots if rtf is None else self.batch_step_times.largest_batch(rtf * FRAME_SECONDS, slots)
+            return SpeechStats(
+                **vars(self.decode_steps.step.stats()),
+                live_slots=len(live),
+                free_slots=len(self.free_slots),
+                queued=len(self.waiting),
+                steps=self.steps,
+                frames=self.frames_out,
+                steps_per_s=len(step_times) / sum(step_times) if step_times else 0.0,
+                step_ms_p50=1000 * step_times[len(step_times) // 2] if step_times else 0.0,
+                step_ms_p95=1000 * step_times[int(len(step_times) * 0.95)] if step_times else 0.0,
+                slot_cache_bytes_in_use=sum(t.length for t in live) * self._position_bytes,
+                voice_cache_entries=len(self.voice_cache),
+                voice_cache_bytes=sum(p.nbytes for p in self.voice_cache.values()),
+                step_mode=self.decode_steps.mode,
+                voice_prefill=self.voice_prefill.stats(),
+                step_ms_by_batch=self.realtime.steps.snapshot_ms(),
+                steps_by_batch=dict(sorted(self.steps_by_batch.items())),
+                calibration_s=self.realtime.steps.calibration_s,
+                realtime_slots=self.realtime.capacity(),
+            )
 
     def headroom(self) -> Headroom:
         """From the event loop. Starts the engine thread where it is not running yet: it also re-probes the curve
         while no turn runs, so a replica that calibrated under contention (one autoscaling added during a burst)
         recovers before its first turn."""
         self._start()
-        return Headroom(self.realtime_slots(), self.batch_step_times.snapshot_ms())
+        return self.realtime.headroom()
 
     def clear_voice_cache(self) -> None:
         with self._lock:
@@ -322,7 +339,7 @@ class SpeechEngine:
                 if not batch:
                     if self._stopping:
                         return
-                    self._lock.wait(self.batch_step_times.reprobe_s)  # new work wakes it; so does a re-probe's time
+                    self._lock.wait(self.realtime.steps.reprobe_s)  # new work wakes it; so does a re-probe's time
                     continue
                 # cancel() may end a turn while the step runs; its slot is freed only after the step.
                 self._in_flight = {row.turn.turn_id for row in batch}
@@ -348,7 +365,7 @@ class SpeechEngine:
                 elapsed = time.perf_counter() - started
                 self.step_times.append(elapsed)
                 if not new_voices:  # a voice prefill is once per voice, not the cost of batching
-                    self.batch_step_times.record(len(batch), elapsed)
+                    self.realtime.steps.record(len(batch), elapsed)
                 self.steps_by_batch[len(batch)] += 1
                 self.steps += 1
                 self._apply(batch, frames)
@@ -356,14 +373,7 @@ class SpeechEngine:
     def _reprobe(self) -> None:
         """Engine thread, between steps: while fewer turns are live than the estimate allows, measure the bucket
         above it again now and then (model.engines.realtime), so an estimate that contention lowered recovers."""
-        rtf = self.settings.max_step_rtf
-        if rtf is None:
-            return
-        live = self.settings.max_slots - len(self.free_slots)
-        batch = self.batch_step_times.probe_batch(live, rtf * FRAME_SECONDS, self.settings.max_slots,
-                                                  self.decode_steps.batch_buckets)
-        if batch is not None:
-            self.batch_step_times.measure(self.decode_steps.run_padding, batch)
+        self.realtime.reprobe(self.decode_steps.run_padding, self.settings.max_slots - len(self.free_slots))
 
     def _compact_slots(self) -> None:
         """Under the lock, between steps: move the turn in the highest slot to the lowest free one while that is

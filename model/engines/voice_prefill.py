@@ -21,10 +21,16 @@ import torch
 from model.chroma.layers import StepInputs
 from model.chroma.speech import SpeechModel
 from model.chroma.turn import VoicePrompt, voice_prompt_attend
-from model.engines.graphs import BucketedStep, bucket_for, power_of_two_buckets
+from model.engines.graphs import BucketedStep, StepStats, bucket_for, power_of_two_buckets
 from model.settings import CompileBackend
 
 SMALLEST_LENGTH_BUCKET = 64
+
+
+@dataclass(frozen=True)
+class VoicePrefillStats(StepStats):
+    voices: int  # voice prompts prefilled
+    forwards: int  # the forwards that prefilled them
 
 
 @dataclass
@@ -106,5 +112,5 @@ class VoicePrefill:
         step = StepInputs.first_rows(torch.zeros_like(lengths), lengths, width, width, attend=attend)
         self.speech.backbone.model(embeds, self.scratch, step)
 
-    def stats(self) -> dict:
-        return {"voices": self.voices, "forwards": self.forwards, **self.step.stats()}
+    def stats(self) -> VoicePrefillStats:
+        return VoicePrefillStats(**vars(self.step.stats()), voices=self.voices, forwards=self.forwards)

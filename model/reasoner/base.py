@@ -66,6 +66,16 @@ class PromptStats:
         return self.prompt_tokens - self.cached_tokens
 
 
+@dataclass(frozen=True)
+class ReasonerStats:
+    """An engine's streams and real-time capacity (`Reasoner.stats`)."""
+
+    unfinished_requests: int
+    realtime_streams: int | None  # None: it sets no bound
+    step_ms_by_batch: dict[int, float]  # the decode steps' curve (model.engines.realtime)
+    calibration_s: float | None  # None: it measured nothing
+
+
 @runtime_checkable
 class Reasoner(Protocol):
     processor: ChromaProcessor
@@ -97,6 +107,10 @@ class Reasoner(Protocol):
 
     async def calibrate(self) -> None:
         """Measure what `headroom` reports before serving (a no-op for an engine that sets no bound)."""
+        ...
+
+    def stats(self) -> ReasonerStats:
+        """Read only: no probe starts."""
         ...
 
     async def check_health(self) -> None:

@@ -23,6 +23,7 @@ from model.processing.processor import ChromaProcessor, Conversation, ReasonerIn
 from model.reasoner.base import (
     PromptStats,
     ReasonerEngineError,
+    ReasonerStats,
     check_reasoner_dir,
     encode_for_reasoner,
     load_reasoner_processor,
@@ -182,6 +183,9 @@ class HFReasoner:
 
     async def calibrate(self) -> None:
         """Nothing to measure (`headroom` sets no bound)."""
+
+    def stats(self) -> ReasonerStats:
+        return ReasonerStats(self._live, realtime_streams=None, step_ms_by_batch={}, calibration_s=None)
 
     async def check_health(self) -> None:
         if self._closed:

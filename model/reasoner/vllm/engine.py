@@ -24,7 +24,7 @@ How a request runs:
   each other), keeps the first row per (request, position) and ignores repeats (recomputation after preemption).
 - Greedy decoding, im_end as stop token (yielded), prefix caching on, vLLM batching concurrent requests itself.
   Each request's prompt length and prefix-cache hits (vLLM's `num_cached_tokens`) go to `on_prompt` and into
-  `prefix_cache_stats()`.
+  `stats()`.
 - Leaving the stream (aclose, task cancellation, an exception) aborts the vLLM request at once.
 - **Real-time headroom** (`headroom`, `model.engines.realtime`): a decode step makes one text token per
   conversation, which the 1:2 interleave speaks as `TOKEN_SECONDS` (160 ms) of audio, so a turn needs 6.25 tokens
@@ -54,13 +54,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model.chroma.turn import TOKEN_SECONDS, ReasonerPair
 from model.engines.graphs import power_of_two_buckets
-from model.engines.realtime import Headroom, StepTimes, calibration_runs
+from model.engines.realtime import Headroom, RealtimeBound, StepTimes, calibration_runs
 from model.processing.audio import REASONER_RATE
 from model.processing.processor import Conversation, PromptLayout
 from model.reasoner.base import (
@@ -68,6 +69,7 @@ from model.reasoner.base import (
     PromptStats,
     ReasonerEngineError,
     ReasonerError,
+    ReasonerStats,
     check_conversation,
     check_fits,
     check_reasoner_dir,
@@ -95,6 +97,17 @@ def check_vllm_version() -> str:
 
 DECODE_PROBE_TOKENS = 8  # tokens each probe request decodes: the intervals after its first output are decode steps
 HELD_AUDIO_IDS = 100_000  # audio ids remembered as sent to the engine (vLLM's processor cache evicts by size)
+
+
+@dataclass(frozen=True)
+class VLLMReasonerStats(ReasonerStats):
+    """Also the prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
+    warmed for a later turn (`warm`; not counted in the others)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    prefix_cache_hit_rate: float | None  # None: no prompt yet
+    warmed_prompts: int
 
 
 def vllm_prompt(layout: PromptLayout) -> dict:
@@ -181,10 +194,9 @@ class VLLMReasoner:
         self.processor = load_reasoner_processor(path)
         self.version = check_vllm_version()
         self.row_timeout_s = settings.row_timeout_s
-        self.max_streams = settings.max_num_seqs
-        self.max_step_rtf = settings.max_step_rtf
-        self.steps = StepTimes()  # decode step seconds per batch of conversations (model.engines.realtime)
-        self.buckets = power_of_two_buckets(self.max_streams)
+        # Decode step seconds per batch of conversations; a step makes one token, TOKEN_SECONDS of reply audio.
+        self.realtime = RealtimeBound(StepTimes(), TOKEN_SECONDS, settings.max_step_rtf, settings.max_num_seqs,
+                                      power_of_two_buckets(settings.max_num_seqs))
         self._probe: asyncio.Task | None = None  # a background re-probe of one bucket
         self.max_audios = settings.max_audios_per_prompt
         self.max_audio_seconds = settings.max_audio_seconds
@@ -290,27 +302,24 @@ class VLLMReasoner:
     def headroom(self) -> Headroom:
         """Conversations this engine decodes at once and keeps real-time (from the event loop); starts a re-probe of
         the bucket above the estimate in the background while fewer decode."""
-        if self.max_step_rtf is None:
-            return Headroom(self.max_streams)
-        budget = self.max_step_rtf * TOKEN_SECONDS
-        batch = self.steps.probe_batch(len(self._mailboxes), budget, self.max_streams, self.buckets)
+        batch = self.realtime.next_probe(len(self._mailboxes))
         if batch is not None and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self._measure(batch), name="chroma-decode-probe")
-        return Headroom(self.steps.largest_batch(budget, self.max_streams), self.steps.snapshot_ms())
+        return self.realtime.headroom()
 
     async def calibrate(self) -> None:
         """Time decode steps at every batch bucket (before the replica serves: probe requests are untagged, so they
         send no hidden rows and no turn sees them)."""
-        started = time.perf_counter()
-        for batch, timed in calibration_runs(self.buckets):
+        steps, started = self.realtime.steps, time.perf_counter()
+        for batch, timed in calibration_runs(self.realtime.buckets):
             seconds = await self._decode_probe(batch)
             if timed:
-                self.steps.record(batch, seconds)
-        self.steps.calibration_s = time.perf_counter() - started
+                steps.record(batch, seconds)
+        steps.calibration_s = time.perf_counter() - started
 
     async def _measure(self, batch: int) -> None:
         try:
-            self.steps.record(batch, await self._decode_probe(batch))
+            self.realtime.steps.record(batch, await self._decode_probe(batch))
         except Exception as error:  # noqa: BLE001 - a failed probe leaves the curve as it was
             log.warning("probing decode steps at batch %d failed: %r", batch, error)
 
@@ -334,12 +343,18 @@ class VLLMReasoner:
 
         return statistics.median(s for run in await asyncio.gather(*(intervals() for _ in range(batch))) for s in run)
 
-    def prefix_cache_stats(self) -> dict:
-        """Prompt positions of every turn so far, those vLLM's prefix cache served, the ratio, and the prompts
-        warmed for a later turn (`warm`; not counted in the others)."""
+    def stats(self) -> VLLMReasonerStats:
         rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
-        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "prefix_cache_hit_rate": None if rate is None else round(rate, 4), "warmed_prompts": self.warmed}
+        return VLLMReasonerStats(
+            unfinished_requests=self.num_unfinished_requests(),
+            realtime_streams=self.realtime.capacity(),
+            step_ms_by_batch=self.realtime.steps.snapshot_ms(),
+            calibration_s=self.realtime.steps.calibration_s,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            prefix_cache_hit_rate=None if rate is None else round(rate, 4),
+            warmed_prompts=self.warmed,
+        )
 
     def warm(self, conversation: Conversation) -> None:
         task = asyncio.get_running_loop().create_task(self._warm(conversation), name="chroma-warm")
@@ -412,7 +427,7 @@ class VLLMReasoner:
                 if produced == 0:
                     self._started(layout, output, prompt_len, on_prompt)
                 elif output.outputs[0].token_ids:  # a decode step's interval, at the batch of turns decoding now
-                    self.steps.record(len(self._mailboxes), (now - last) / len(output.outputs[0].token_ids))
+                    self.realtime.steps.record(len(self._mailboxes), (now - last) / len(output.outputs[0].token_ids))
                 last = now
                 if output.prompt_token_ids is not None and len(output.prompt_token_ids) != prompt_len:
                     raise ReasonerEngineError(
