@@ -3,7 +3,7 @@ agent's `stats`) `dataclasses.asdict` gives the keys they always had, and the fa
 
 import json
 
-from cluster.ops import faults
+from cluster.local import faults
 from model.chroma.checkpoint import Checkpoint, load_codec
 from model.engines.codec import CodecEngine
 from model.engines.speech import SpeechEngine, SpeechEngineSettings
