@@ -28,8 +28,9 @@ WITH_VLLM ?= 1
 # How this package is installed: editable with the test extras here, plainly in the image.
 PACKAGE ?= -e .[dev]
 PIP = $(VENV)/bin/pip install -q
+CLIENTS_VENV ?= .venv-clients
 
-.PHONY: setup system-packages vllm demo offline-demo down test image image-test chart-test dashboard image-stack image-deps image-package clean
+.PHONY: setup clients-venv system-packages vllm demo offline-demo down test image image-test chart-test dashboard image-stack image-deps image-package clean
 
 setup: system-packages $(VENV)/.installed $(if $(filter 1,$(WITH_VLLM)),$(VENV)/.vllm-installed)
 
@@ -93,7 +94,15 @@ down:
 offline-demo: setup
 	$(VENV)/bin/chroma-serve generate --out runs/reply.wav
 
-test: setup
+# The voice-agent clients (pipecat, LiveKit Agents) in a venv of their own: their pins clash with the server's.
+clients-venv: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install -q -r tests/clients/requirements.txt
+	touch $@
+
+test: setup clients-venv
 	$(VENV)/bin/python -m pytest -q
 
 # The container image (Containerfile) with podman, or docker where podman is missing, tagged with the package's
@@ -126,4 +135,4 @@ print-%:
 	@echo '$($*)'
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(CLIENTS_VENV) runs
