@@ -67,6 +67,8 @@ def test_every_server_event_is_one_the_openai_sdk_parses():
      "invalid_event"),
     ({"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/mp3"}}}}}, "invalid_event"),
     ({"type": "session.update", "session": "realtime"}, "invalid_event"),
+    ({"type": "session.update", "session": {"audio": {"input": 5}}}, "invalid_event"),
+    ({"type": "session.update", "session": {"audio": ["input"]}}, "invalid_event"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": []}}, "invalid_event"),
 ])
 def test_malformed_client_events_get_the_codes_clients_match_on(message, code):

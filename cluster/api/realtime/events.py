@@ -104,10 +104,11 @@ class SessionConfig(_Lenient):
             return raw
         audio = raw.get("audio") or {}
         if not isinstance(audio, dict):
-            return raw
-        audio_in, audio_out = dict(audio.get("input") or {}), dict(audio.get("output") or {})
-        if not isinstance(audio.get("input") or {}, dict) or not isinstance(audio.get("output") or {}, dict):
-            return raw
+            return raw  # not an object: the model's own validation names it
+        audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
+        if not isinstance(audio_in, dict) or not isinstance(audio_out, dict):
+            return raw  # not objects: the model's own validation names them
+        audio_in, audio_out = dict(audio_in), dict(audio_out)
         for beta, target in (("input_audio_format", audio_in), ("output_audio_format", audio_out)):
             if beta in raw:
                 name = raw[beta]
