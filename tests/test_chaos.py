@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -120,11 +121,15 @@ async def nothing_leaked(cluster, within_s: float = 30) -> dict:
         await asyncio.sleep(1.0)
 
 
-async def raw_turn(api: ChromaClient, session_id: str, audio: np.ndarray) -> tuple[int, bytes]:
-    """A turn with raw PCM16 24 kHz reply audio: (status, the whole body)."""
+async def raw_turn(api: ChromaClient, session_id: str, audio: np.ndarray,
+                   answered: threading.Event | None = None) -> tuple[int, bytes]:
+    """A turn with raw PCM16 24 kHz reply audio: (status, the whole body). `answered` is set once its status is in,
+    which the server sends with the reply's first event."""
     headers = {"Content-Type": "audio/wav", "Accept": "audio/pcm;rate=24000"}
     async with api.http.stream("POST", f"/v1/sessions/{session_id}/turns", content=encode_wav(audio, 16000),
                                headers=headers) as reply:
+        if answered is not None:
+            answered.set()
         return reply.status_code, await reply.aread()
 
 
@@ -183,10 +188,13 @@ async def test_a_stage_killed_mid_reply_ends_the_reply_loudly_and_comes_back(clu
         session = await new_session(api)
         raw_session = await api.create_session(session["voice_id"])
         before = await replicas_once_ready(cluster)
-        raw = asyncio.create_task(raw_turn(api, raw_session["id"], caller(4)))
+        raw_answered = threading.Event()
+        raw = asyncio.create_task(raw_turn(api, raw_session["id"], caller(4), raw_answered))
         killed = {}
 
         def kill():
+            # The raw reply must have begun, or the kill comes before its first event and it is (rightly) a 503.
+            assert raw_answered.wait(120), "the raw-audio turn never began"
             killed["t"] = time.monotonic()
             killed["actor"] = faults.kill(stage)
 
