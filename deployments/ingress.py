@@ -111,6 +111,10 @@ class RayTurnBackend:
         reply = self.codec.options(stream=True).reply
         return reply_events(self.processor, relay(lambda: reply.remote(request, this_replica()), "Codec"), shipped)
 
+    def transcribe(self, audio: bytes) -> AsyncIterator[str]:
+        transcribe = self.stage_handles["Reasoner"].options(stream=True).transcribe
+        return relay(lambda: transcribe.remote(audio, self.turns.transcript_tokens, this_replica()), "Reasoner")
+
 
 def _serve_details() -> dict:
     """The Serve controller's instance details as it sends them (what `serve.status()` parses). Read as the plain

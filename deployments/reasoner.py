@@ -4,7 +4,8 @@ Every pair is yielded on its own (no response batching: a 1:2 text/audio interle
 wait 50 ms for a batch); hidden states leave as numpy arrays, which Ray ships as plain objects. The turn's prompt
 arrives by reference (the Ingress put it in the object store once); the history's caller audio this replica does
 not hold yet is read from Redis. A session's turns are routed to the replica that holds its prefix
-(`deployments/routing.py`); its `PromptStats` go up the stream first.
+(`deployments/routing.py`); its `PromptStats` go up the stream first. A call's input transcription is a request
+of its own (`transcribe`), beside the reply's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 
-from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced
+from cluster.pipeline.turn import ReasonerCall, reasoner_pairs, surfaced, transcript_deltas
 from cluster.settings import AppConfig
 from cluster.state.store import StateStore, redis_client
 from deployments.streams import CallerWatch, answered_here
@@ -42,6 +43,12 @@ class ReasonerDeployment:
         with self.callers.guard(caller):
             async for item in surfaced(reasoner_pairs(self.reasoner, prompt, self.state, found.append), found):
                 yield item if isinstance(item, PromptStats) else (item[0], item[1].numpy())
+
+    async def transcribe(self, audio: bytes, max_tokens: int, caller: ActorHandle | None = None):
+        """Text deltas of what the caller said in `audio` (16 kHz PCM16); stopped if `caller` (the Ingress) dies."""
+        with self.callers.guard(caller):
+            async for delta in transcript_deltas(self.reasoner, audio, max_tokens):
+                yield delta
 
     def stats(self) -> ReasonerStats:
         return self.reasoner.stats()

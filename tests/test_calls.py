@@ -20,6 +20,7 @@ from cluster.admission.stages import StageStatus
 from cluster.api.app import build_api
 from cluster.api.metrics import ApiMetrics
 from cluster.calls.cursor import PlaybackCursor
+from cluster.calls.events import TranscriptionCompleted, TranscriptionDelta, TranscriptionFailed
 from cluster.calls.reply import Reply, ReplyState, UserInput
 from cluster.calls.session import CallSession
 from cluster.clients.http import TurnReply, playback_gaps
@@ -35,6 +36,7 @@ from model.engines.realtime import Headroom
 from model.errors import StageFailed
 from model.processing.audio import encode_wav
 from model.processing.processor import ChromaProcessor
+from model.reasoner.base import ReasonerError
 from tests.conftest import free_port
 
 KEYS = {"key-acme": "acme"}
@@ -231,6 +233,82 @@ async def test_a_barge_in_and_a_truncate_settling_one_reply_commit_it_once(redis
     session = await store.get_session("acme", call.session.id)
     assert (session.version, [m.role for m in session.history]) == (1, ["user", "assistant"])
     assert call.queue.empty(), call.queue.get_nowait()  # no error event
+
+
+class TranscribingBackend(SilentBackend):
+    """Its input transcription waits for `release`, then says two words or fails with `fail`."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail, self.release = fail, asyncio.Event()
+
+    async def transcribe(self, audio: bytes):
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        yield "Hello"
+        yield " there."
+
+
+def drained(call: CallSession) -> list:
+    events = []
+    while not call.queue.empty():
+        events.append(call.queue.get_nowait())
+    return events
+
+
+@pytest.mark.parametrize("finished_first", ["transcription", "commit"])
+async def test_a_transcript_joins_its_history_entry_whichever_finishes_first(redis_port, tiny_checkpoint, finished_first):
+    """Input transcription runs beside the reply: it may finish before the turn commits or after; either way the
+    transcript lands on the user message, and the Reasoner's text of it stays untouched."""
+    store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
+    voice = await store.create_voice("acme", "Ada", "Hi.", [1, 2], np.ones((4, 8), np.int64), 4)
+    backend = TranscribingBackend()
+    call = CallSession("acme", store, backend, ChromaProcessor.from_pretrained(tiny_checkpoint), CallSettings(),
+                       ApiMetrics())
+    await call.configure(voice_id=voice.id, transcription=True)
+    user = UserInput("item_1", audio=np.zeros(1600, np.float32))
+    call._commit(user)
+    reply = Reply(id="resp_1", item_id="item_2", user=user, cursor=PlaybackCursor(), committed_at=None,
+                  vad_window_s=0.0, state=ReplyState.INTERRUPTED, outcome="cancelled")
+    reply.cursor.report_played(0)
+    if finished_first == "transcription":
+        backend.release.set()
+        while not any(isinstance(e, TranscriptionCompleted) for e in list(call.queue._queue)):
+            await asyncio.sleep(0.01)
+        await call._settle(reply)
+    else:
+        await call._settle(reply)
+        backend.release.set()
+        while call.transcripts or not any(isinstance(e, TranscriptionCompleted) for e in list(call.queue._queue)):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # its write to the store
+    events = [e for e in drained(call) if isinstance(e, TranscriptionDelta | TranscriptionCompleted)]
+    assert events == [TranscriptionDelta("item_1", "Hello"), TranscriptionDelta("item_1", " there."),
+                      TranscriptionCompleted("item_1", "Hello there.", 0.1)]
+    session = await store.get_session("acme", call.session.id)
+    assert [(m.id, m.text, m.transcript) for m in session.history] == [("item_1", None, "Hello there."),
+                                                                        ("item_2", "", None)]
+    assert call.transcripts == {}
+    await call.close()
+    await store.redis.aclose()
+
+
+async def test_a_failed_transcription_says_why_and_the_call_goes_on(redis_port, tiny_checkpoint):
+    store = StateStore(redis.asyncio.Redis(port=redis_port), StateSettings(key_prefix=f"c{uuid.uuid4().hex[:8]}"))
+    voice = await store.create_voice("acme", "Ada", "Hi.", [1, 2], np.ones((4, 8), np.int64), 4)
+    backend = TranscribingBackend(fail=ReasonerError("conversation takes 9000 positions", code="context_full"))
+    call = CallSession("acme", store, backend, ChromaProcessor.from_pretrained(tiny_checkpoint), CallSettings(),
+                       ApiMetrics())
+    await call.configure(voice_id=voice.id, transcription=True)
+    call._commit(UserInput("item_1", audio=np.zeros(1600, np.float32)))
+    backend.release.set()
+    while not any(isinstance(e, TranscriptionFailed) for e in list(call.queue._queue)):
+        await asyncio.sleep(0.01)
+    failed = next(e for e in drained(call) if isinstance(e, TranscriptionFailed))
+    assert failed == TranscriptionFailed("item_1", "context_full", "conversation takes 9000 positions")
+    assert call.transcripts == {} and call.pending is not None  # the turn still waits for its reply
+    await call.close()
+    await store.redis.aclose()
 
 
 def test_playback_gaps_on_a_real_time_clock():

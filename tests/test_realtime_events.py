@@ -22,7 +22,8 @@ def every_server_event() -> list[wire._ServerEvent]:
         id="sess_1", model="chroma-1.0", instructions="Be brief.", truncation="auto",
         audio=wire.SessionAudio(
             input=wire.SessionAudioInput(format=wire.format_of(LineFormat.PCMU),
-                                         turn_detection={"type": "server_vad", "threshold": 0.5}),
+                                         turn_detection={"type": "server_vad", "threshold": 0.5},
+                                         transcription=wire.Transcription(model="whisper-1", language="en")),
             output=wire.SessionAudioOutput(format=wire.format_of(LineFormat.PCM16_24K), voice="voice_1")))
     part = {"response_id": "resp_1", "item_id": "item_2"}
     return [
@@ -35,6 +36,9 @@ def every_server_event() -> list[wire._ServerEvent]:
         wire.ItemRetrieved(item=_user_item("item_3", "Hello?")), wire.ItemDeleted(item_id="item_1"),
         wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
         wire.AudioDelta(**part, delta="AAAA"), wire.TranscriptDelta(**part, delta="Hi"),
+        wire.InputTranscriptionDelta(item_id="item_1", delta="Hel"),
+        wire.InputTranscriptionCompleted(item_id="item_1", transcript="Hello?", usage=wire.TranscriptionUsage(seconds=1.2)),
+        wire.InputTranscriptionFailed(item_id="item_1", error=wire.TranscriptionError(code="context_full", message="x")),
         *_reply_started(started),
         *_reply_finished(ReplyFinished("resp_1", "item_2", "completed", None, "Hi there.", {"client_event_id": "c1"},
                                        Usage(input_tokens=120, cached_tokens=96, text_tokens=9, audio_frames=30))),

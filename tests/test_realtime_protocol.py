@@ -281,3 +281,55 @@ async def test_semantic_vad_is_the_silence_window_its_eagerness_picks(url, voice
         assert stopped["type"] == "input_audio_buffer.speech_stopped"
         assert (await call.next("response.done", at))["response"]["status"] == "completed"
         call.reader.cancel()
+
+
+async def test_input_transcription_runs_beside_the_reply_and_joins_the_history(url, voice_id, store):
+    """The Reasoner transcribes each committed utterance in a request of its own, once the reply has its first audio;
+    the transcript (noise, from random weights) reaches the client and the session's history entry. Turned off, none
+    is made."""
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = await configured(ws, voice_id, audio={
+            "output": {"voice": voice_id}, "input": {"transcription": {"model": "whisper-1", "language": "en"}}})
+        updated = call.of_type("session.updated")[-1]["session"]
+        assert updated["audio"]["input"]["transcription"] == {"model": "whisper-1", "language": "en", "prompt": None}
+        at = len(call.events)
+        await call.say(np.concatenate([speak_at("Hello, how are you?", CODEC_RATE), np.zeros(CODEC_RATE, np.float32)]))
+        committed = await call.next("input_audio_buffer.committed", at)
+        item_id = committed["item_id"]
+        completed_at = await call.wait_for(
+            lambda e: e["type"] in ("conversation.item.input_audio_transcription.completed",
+                                    "conversation.item.input_audio_transcription.failed"), after=at)
+        completed = call.events[completed_at]
+        assert completed["type"] == "conversation.item.input_audio_transcription.completed", completed
+        assert completed["item_id"] == item_id and completed["usage"]["type"] == "duration"
+        deltas = [e for e in call.events[at:completed_at]
+                  if e["type"] == "conversation.item.input_audio_transcription.delta"]
+        assert "".join(d["delta"] for d in deltas) == completed["transcript"]
+        assert {d["item_id"] for d in deltas} <= {item_id}
+        # It never went ahead of the reply's first audio.
+        first_audio = await call.wait_for(lambda e: e["type"] == "response.output_audio.delta", after=at)
+        first_transcription = next(i for i in range(at, len(call.events))
+                                   if call.events[i]["type"].startswith("conversation.item.input_audio_transcription"))
+        assert first_audio < first_transcription
+        await call.next("response.done", at)
+
+        async def transcript_in_history():
+            while True:
+                session = await store.get_session("acme", updated["id"])
+                message = next((m for m in session.history if m.id == item_id), None)
+                if message is not None and message.transcript is not None:
+                    return message
+                await asyncio.sleep(0.1)
+
+        message = await asyncio.wait_for(transcript_in_history(), 60)
+        assert message.role == "user" and message.transcript == completed["transcript"] and message.text is None
+
+        # Turned off: the next utterance gets a reply and no transcription.
+        await call.send(type="session.update", session={"type": "realtime", "audio": {"input": {"transcription": None}}})
+        at = await call.wait_for(lambda e: e["type"] == "session.updated", after=len(call.events))
+        assert call.events[at]["session"]["audio"]["input"]["transcription"] is None
+        await call.say(np.concatenate([speak_at("And now?", CODEC_RATE), np.zeros(CODEC_RATE, np.float32)]))
+        assert (await call.next("response.done", at))["response"]["status"] == "completed"
+        await asyncio.sleep(1.0)
+        assert [e for e in call.events[at:] if e["type"].startswith("conversation.item.input_audio_transcription")] == []
+        call.reader.cancel()

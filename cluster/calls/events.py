@@ -109,6 +109,28 @@ class ItemDeleted(CallEvent):
 
 
 @dataclass(frozen=True)
+class TranscriptionDelta(CallEvent):
+    """More of what the caller said in a user item (the session asked for input transcription)."""
+
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class TranscriptionCompleted(CallEvent):
+    item_id: str
+    transcript: str
+    audio_s: float  # the audio it transcribed
+
+
+@dataclass(frozen=True)
+class TranscriptionFailed(CallEvent):
+    item_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class ItemInfo:
     """One item of the call's conversation, as the client may ask for it (conversation.item.retrieve)."""
 

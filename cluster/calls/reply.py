@@ -86,6 +86,7 @@ class Reply:
     committed_version: int | None = None  # the session version its turn was committed as
     committed_text: str | None = None
     truncated_ms: int | None = None  # the first truncate's audio_end_ms: a later one cannot cut below it
+    audio_started: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # its first audio was generated
     far_end_stopped: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # after a barge-in
     # A barge-in and the client's truncate can settle one reply at once: one commit, then revisions, in order.
     settling: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)

@@ -21,6 +21,10 @@ Each reply's life is one `ReplyState` (cluster.calls.reply), moved here and nowh
   it drops leaves the session with the turn's commit, and the call says so (`ItemDeleted`), as it does for an
   item the client deletes (`delete_item`).
 
+- Input transcription: where the session asks for it, each committed caller utterance is also transcribed by the
+  Reasoner, in a request of its own that starts once the reply has its first audio (`TranscriptionDelta`, then
+  `TranscriptionCompleted` or `TranscriptionFailed`); the transcript joins the item's history entry.
+
 The protocol owns the transport: it reads `events()`, sends them, and reports what happened by id: `audio_sent`,
 `playback_stopped` and, where the far end acknowledges playback (telephony marks), `mark_acked`.
 """
@@ -55,6 +59,9 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    TranscriptionCompleted,
+    TranscriptionDelta,
+    TranscriptionFailed,
     Usage,
 )
 from cluster.calls.metrics import CallMetrics
@@ -68,7 +75,7 @@ from cluster.settings.tenants import Kind
 from cluster.state.history import Truncation
 from cluster.state.store import Session, StateStore, Voice
 from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
-from model.processing.audio import CODEC_RATE, REASONER_RATE
+from model.processing.audio import CODEC_RATE, REASONER_RATE, pcm16_bytes
 from model.processing.processor import ChromaProcessor
 from model.reasoner.base import PromptStats
 
@@ -119,6 +126,8 @@ class CallSession:
         self.instructions = ""
         self.truncation: Truncation | None = None  # until set: the session's, or the server's default
         self.turn_detection: TurnDetection | None = TurnDetection(early_start=settings.early_start)
+        self.transcribing = False  # the session asked for input transcription
+        self.transcripts: dict[str, str] = {}  # finished, for user items not yet in the session's history
         self.detector: TurnDetector | None = None
         self.manual_buffer: list[np.ndarray] = []  # caller audio while turn detection is off
         self.speech_item_id: str | None = None
@@ -143,6 +152,7 @@ class CallSession:
     async def configure(
         self, *, instructions: str | None = None, voice_id: str | None = None,
         turn_detection: TurnDetection | None | Literal["unchanged"] = "unchanged", truncation: Truncation | None = None,
+        transcription: bool | None = None,
     ) -> None:
         """session.update; an unknown voice raises NotFound and changes nothing. The call's Redis session exists
         from the moment it has a voice, and keeps the call's instructions, voice and truncation for a resumed call
@@ -161,6 +171,8 @@ class CallSession:
         self.truncation = truncation if self.session is None else self.session.truncation
         if turn_detection != "unchanged":
             self.turn_detection, self.detector, self.manual_buffer = turn_detection, None, []
+        if transcription is not None:
+            self.transcribing = transcription
 
     # ---- caller input ------------------------------------------------------------------------------------
     async def append_audio(self, audio: np.ndarray) -> None:
@@ -240,6 +252,8 @@ class CallSession:
 
     def _commit(self, user: UserInput, from_buffer: bool = True) -> None:
         self.emit(InputCommitted(user.item_id, self.last_item_id, user.text, from_buffer))
+        if from_buffer and self.transcribing and user.audio is not None:
+            self._tasks.spawn(self._transcribe(user.item_id, user.audio))
         self.last_item_id, self.speech_item_id = user.item_id, None
         if self.pending is None:
             self.pending = user
@@ -420,6 +434,7 @@ class CallSession:
                 reply.transcript += event.text
                 self._out(reply, ReplyText(reply.id, reply.item_id, event.text))
         elif isinstance(event, AudioChunk):
+            reply.audio_started.set()
             frames = round(event.audio.size * 1000 / CODEC_RATE / FRAME_MS)
             reply.frames += frames
             reply.cursor.generated_ms += frames * FRAME_MS
@@ -435,6 +450,46 @@ class CallSession:
             reply.held.append(event)
         else:
             self.emit(event)
+
+    # ---- input transcription -----------------------------------------------------------------------------
+    async def _transcribe(self, item_id: str, audio: np.ndarray) -> None:
+        """What the caller said in a committed item, from its own Reasoner request. It starts once the reply then
+        being generated (the one answering this item, started in the same step) has its first audio, so it never
+        delays that; the transcript joins the item's history entry, before or after the turn commits."""
+        await asyncio.sleep(0)  # the reply to this item starts right after its commit
+        reply = self.reply or self.speculative
+        if reply is not None and reply.generating and reply.task is not None:
+            first_audio = asyncio.ensure_future(reply.audio_started.wait())
+            await asyncio.wait([first_audio, reply.task], return_when=asyncio.FIRST_COMPLETED)
+            first_audio.cancel()
+        transcript = ""
+        try:
+            deltas = self.backend.transcribe(pcm16_bytes(audio))
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    transcript += delta
+                    self.emit(TranscriptionDelta(item_id, delta))
+        except Exception as error:
+            if not isinstance(error, ChromaError):
+                log.exception("transcribing %s failed", item_id)
+            code = error.code if isinstance(error, ChromaError) else "internal_error"
+            message = error.message if isinstance(error, ChromaError) else "the transcription failed"
+            self.emit(TranscriptionFailed(item_id, code, message))
+            return
+        self.emit(TranscriptionCompleted(item_id, transcript, audio.size / REASONER_RATE))
+        self.transcripts[item_id] = transcript
+        await self._record_transcripts([item_id])
+
+    async def _record_transcripts(self, item_ids: list[str]) -> None:
+        """Write the finished transcripts of these items into the session's history once the items are in it (the
+        turn's commit and the transcription each call this after their own step: whichever is last writes)."""
+        history = {m.id: m for m in self.session.history} if self.session else {}
+        for item_id in item_ids:
+            if item_id in history and item_id in self.transcripts:
+                transcript = self.transcripts.pop(item_id)
+                history[item_id].transcript = transcript  # the call's copy; the store's is written next
+                with contextlib.suppress(NotFound, Conflict):  # deleted meanwhile, the session expired, or contended
+                    await self.state.set_transcript(self.tenant, self.session.id, item_id, transcript)
 
     # ---- what the protocol reports -----------------------------------------------------------------------
     def audio_sent(self, reply_id: str, ms: float) -> float:
@@ -517,6 +572,7 @@ class CallSession:
                     )
                     reply.committed_version = self.session.version
                     reply.move(ReplyState.COMMITTED)
+                    await self._record_transcripts([user.id])
                     for item_id in [] if plan is None else plan.drop.messages:
                         self.emit(ItemDeleted(item_id))
                 elif text != reply.committed_text:

@@ -24,6 +24,7 @@ from cluster.pipeline.turn import (
     reply_events,
     speech_frames,
     surfaced,
+    transcript_deltas,
 )
 from cluster.settings import AppConfig
 from cluster.settings.turns import HistorySettings, TurnSettings
@@ -95,6 +96,9 @@ class LocalTurnBackend:
         pairs = reasoner_pairs(self.reasoner, request.reasoner.prompt, self.state, found.append)
         frames = speech_frames(self.speech, request, pairs, self.codec.engine.chunk_frames)
         return reply_events(self.processor, surfaced(self.codec.decode(turn_id, frames), found))
+
+    def transcribe(self, audio: bytes) -> AsyncIterator[str]:
+        return transcript_deltas(self.reasoner, audio, self.turns.transcript_tokens)
 
     async def close(self) -> None:
         self._closed = True

@@ -159,6 +159,26 @@ async def reasoner_pairs(
     raise InternalError("the Reasoner let go of the history's audio twice in one turn")
 
 
+TRANSCRIBE_SYSTEM = "You are a speech recognition model."
+TRANSCRIBE_ASK = "Transcribe the audio into text, word for word, in the language spoken."
+
+
+async def transcript_deltas(reasoner: Reasoner, audio: bytes, max_tokens: int) -> AsyncIterator[str]:
+    """The caller's words in `audio` (16 kHz PCM16), as text deltas: the thinker prompted as a speech recogniser, in
+    a request of its own beside the reply's (its hidden states go unused)."""
+    conversation = Conversation(TRANSCRIBE_SYSTEM, [Message("user", text=TRANSCRIBE_ASK, audio=pcm16_wave(audio),
+                                                            sample_rate=REASONER_RATE)])
+    im_end, text = reasoner.processor.special_ids.im_end, IncrementalText(reasoner.processor)
+    async with contextlib.aclosing(reasoner.stream(conversation, max_tokens)) as pairs:
+        async for token, _ in pairs:
+            if token == im_end:
+                break
+            if delta := text.add([token]):
+                yield delta
+    if delta := text.finish():
+        yield delta
+
+
 def voice_prompt(voice: Voice) -> VoicePrompt:
     return VoicePrompt(
         transcript_ids=torch.tensor(voice.transcript_ids, dtype=torch.long),
@@ -313,4 +333,9 @@ class TurnBackend(Protocol):
 
     async def stages(self) -> list[StageStatus]:
         """Every stage's readiness and capacity, as of now (fast: the API polls it)."""
+        ...
+
+    def transcribe(self, audio: bytes) -> AsyncIterator[str]:
+        """What the caller said in `audio` (16 kHz PCM16), as text deltas from the Reasoner (`transcript_deltas`).
+        Closing the iterator releases its request."""
         ...

@@ -13,6 +13,7 @@ class TurnSettings(BaseModel):
 
     max_frames: int = Field(DEFAULT_MAX_FRAMES, ge=1, description="reply frame limit (12.5 frames per second)")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Reasoner token limit per reply")
+    transcript_tokens: int = Field(128, ge=1, description="Reasoner token limit per input transcription")
 
     def reply_tokens(self) -> int:
         """The Reasoner tokens a reply may take: `max_tokens`, capped by what `max_frames` frames can speak."""

@@ -100,6 +100,8 @@ class HistoryMessage(BaseModel):
     audio_bytes: int = 0  # a spoken user message: size of its 16 kHz PCM16 audio kept beside the document
     audio_id: str | None = None  # that audio's content digest (`audio_digest`): engines cache what they compute by it
     positions: int | None = None  # what it takes of the Reasoner's context (None: not counted yet)
+    transcript: str | None = None  # a spoken user message, as transcribed (a live call's input transcription); the
+    # Reasoner reads its audio, never this
 
     @property
     def audio_samples(self) -> int:
@@ -362,6 +364,18 @@ class StateStore:
                 pipe.hdel(self._session_keys(tenant, session_id)[1], item_id)
 
         return await self._update_session(tenant, session_id, None, delete)
+
+    async def set_transcript(self, tenant: str, session_id: str, item_id: str, transcript: str) -> Session:
+        """Record what the caller said in a spoken user message (its input transcription, which finishes beside the
+        reply, before or after the turn commits); NotFound if the message is not there. No version, like a delete."""
+
+        def transcribe(session: Session, pipe) -> None:
+            message = next((m for m in session.history if m.id == item_id and m.role == "user"), None)
+            if message is None:
+                raise NotFound("item", item_id)
+            message.transcript = transcript
+
+        return await self._update_session(tenant, session_id, None, transcribe)
 
     async def revise_reply(
         self, tenant: str, session_id: str, version: int, assistant_text: str, positions: int | None = None

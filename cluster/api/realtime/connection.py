@@ -33,6 +33,9 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    TranscriptionCompleted,
+    TranscriptionDelta,
+    TranscriptionFailed,
     Usage,
 )
 from cluster.calls.session import CallSession
@@ -62,6 +65,7 @@ class RealtimeCall:
         self.encoders = ReplyEncoders()
         self.last_message_at = time.monotonic()
         self.call_id = f"call_{uuid.uuid4().hex}"
+        self.transcription: wire.Transcription | None = None  # as the client set it, echoed
 
     async def run(self, session_id: str | None) -> None:
         if session_id is not None:
@@ -108,8 +112,11 @@ class RealtimeCall:
         audio_in, audio_out = config.audio.input, config.audio.output
         turn_detection = ("unchanged" if "turn_detection" not in audio_in.model_fields_set
                           else _turn_detection(audio_in.turn_detection, self.settings.early_start))
+        transcription = audio_in.transcription if "transcription" in audio_in.model_fields_set else self.transcription
         await self.call.configure(instructions=config.instructions, voice_id=audio_out.voice,
-                                  turn_detection=turn_detection, truncation=config.truncation)
+                                  turn_detection=turn_detection, truncation=config.truncation,
+                                  transcription=transcription is not None)
+        self.transcription = transcription
         if audio_in.format is not None and wire.line_of(audio_in.format) is not self.input_format:
             self.input_format = wire.line_of(audio_in.format)
             self.inbound = InboundAudio(self.input_format)
@@ -204,6 +211,14 @@ class RealtimeCall:
             return [wire.ItemTruncated(item_id=event.item_id, audio_end_ms=event.audio_end_ms)]
         if isinstance(event, CallError):
             return [wire.Error.of(event.code, event.message, event.event_id)]
+        if isinstance(event, TranscriptionDelta):
+            return [wire.InputTranscriptionDelta(item_id=event.item_id, delta=event.delta)]
+        if isinstance(event, TranscriptionCompleted):
+            return [wire.InputTranscriptionCompleted(item_id=event.item_id, transcript=event.transcript,
+                                                     usage=wire.TranscriptionUsage(seconds=round(event.audio_s, 3)))]
+        if isinstance(event, TranscriptionFailed):
+            return [wire.InputTranscriptionFailed(item_id=event.item_id,
+                                                  error=wire.TranscriptionError(code=event.code, message=event.message))]
         if isinstance(event, PlaybackStopped):
             # The client stops its own playback on speech_started (it was sent just before this), then truncates.
             self.call.playback_stopped(event.reply_id)
@@ -241,7 +256,8 @@ class RealtimeCall:
             instructions=self.call.instructions, truncation=TRUNCATION.dump_python(truncation, exclude_none=True),
             audio=wire.SessionAudio(
                 input=wire.SessionAudioInput(format=wire.format_of(self.input_format),
-                                             turn_detection=_turn_detection_out(detection)),
+                                             turn_detection=_turn_detection_out(detection),
+                                             transcription=self.transcription),
                 output=wire.SessionAudioOutput(format=wire.format_of(self.output_format),
                                                voice=self.call.voice.id if self.call.voice else None),
             ),

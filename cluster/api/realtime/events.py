@@ -60,9 +60,18 @@ Base64 = Annotated[bytes, BeforeValidator(_base64)]
 BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 
 
+class Transcription(_Lenient):
+    """Input transcription: the Reasoner transcribes, whatever `model` names; `language` and `prompt` are echoed."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+
 class AudioInput(_Lenient):
     format: AudioFormat | None = None
     turn_detection: dict | None = None  # read only when given (`model_fields_set`): null turns it off
+    transcription: Transcription | None = None  # likewise: null turns it off
 
 
 class AudioOutput(_Lenient):
@@ -282,6 +291,7 @@ class Response(BaseModel):
 class SessionAudioInput(BaseModel):
     format: PcmFormat | G711Format
     turn_detection: dict | None
+    transcription: Transcription | None = None
 
 
 class SessionAudioOutput(BaseModel):
@@ -450,8 +460,46 @@ class TranscriptDone(_Part):
     transcript: str
 
 
+class InputTranscriptionDelta(_ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.delta"] = (
+        "conversation.item.input_audio_transcription.delta")
+    item_id: str
+    content_index: int = 0
+    delta: str
+
+
+class TranscriptionUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class InputTranscriptionCompleted(_ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.completed"] = (
+        "conversation.item.input_audio_transcription.completed")
+    item_id: str
+    content_index: int = 0
+    transcript: str
+    usage: TranscriptionUsage
+
+
+class TranscriptionError(BaseModel):
+    type: Literal["transcription_error"] = "transcription_error"
+    code: str
+    message: str
+    param: None = None
+
+
+class InputTranscriptionFailed(_ServerEvent):
+    type: Literal["conversation.item.input_audio_transcription.failed"] = (
+        "conversation.item.input_audio_transcription.failed")
+    item_id: str
+    content_index: int = 0
+    error: TranscriptionError
+
+
 ServerEvent = Union[
     SessionCreated, SessionUpdated, Error, SpeechStarted, SpeechStopped, BufferCommitted, BufferCleared, ItemAdded,
     ItemDone, ItemRetrieved, ItemDeleted, ItemTruncated, ResponseCreated, ResponseDone, OutputItemAdded, OutputItemDone,
-    ContentPartAdded, ContentPartDone, AudioDelta, AudioDone, TranscriptDelta, TranscriptDone,
+    ContentPartAdded, ContentPartDone, AudioDelta, AudioDone, TranscriptDelta, TranscriptDone, InputTranscriptionDelta,
+    InputTranscriptionCompleted, InputTranscriptionFailed,
 ]
