@@ -21,7 +21,7 @@ else
 $(error DEVICE must be cpu or cuda, not "$(DEVICE)")
 endif
 TORCH_INDEX ?=
-APT_PACKAGES = espeak-ng sox redis-server
+APT_PACKAGES = espeak-ng sox redis-server chromium
 # `make setup WITH_VLLM=0` leaves vLLM out (the Reasoner then runs on transformers; the vLLM tests need
 # CHROMA_SERVE_SKIP_VLLM=1).
 WITH_VLLM ?= 1
@@ -94,7 +94,8 @@ down:
 offline-demo: setup
 	$(VENV)/bin/chroma-serve generate --out runs/reply.wav
 
-# The voice-agent clients (pipecat, LiveKit Agents) in a venv of their own: their pins clash with the server's.
+# The voice-agent clients (pipecat, LiveKit Agents) and Playwright, which drives chromium through /console, in a venv
+# of their own: their pins clash with the server's.
 clients-venv: $(CLIENTS_VENV)/.installed
 
 $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt

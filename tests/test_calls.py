@@ -92,6 +92,27 @@ async def test_an_idle_call_is_told_and_closed(server):
     assert events[-1]["error"]["code"] == "idle_timeout" and time.monotonic() - started < 5
 
 
+async def test_a_browser_sends_the_key_as_a_subprotocol_and_a_wrong_one_is_refused(server):
+    """Browsers cannot set headers on a WebSocket: the key comes as `openai-insecure-api-key.<key>` beside
+    `realtime`, as OpenAI takes it, and the socket is accepted with `realtime`."""
+    offered = ["realtime", "openai-insecure-api-key.key-acme"]
+    async with websockets.connect(f"{server}/v1/realtime", subprotocols=offered) as ws:
+        assert ws.subprotocol == "realtime"
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.created"
+    refusals = [
+        {"subprotocols": ["realtime", "openai-insecure-api-key.key-wrong"]},
+        {"subprotocols": ["realtime", "openai-insecure-api-key."]},
+        {"subprotocols": ["realtime"]},
+        # The header, where there is one, is the key: a right key offered beside a wrong header is not looked at.
+        {"subprotocols": offered, "additional_headers": {"Authorization": "Bearer key-wrong"}},
+    ]
+    for how in refusals:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await websockets.connect(f"{server}/v1/realtime", **how)
+        assert refused.value.response.status_code == 401, how
+        assert json.loads(refused.value.response.body)["error"]["code"] == "unauthorized", how
+
+
 async def test_a_call_longer_than_the_limit_is_ended(server):
     async with websockets.connect(f"{server}/v1/realtime", additional_headers={"Authorization": "Bearer key-acme"}) as ws:
         async def keep_talking():

@@ -10,8 +10,9 @@ proxy's CA reaches pip and apt inside the build, and stays out of the image).
 `test` is what CI runs on a Debian machine with no registry in reach: it installs podman if it is missing, makes
 a local Debian base with debootstrap (once: it is kept as BASE_TAG), builds the CPU image on it (podman keeps the
 layers, so an unchanged tree rebuilds in seconds), runs it, checks from this machine that it runs as a non-root
-user, that /healthz and /readyz answer through the published port and that `chroma-serve demo` answers a spoken
-turn through it, then removes the container. It prints each step's time and ends on an "N passed, N failed" line.
+user, that /healthz, /readyz and /console (package data: the page is in the image) answer through the published
+port and that `chroma-serve demo` answers a spoken turn through it, then removes the container. It prints each
+step's time and ends on an "N passed, N failed" line.
 """
 
 from __future__ import annotations
@@ -309,6 +310,7 @@ def test(ready_timeout_s: float = 900.0) -> int:
             time.sleep(2)
         timings["start"] = time.monotonic() - started
         checks.check("/healthz answers 200 through the published port", http_status(f"{url}/healthz") == 200)
+        checks.check("/console answers 200 through the published port", http_status(f"{url}/console") == 200)
         if checks.check("/readyz answers 200 through the published port", ready == 200,
                         f"after {timings['start']:.0f} s" if ready == 200 else f"last status {ready}"):
             turn_started = time.monotonic()

@@ -1,6 +1,6 @@
 """The public HTTP API as a FastAPI app (no Ray here: the Ingress deployment serves `build_api`'s app).
 
-Every request but /healthz, /readyz and /metrics names its tenant with `Authorization: Bearer <key>` or
+Every request but /healthz, /readyz, /metrics and /console names its tenant with `Authorization: Bearer <key>` or
 `X-API-Key: <key>`. Errors are JSON everywhere (cluster.api.errors). The OpenAPI document is at /openapi.json,
 the docs at /docs.
 
@@ -17,6 +17,7 @@ the docs at /docs.
     GET    /healthz  /readyz  /metrics
     WS     /v1/realtime                a live call, OpenAI Realtime protocol (cluster.api.realtime)
     WS     /v1/telephony/twilio        a phone call, Twilio Media Streams (cluster.api.telephony); /telnyx likewise
+    GET    /console                    a browser console for live calls (cluster.api.console)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import contextlib
 from fastapi import FastAPI
 
 from cluster.admission.control import Admission
-from cluster.api import health, realtime, sessions, telephony, turns, voices
+from cluster.api import console, health, realtime, sessions, telephony, turns, voices
 from cluster.api.errors import RequestIdMiddleware, install_error_handlers
 from cluster.api.metrics import ApiMetrics
 from cluster.api.services import Services
@@ -64,7 +65,7 @@ def build_api(
     app = FastAPI(title="chroma-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.services = Services(state, tenants, backend, control, settings, metrics,
                                   call_settings or CallSettings(), telephony_settings or TelephonySettings())
-    for module in (voices, sessions, turns, health, realtime, telephony):
+    for module in (voices, sessions, turns, health, realtime, telephony, console):
         app.include_router(module.router)
     install_error_handlers(app, metrics, settings.retry_after_s)
     app.add_middleware(RequestIdMiddleware)

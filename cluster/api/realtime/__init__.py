@@ -1,8 +1,9 @@
 """`/v1/realtime`: live calls over the OpenAI Realtime (GA) WebSocket protocol, on `CallSession`.
 
 The official `openai` SDK, pipecat's and LiveKit's OpenAI-realtime services connect by changing only their base
-URL. `Authorization: Bearer <key>` on the handshake names the tenant; `?session_id=` resumes a session (its voice,
-instructions and history), so a dropped connection can reconnect and go on. Every message is one JSON text frame.
+URL. `Authorization: Bearer <key>` on the handshake names the tenant (from a browser: the subprotocol
+`openai-insecure-api-key.<key>`, see `endpoint`); `?session_id=` resumes a session (its voice, instructions and
+history), so a dropped connection can reconnect and go on. Every message is one JSON text frame.
 
 - `endpoint`: the handshake (the tenant, the call's admission, refusals);
 - `connection`: one call, from client events to the CallSession and from CallEvents to server events;

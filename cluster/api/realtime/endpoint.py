@@ -1,5 +1,9 @@
 """The `/v1/realtime` handshake: the API key names the tenant, the call is admitted before the socket is
-accepted, and a refusal is an HTTP answer where the server can send one."""
+accepted, and a refusal is an HTTP answer where the server can send one.
+
+The key comes in `Authorization: Bearer <key>`. Browsers cannot set a header on a WebSocket, so, as OpenAI does for
+them, a handshake without that header may offer the subprotocols `realtime` and `openai-insecure-api-key.<key>`
+instead (the `/console` page does); the socket is then accepted with subprotocol `realtime`."""
 
 from __future__ import annotations
 
@@ -15,11 +19,14 @@ from model.errors import ChromaError
 
 router = APIRouter()
 
+SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # followed by the key: how a browser sends it
+
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket, session_id: str | None = None) -> None:
     services: Services = websocket.app.state.services
-    tenant = services.tenants.tenant_for(_bearer(websocket.headers.get("authorization")))
+    tenant = services.tenants.tenant_for(_api_key(websocket))
     if tenant is None:
         refusal = Unauthorized("missing or unknown API key (send 'Authorization: Bearer <key>')")
         await _refuse(websocket, services, refusal)
@@ -30,11 +37,22 @@ async def realtime(websocket: WebSocket, session_id: str | None = None) -> None:
         await _refuse(websocket, services, refusal)
         return
     try:
-        await websocket.accept()
+        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in _offered(websocket) else None)
         ticket.started()
         await RealtimeCall(websocket, services, tenant).run(session_id)
     finally:
         await services.release_call(ticket, "realtime")
+
+
+def _api_key(websocket: WebSocket) -> str | None:
+    if (header := websocket.headers.get("authorization")) is not None:
+        return _bearer(header)
+    keys = [p.removeprefix(KEY_SUBPROTOCOL) for p in _offered(websocket) if p.startswith(KEY_SUBPROTOCOL)]
+    return keys[0] if keys and keys[0] else None
+
+
+def _offered(websocket: WebSocket) -> list[str]:
+    return websocket.scope.get("subprotocols") or []
 
 
 def _bearer(header: str | None) -> str | None:
