@@ -192,6 +192,25 @@ async def test_a_dropped_call_resumes_its_session(cluster, voice_id):
     assert state["history"][2]["text"] == "And tomorrow?"
 
 
+async def test_input_transcription_comes_from_the_reasoner_and_joins_the_history(cluster, voice_id):
+    """Through the cluster: the Ingress asks the Reasoner deployment (vLLM) for the transcription beside the reply;
+    HTTP clients then read the transcript in the session's history (noise, from random weights)."""
+    async with RealtimeCaller(cluster["url"], "key-acme") as call:
+        await call.configure(voice_id, "Be brief.", audio={"output": {"voice": voice_id},
+                                                           "input": {"transcription": {"model": "chroma-1.0"}}})
+        await call.say(speak_at(QUESTION, CODEC_RATE), trailing_silence_s=1.0)
+        committed = await call.wait_for("input_audio_buffer.committed")
+        reply = await call.next_reply()
+        assert reply.status == "completed"
+        done = await call.wait_for(("conversation.item.input_audio_transcription.completed",
+                                    "conversation.item.input_audio_transcription.failed"), item_id=committed["item_id"])
+        assert done["type"] == "conversation.item.input_audio_transcription.completed", done
+        session_id = session_of(call)
+    await asyncio.sleep(0.5)
+    user = next(m for m in history(cluster, session_id)["history"] if m["id"] == committed["item_id"])
+    assert user["transcript"] == done["transcript"] and user["text"] is None
+
+
 async def test_bad_input_gets_errors_and_the_call_goes_on(cluster, voice_id):
     url = cluster["url"].replace("http", "ws") + "/v1/realtime"
     async with websockets.connect(url, additional_headers={"Authorization": "Bearer key-acme"}) as ws:
