@@ -160,6 +160,25 @@ def test_a_turn_that_fits_counts_what_it_adds_to_the_last_prompt(processor):
     assert policy(processor).plan(empty, UserTurn("new", utterance(2.0, 9))).new_positions is None
 
 
+def test_a_reply_with_no_new_message_reads_the_history_as_it_stands(processor):
+    """A realtime response.create with nothing new (a greeting): the prompt is the system prompt, the history and
+    the generation prompt, counted exactly, and what it adds to the last prompt is the reply before it."""
+    empty, _ = session_of(0)
+    greeting = policy(processor).plan(empty, None)
+    assert greeting.user is None and greeting.user_positions == 0 and greeting.new_positions is None
+    assert greeting.positions == len(processor.system_ids("Be brief.")) + len(processor.generation_ids)
+    session, _ = session_of(3)
+    first = policy(processor).plan(session, UserTurn("new", utterance(2.0, 9)))
+    after = committed(session, first, "Reply number 3, of course.")
+    plan = policy(processor).plan(after, None)
+    assert plan.user is None and [m.id for m in plan.history] == [m.id for m in after.history] and not plan.drop
+    prompt = ReasonerPrompt("t", after.id, after.system_prompt, plan.history, plan.user, REPLY_TOKENS, plan.history)
+    conversation = next_conversation(prompt)  # the history alone: no new user message after the last reply
+    assert [m.role for m in conversation.messages] == [m.role for m in after.history]
+    assert processor.layout(conversation).length == plan.positions
+    assert plan.new_positions == plan.positions - first.positions  # the reply before it
+
+
 @pytest.mark.parametrize("truncation", ["auto", RetentionRatio(retention_ratio=1.0)])
 def test_the_commit_drops_ahead_and_the_next_prompt_starts_with_the_warmed_one(processor, truncation):
     """Where the next turn would not fit, the turn still reads its whole history, its commit drops the oldest,

@@ -173,6 +173,13 @@ def test_text_only_conversation(proc: ChromaProcessor) -> None:
     assert proc.decode_text(out.input_ids) == "system\nBe brief.\nuser\nWhat time is it?\nassistant\n"
 
 
+def test_a_conversation_as_it_stands_is_answered_with_no_new_message(proc: ChromaProcessor) -> None:
+    """A reply with no new caller message (a greeting, or a realtime response.create with no input)."""
+    assert proc.decode_text(proc.encode_conversation(Conversation("Greet.", [])).input_ids) == "system\nGreet.\nassistant\n"
+    after_reply = Conversation("s", [Message("user", text="hi"), Message("assistant", text="yo")])
+    assert proc.decode_text(proc.encode_conversation(after_reply).input_ids) == "system\ns\nuser\nhi\nassistant\nyo\nassistant\n"
+
+
 def test_voice_prompt(proc: ChromaProcessor) -> None:
     transcript = "Hello, this is my voice."
     vp = proc.encode_voice_prompt(transcript, tone(16000, 1.0), 16000)
@@ -193,8 +200,6 @@ def test_decode_text_skips_special_tokens(proc: ChromaProcessor) -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: Conversation("s", []), "no turns"),
-        (lambda: Conversation("s", [Message("user", text="hi"), Message("assistant", text="yo")]), "last turn"),
         (lambda: Message("user"), "neither text nor audio"),
         (lambda: Message("user", text=""), "neither text nor audio"),
         (lambda: Message("user", audio=np.zeros((100, 2), np.float32), sample_rate=16000), "mono"),

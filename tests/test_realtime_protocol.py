@@ -333,3 +333,38 @@ async def test_input_transcription_runs_beside_the_reply_and_joins_the_history(u
         await asyncio.sleep(1.0)
         assert [e for e in call.events[at:] if e["type"].startswith("conversation.item.input_audio_transcription")] == []
         call.reader.cancel()
+
+
+async def test_a_response_with_no_new_input_answers_the_conversation_as_it_stands(url, voice_id, store):
+    """LiveKit's greeting: response.create on a fresh session, nothing said yet."""
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = await configured(ws, voice_id)
+        session_id = call.of_type("session.updated")[-1]["session"]["id"]
+        at = len(call.events)
+        await call.send(type="response.create")
+        done = (await call.next("response.done", at))["response"]
+        assert done["status"] == "completed" and call.of_type("response.output_audio.delta", at)
+        assistant = next(e for e in call.of_type("conversation.item.added", at) if e["item"]["role"] == "assistant")
+        assert assistant["previous_item_id"] is None
+        history = await committed_history(store, session_id, 1)
+        assert [(m.id, m.role) for m in history] == [(done["output"][0]["id"], "assistant")]
+
+        # A voice turn after it is answered as ever, and follows the greeting in the history.
+        at = len(call.events)
+        await call.say(np.concatenate([speak_at("Hello, how are you?", CODEC_RATE), np.zeros(CODEC_RATE, np.float32)]))
+        committed = await call.next("input_audio_buffer.committed", at)
+        done = (await call.next("response.done", at))["response"]
+        assert done["status"] == "completed" and call.of_type("response.output_audio.delta", at)
+        history = await committed_history(store, session_id, 3)
+        assert [m.role for m in history] == ["assistant", "user", "assistant"]
+        assert [history[1].id, history[2].id] == [committed["item_id"], done["output"][0]["id"]]
+        assert call.of_type("error") == []
+        call.reader.cancel()
+
+
+async def committed_history(store, session_id: str, messages: int):
+    """The session's history once it holds `messages` (a reply is committed once the caller has heard it)."""
+    async with asyncio.timeout(60):
+        while len(history := (await store.get_session("acme", session_id)).history) < messages:
+            await asyncio.sleep(0.1)
+    return history

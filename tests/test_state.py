@@ -147,6 +147,18 @@ async def test_append_turn_keeps_history_and_audio(store):
         await store.append_turn("acme", session.id, b"\x00\x01\x02", "odd", expected_version=2)
 
 
+async def test_a_reply_to_no_new_input_commits_only_the_reply(store):
+    """A realtime response.create with nothing said: the greeting joins the history alone, and a turn follows it."""
+    session = await store.create_session("acme", (await new_voice(store)).id)
+    session = await store.append_turn("acme", session.id, None, "Hello!", 0, ids=(None, "item_hi"), positions=(None, 5))
+    assert [(m.id, m.role, m.text, m.positions) for m in session.history] == [("item_hi", "assistant", "Hello!", 5)]
+    speech = pcm(0.3, seed=3)
+    session = await store.append_turn("acme", session.id, speech, "Two.", 1, ids=("item_u", "item_a"))
+    got = await store.get_session("acme", session.id)
+    assert [(m.id, m.role) for m in got.history] == [("item_hi", "assistant"), ("item_u", "user"), ("item_a", "assistant")]
+    assert got.version == 2 and await store.load_history_audio(got) == [None, speech, None]
+
+
 async def test_caller_audio_is_kept_losslessly_and_compactly(store, redis_db):
     session = await store.create_session("acme", (await new_voice(store)).id)
     speech = (0.3 * np.sin(np.arange(48000) * 2 * np.pi * 180 / 16000) * 32767).astype("<i2").tobytes()

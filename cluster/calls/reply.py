@@ -1,5 +1,6 @@
-"""One assistant reply of a call and the caller's turn it answers. A reply's life is one `ReplyState`, moved only
-by `Reply.move`, which refuses a move the table below does not allow."""
+"""One assistant reply of a call and the caller's turn it answers, if any (a reply may answer the conversation as it
+stands: a greeting). A reply's life is one `ReplyState`, moved only by `Reply.move`, which refuses a move the table
+below does not allow."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class UserInput:
 class Reply:
     id: str
     item_id: str
-    user: UserInput
+    user: UserInput | None  # None: a reply to the conversation as it stands (response.create with no new input)
     cursor: PlaybackCursor
     committed_at: float | None  # the caller's turn was committed (voice-to-voice latency counts from here)
     vad_window_s: float  # how long the turn detector waited in silence before that
@@ -95,6 +96,9 @@ class Reply:
         if to not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"reply {self.id}: {self.state.value} -> {to.value}")
         self.state = to
+
+    def user_turn(self) -> UserTurn | None:
+        return None if self.user is None else self.user.turn()
 
     @property
     def generating(self) -> bool:

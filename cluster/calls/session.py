@@ -262,13 +262,11 @@ class CallSession:
 
     # ---- replies -----------------------------------------------------------------------------------------
     async def create_response(self, metadata: dict[str, str] | None = None) -> None:
-        """response.create; `metadata` comes back on the reply's events."""
+        """response.create; `metadata` comes back on the reply's events. With nothing pending the reply answers the
+        conversation as it stands (a greeting, as OpenAI's does)."""
         if self.reply is not None and self.reply.generating:
             raise InvalidInput("a response is already in progress; cancel it first",
                                code="conversation_already_has_active_response")
-        if self.pending is None:
-            raise InvalidInput("nothing to respond to: commit the caller's audio or add a user message first",
-                               code="no_user_input")
         await self._answer(metadata)
 
     async def cancel_response(self, response_id: str | None = None) -> None:
@@ -299,7 +297,7 @@ class CallSession:
         """conversation.item.delete: the item leaves the conversation the Reasoner reads."""
         if self.pending is not None and self.pending.item_id == item_id:
             self.pending = None  # committed, not answered yet: it never reaches the history
-        elif self.reply is not None and item_id in (self.reply.item_id, self.reply.user.item_id):
+        elif self.reply is not None and item_id in (self.reply.item_id, _user_item_id(self.reply)):
             raise InvalidInput(f"item {item_id!r} belongs to the response in progress; cancel it first",
                                code="conversation_already_has_active_response")
         else:
@@ -316,7 +314,7 @@ class CallSession:
         """An item of the conversation: in the session's history, waiting for its reply, or in a reply not committed
         yet. None for one never there, deleted, or dropped by truncation."""
         message = next((m for m in self.session.history if m.id == item_id), None) if self.session else None
-        reply = next((r for r in reversed(self.replies.values()) if item_id in (r.item_id, r.user.item_id)), None)
+        reply = next((r for r in reversed(self.replies.values()) if item_id in (r.item_id, _user_item_id(r))), None)
         if message is not None:
             cut = reply is not None and reply.item_id == item_id and reply.outcome != "completed"
             has_audio = message.role == "assistant" or message.audio_bytes > 0
@@ -325,12 +323,13 @@ class CallSession:
             return ItemInfo(item_id, "user", self.pending.text, self.pending.audio is not None, complete=True)
         if reply is None or reply.state in (ReplyState.COMMITTED, ReplyState.FAILED):
             return None
-        if reply.user.item_id == item_id:
+        if _user_item_id(reply) == item_id:
             return ItemInfo(item_id, "user", reply.user.text, reply.user.audio is not None, complete=True)
         return ItemInfo(item_id, "assistant", reply.transcript, reply.frames > 0, complete=False)
 
     async def _answer(self, metadata: dict[str, str] | None = None) -> None:
-        """Start the reply to the pending turn, or take over the one started in the silence window."""
+        """Start the reply to the pending turn (none: to the conversation as it stands), or take over the one started
+        in the silence window."""
         await self._finish_barge_in()  # the interrupted turn joins the history before the next one reads it
         if self.voice is None:
             self.emit(CallError("no_voice", "no voice: set session.audio.output.voice to a voice id from /v1/voices"))
@@ -354,9 +353,10 @@ class CallSession:
             else:
                 self.emit(event)
 
-    def _launch(self, user: UserInput, state: ReplyState) -> Reply:
+    def _launch(self, user: UserInput | None, state: ReplyState) -> Reply:
+        committed_at = None if user is None else self.committed_at  # no caller turn: no voice-to-voice latency
         reply = Reply(id=_response_id(), item_id=_item_id(), user=user, cursor=self.cursor_factory(),
-                      committed_at=self.committed_at, vad_window_s=self.vad_window_s, state=state)
+                      committed_at=committed_at, vad_window_s=self.vad_window_s, state=state)
         reply.task = self._tasks.spawn(self._generate(reply))
         return reply
 
@@ -383,7 +383,7 @@ class CallSession:
                 place = await self.places.admit(self.tenant, "reply")
                 place.started()
             session, voice = self.session, self.voice
-            reply.plan = self.backend.history.plan(session, reply.user.turn())
+            reply.plan = self.backend.history.plan(session, reply.user_turn())
             events = self.backend.run_turn(f"turn_{reply.id}", voice, session, reply.plan)
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -412,9 +412,10 @@ class CallSession:
         if outcome == "completed":
             self._tasks.spawn(self._settle_after_playback(reply))
             return
-        if self.pending is not None:
-            reply.user.extend(self.pending)
-        self.pending = reply.user
+        if reply.user is not None:
+            if self.pending is not None:
+                reply.user.extend(self.pending)
+            self.pending = reply.user
         self.reply = None if self.reply is reply else self.reply
 
     def _say_finished(self, reply: Reply, outcome: Outcome, reason: str | None) -> None:
@@ -564,15 +565,16 @@ class CallSession:
             text = self._heard_text(reply)
             try:
                 if not committed:
-                    user, session, plan = reply.user.turn(), self.session, reply.plan
+                    user, session, plan = reply.user_turn(), self.session, reply.plan
+                    audio, user_text, user_id = (None, None, None) if user is None else (user.audio, user.text, user.id)
                     self.session = await self.state.append_turn(
-                        self.tenant, session.id, user.audio, text, session.version, user_text=user.text,
-                        ids=(user.id, reply.item_id), positions=self._positions(reply, user, text),
+                        self.tenant, session.id, audio, text, session.version, user_text=user_text,
+                        ids=(user_id, reply.item_id), positions=self._positions(reply, user, text),
                         drop=None if plan is None else plan.drop,
                     )
                     reply.committed_version = self.session.version
                     reply.move(ReplyState.COMMITTED)
-                    await self._record_transcripts([user.id])
+                    await self._record_transcripts([] if user_id is None else [user_id])
                     for item_id in [] if plan is None else plan.drop.messages:
                         self.emit(ItemDeleted(item_id))
                 elif text != reply.committed_text:
@@ -615,6 +617,10 @@ class CallSession:
         await self._tasks.cancel_all()
         self._closed = True
         self.queue.put_nowait(None)
+
+
+def _user_item_id(reply: Reply) -> str | None:
+    return None if reply.user is None else reply.user.item_id
 
 
 def _item_id() -> str:

@@ -1,8 +1,8 @@
 """Which part of a session's history the Reasoner reads for a turn, so that no call breaks because it got long.
 
 `HistoryPolicy.plan` counts what the turn's prompt takes of the Reasoner's context (the system prompt, the
-history, the new utterance and the generation prompt, with room for the reply) from what each message takes,
-counted once when it was committed (`HistoryMessage.positions`). When it would not fit, the session's truncation
+history, the new utterance, if any, and the generation prompt, with room for the reply) from what each message
+takes, counted once when it was committed (`HistoryMessage.positions`). When it would not fit, the session's truncation
 (cluster.state.history) drops the oldest first: the oldest caller audio goes before any text (a spoken message
 with words keeps its words), then the oldest messages. The system prompt and the new utterance always stay. What
 it drops is committed with the turn (`HistoryDrop`), so every later turn's prompt starts with the same messages
@@ -67,7 +67,7 @@ class TurnPlan:
     """A turn's prompt: the history the Reasoner reads (the drop applied), what the commit takes out of the
     session's history, and what the prompt and the new message take of the context."""
 
-    user: UserTurn
+    user: UserTurn | None  # None: the reply answers the history as it stands (a greeting)
     history: list[HistoryMessage]
     drop: HistoryDrop = field(default_factory=HistoryDrop)
     positions: int = 0
@@ -100,14 +100,17 @@ class HistoryPolicy:
             return 0
         return self.processor.message_positions(Message(role, text=text or ""))
 
-    def user_positions(self, user: UserTurn) -> int:
+    def user_positions(self, user: UserTurn | None) -> int:
+        if user is None:
+            return 0
         if user.audio is None:
             return self.text_positions("user", user.text)
         return self.processor.message_positions(Message(
             "user", text=user.text, audio_samples=len(user.audio) // 2, audio_id="new"))
 
-    def plan(self, session: Session, user: UserTurn) -> TurnPlan:
-        """The turn's prompt under the session's truncation; UtteranceTooLong, or ContextFull where it is disabled."""
+    def plan(self, session: Session, user: UserTurn | None) -> TurnPlan:
+        """The turn's prompt under the session's truncation (`user` None: a reply to the history as it stands);
+        UtteranceTooLong, or ContextFull where it is disabled."""
         system = len(self.processor.system_ids(session.system_prompt))
         mine = self.user_positions(user) + len(self.processor.generation_ids)
         room = self.context - self.reply_tokens - system  # for everything after the system prompt
@@ -122,7 +125,7 @@ class HistoryPolicy:
             limit = min(room, session.truncation.token_limits.post_instructions or room)
         history = [m.model_copy() for m in session.history]
         costs = [self.positions(m) for m in history]
-        audios = sum(1 for m in history if m.audio_bytes) + (user.audio is not None)
+        audios = sum(1 for m in history if m.audio_bytes) + (user is not None and user.audio is not None)
         used = mine + sum(costs)  # what the prompt takes after the system prompt
         plan = TurnPlan(user, history, positions=system + used, user_positions=mine - len(self.processor.generation_ids))
         fits = used <= limit and not self._too_many(audios)

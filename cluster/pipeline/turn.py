@@ -49,7 +49,7 @@ class ReasonerPrompt:
     session_id: str
     system_prompt: str
     history: list[HistoryMessage]
-    user: UserTurn
+    user: UserTurn | None  # None: the reply answers the history as it stands
     max_tokens: int
     next_history: list[HistoryMessage] | None = None  # the plan's: what the next turn reads, where it drops ahead
 
@@ -105,9 +105,15 @@ def history_message(message: HistoryMessage, audio: bytes | None = None, held: b
 
 def next_conversation(prompt: ReasonerPrompt) -> Conversation:
     """What the next turn's prompt starts with where the plan drops ahead: the history it will read, this turn's
-    message and the generation prompt (the start of this turn's reply), every caller audio by id."""
+    message (if any) and the generation prompt (the start of this turn's reply), every caller audio by id."""
     messages = [history_message(m, held=True) for m in prompt.next_history or []]
-    return Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), prompt.user.message(held=True)])
+    return _conversation(prompt, messages, held=True)
+
+
+def _conversation(prompt: ReasonerPrompt, history: list[Message | None], held: bool = False) -> Conversation:
+    """The prompt's history (None: a message that leaves nothing to read), then its new message if it has one."""
+    messages = [m for m in history if m is not None]
+    return Conversation(prompt.system_prompt, messages if prompt.user is None else [*messages, prompt.user.message(held)])
 
 
 def build_conversation(session: Session, history_audio: list[bytes | None], user: Message) -> Conversation:
@@ -146,7 +152,7 @@ async def reasoner_pairs(
                 raise InternalError("the Reasoner has no state store to read the history's caller audio from")
             given.update(await audio.load_audio(prompt.tenant, prompt.session_id, missing))
         messages = [history_message(m, given.get(m.id), held(m)) for m in prompt.history]
-        conversation = Conversation(prompt.system_prompt, [*(m for m in messages if m is not None), prompt.user.message()])
+        conversation = _conversation(prompt, messages)
         try:
             async for pair in reasoner.stream(conversation, prompt.max_tokens, on_prompt):
                 if pair[0] == im_end:

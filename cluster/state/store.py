@@ -300,11 +300,12 @@ class StateStore:
 
     async def append_turn(
         self, tenant: str, session_id: str, user_audio_16k: bytes | None, assistant_text: str, expected_version: int,
-        *, user_text: str | None = None, ids: tuple[str, str] | None = None,
+        *, user_text: str | None = None, ids: tuple[str | None, str] | None = None,
         positions: tuple[int | None, int | None] = (None, None), drop: HistoryDrop | None = None,
     ) -> Session:
         """Commit one finished turn (the caller's 16 kHz PCM16 audio, or a typed user message, and the reply text)
-        all at once, or nothing.
+        all at once, or nothing. With neither audio nor text the reply answered the conversation as it stood (a
+        realtime response.create with no new input): only the reply is committed.
 
         A failed or cancelled turn simply never calls this. `expected_version` is the version the turn was built
         on; if another turn committed since, this raises VersionConflict instead of interleaving histories.
@@ -312,13 +313,11 @@ class StateStore:
         Reasoner's context; `drop`: what the turn's history policy took out of the history (by id: what the client
         deleted meanwhile is simply gone already).
         """
-        if user_audio_16k is None:
-            if not user_text:
-                raise ValueError("a turn needs the user's audio or text")
-        elif not user_audio_16k or len(user_audio_16k) % 2:
+        if user_audio_16k is not None and (not user_audio_16k or len(user_audio_16k) % 2):
             raise ValueError(f"user audio must be non-empty 16-bit PCM, got {len(user_audio_16k)} bytes")
         user_id, reply_id = ids or (_message_id(), _message_id())
         stored_audio = None if user_audio_16k is None else _flac(user_audio_16k)
+        spoke = user_audio_16k is not None or bool(user_text)
 
         def add_turn(session: Session, pipe) -> None:
             _, audio_key = self._session_keys(tenant, session_id)
@@ -327,12 +326,12 @@ class StateStore:
             if stored_audio is not None:
                 pipe.hset(audio_key, user_id, stored_audio)
                 pipe.expire(audio_key, self.settings.session_ttl_s)
-            session.history += [
-                HistoryMessage(id=user_id, role="user", text=user_text, audio_bytes=len(user_audio_16k or b""),
-                               audio_id=None if user_audio_16k is None else audio_digest(user_audio_16k),
-                               positions=positions[0]),
-                HistoryMessage(id=reply_id, role="assistant", text=assistant_text, positions=positions[1]),
-            ]
+            if spoke:
+                session.history.append(HistoryMessage(
+                    id=user_id, role="user", text=user_text, audio_bytes=len(user_audio_16k or b""),
+                    audio_id=None if user_audio_16k is None else audio_digest(user_audio_16k), positions=positions[0]))
+            session.history.append(HistoryMessage(id=reply_id, role="assistant", text=assistant_text,
+                                                  positions=positions[1]))
             session.version += 1
 
         return await self._update_session(tenant, session_id, expected_version, add_turn)

@@ -101,14 +101,11 @@ class Message:
 
 @dataclass
 class Conversation:
+    """What the reply answers: usually ending with the caller's message, but it may end with a reply or hold no
+    message at all (the reply then answers the conversation as it stands: a greeting, say)."""
+
     system_prompt: str
     messages: list[Message] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.messages:
-            raise InvalidInput("conversation has no turns: it needs at least one user message")
-        if self.messages[-1].role != "user":
-            raise InvalidInput(f"the last turn must be a user turn, got {self.messages[-1].role!r}")
 
 
 @dataclass

@@ -165,8 +165,6 @@ def load_reasoner_processor(path: str | Path) -> ChromaProcessor:
 def check_conversation(conversation: Conversation) -> None:
     if not isinstance(conversation, Conversation):
         raise ReasonerError(f"expected a model.processing.processor.Conversation, got {type(conversation).__name__}")
-    if not conversation.messages:  # Conversation refuses this on construction; guard against later mutation
-        raise ReasonerError("conversation has no turns: it needs at least one user message")
 
 
 def check_fits(prompt_len: int, context: int) -> None:

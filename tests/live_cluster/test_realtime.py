@@ -232,7 +232,7 @@ async def test_bad_input_gets_errors_and_the_call_goes_on(cluster, voice_id):
         await expect_error(json.dumps({"type": "input_audio_buffer.append", "audio": odd}), "invalid_audio")
         await expect_error(json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty")
         await expect_error(json.dumps({"type": "response.cancel"}), "response_cancel_not_active")
-        await expect_error(json.dumps({"type": "response.create"}), "no_user_input")
+        await expect_error(json.dumps({"type": "response.create"}), "no_voice")  # nothing said is fine; no voice is not
         await expect_error(json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "content_index": 0,
                                        "audio_end_ms": 10}), "item_not_found")
         eager = {"type": "semantic_vad", "eagerness": "eager"}
