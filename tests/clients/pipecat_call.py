@@ -123,19 +123,25 @@ class Wire(logging.Handler):
         return [e for e in self.received[after:] if e["type"] == kind]
 
     async def wait_for(self, kind: str, after: int = 0, timeout_s: float = 60.0, **fields) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for event in self.received[after:]:
-                if event["type"] == kind and all(_field(event, k) == v for k, v in fields.items()):
-                    return event
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {kind} {fields or ''} within {timeout_s:g} s")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+        def found():
+            return next((e for e in self.received[after:]
+                         if e["type"] == kind and all(_field(e, k) == v for k, v in fields.items())), None)
+        return await until(self.changed, found, timeout_s, f"{kind} {fields or ''}")
+
+
+async def until(changed: asyncio.Event, found, timeout_s: float, what: str):
+    """What `found()` returns once it is truthy, checked each time `changed` is set."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := found()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {what} within {timeout_s:g} s")
+        changed.clear()
+        try:
+            await asyncio.wait_for(changed.wait(), left)
+        except asyncio.TimeoutError:
+            pass
+    return result
 
 
 def _field(event: dict, path: str):
@@ -255,16 +261,7 @@ class Frames(BaseObserver):
         self.changed.set()
 
     async def until(self, condition, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"pipecat: no {what} within {timeout_s:g} s")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+        await until(self.changed, condition, timeout_s, f"pipecat {what}")
 
 
 async def call(args) -> dict:
