@@ -180,6 +180,16 @@ def test_a_conversation_as_it_stands_is_answered_with_no_new_message(proc: Chrom
     assert proc.decode_text(proc.encode_conversation(after_reply).input_ids) == "system\ns\nuser\nhi\nassistant\nyo\nassistant\n"
 
 
+def test_a_system_message_in_the_conversation_follows_the_system_prompt_in_its_place(proc: ChromaProcessor) -> None:
+    """A client's note (a realtime system item) is a system message where it was added, after the session's own."""
+    conv = Conversation("s", [Message("user", text="hi"), Message("system", text="Be kind."),
+                              Message("assistant", text="yo")])
+    ids = proc.encode_conversation(conv).input_ids[0].tolist()
+    template = ("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>system\nBe kind.<|im_end|>\n"
+                "<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>assistant\n")
+    assert ids == proc.tokenizer(template, add_special_tokens=False)["input_ids"]
+
+
 def test_voice_prompt(proc: ChromaProcessor) -> None:
     transcript = "Hello, this is my voice."
     vp = proc.encode_voice_prompt(transcript, tone(16000, 1.0), 16000)
@@ -207,7 +217,9 @@ def test_decode_text_skips_special_tokens(proc: ChromaProcessor) -> None:
         (lambda: Message("user", audio=np.zeros(100, np.int16), sample_rate=16000), "float samples"),
         (lambda: Message("user", audio=np.zeros(0, np.float32), sample_rate=16000), "turn audio is empty"),
         (lambda: Message("assistant", audio=np.zeros(100, np.float32), sample_rate=16000), "text only"),
-        (lambda: Message("system", text="x"), "role"),  # type: ignore[arg-type]
+        (lambda: Message("tool", text="x"), "role"),  # type: ignore[arg-type]
+        (lambda: Message("system"), "system turn has no text"),
+        (lambda: Message("system", text="x", audio=np.zeros(100, np.float32), sample_rate=16000), "text only"),
     ],
 )
 def test_conversation_validation(make, message: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from cluster.api.realtime import events as wire
-from cluster.api.realtime.connection import _invalid, _reply_finished, _reply_started, _user_item
+from cluster.api.realtime.connection import _invalid, _reply_finished, _reply_started, _text_item, _user_item
 from cluster.calls.audio import LineFormat
 from cluster.calls.events import ReplyFinished, ReplyStarted, Usage
 
@@ -34,6 +34,8 @@ def every_server_event() -> list[wire._ServerEvent]:
         wire.ItemAdded(previous_item_id="item_0", item=_user_item("item_1", None)),
         wire.ItemAdded(item=_user_item("item_3", "Hello?")), wire.ItemDone(item=_user_item("item_3", "Hello?")),
         wire.ItemRetrieved(item=_user_item("item_3", "Hello?")), wire.ItemDeleted(item_id="item_1"),
+        wire.ItemAdded(previous_item_id="item_3", item=_text_item("item_4", "system", "Be brief.")),
+        wire.ItemDone(item=_text_item("item_5", "assistant", "I said this.")),
         wire.ItemTruncated(item_id="item_2", audio_end_ms=640),
         wire.AudioDelta(**part, delta="AAAA"), wire.TranscriptDelta(**part, delta="Hi"),
         wire.InputTranscriptionDelta(item_id="item_1", delta="Hel"),
@@ -74,12 +76,29 @@ def test_every_server_event_is_one_the_openai_sdk_parses():
     ({"type": "session.update", "session": {"audio": {"input": 5}}}, "invalid_event"),
     ({"type": "session.update", "session": {"audio": ["input"]}}, "invalid_event"),
     ({"type": "conversation.item.create", "item": {"role": "user", "content": []}}, "invalid_event"),
+    ({"type": "conversation.item.create", "item": {"role": "system", "content": [{"type": "input_audio",
+                                                                                  "audio": "AAAA"}]}}, "invalid_event"),
+    ({"type": "conversation.item.create", "item": {"role": "tool", "content": [{"type": "input_text", "text": "x"}]}},
+     "invalid_event"),
 ])
 def test_malformed_client_events_get_the_codes_clients_match_on(message, code):
     with pytest.raises(ValidationError) as error:
         wire.CLIENT_EVENT.validate_python(message)
     got, text = _invalid(error.value, message)
     assert got == code and text and "Traceback" not in text
+
+
+def test_message_items_take_the_text_parts_each_client_sends():
+    for role, part in (("system", "input_text"), ("assistant", "output_text"), ("assistant", "input_text"),
+                       ("assistant", "text"), ("user", "input_text")):
+        event = wire.CLIENT_EVENT.validate_python({"type": "conversation.item.create", "item": {
+            "type": "message", "role": role, "content": [{"type": part, "text": "Be"}, {"type": part, "text": "brief."}]}})
+        assert (event.item.role, event.item.text) == (role, "Be brief.")
+    message = {"type": "conversation.item.create", "item": {"role": "system", "content": [
+        {"type": "input_audio", "audio": "AAAA"}]}}
+    with pytest.raises(ValidationError) as error:
+        wire.CLIENT_EVENT.validate_python(message)
+    assert "'input_audio' is not taken in a system message" in _invalid(error.value, message)[1]
 
 
 def test_client_events_parse_beta_spellings_and_leave_unsent_settings_alone():

@@ -40,6 +40,7 @@ from cluster.settings.state import StateSettings
 from cluster.state.store import StateStore
 from cluster.state.tenants import TenantDirectory
 from model.processing.audio import CODEC_RATE, pcm16_bytes
+from model.processing.processor import Conversation, Message
 from model.testing.speech import speak_at
 from tests.conftest import free_port
 
@@ -368,3 +369,93 @@ async def committed_history(store, session_id: str, messages: int):
         while len(history := (await store.get_session("acme", session_id)).history) < messages:
             await asyncio.sleep(0.1)
     return history
+
+
+async def test_system_and_assistant_items_join_the_history_every_later_reply_reads(url, voice_id, store, backend):
+    """pipecat sends text appended mid-call as `system` items (and `assistant` lines with input_text); LiveKit's
+    update_chat_ctx sends system and assistant (output_text) items."""
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:
+        call = await configured(ws, voice_id, instructions="Be brief.", audio={"output": {"voice": voice_id},
+                                                                               "input": {"turn_detection": None}})
+        session_id = call.of_type("session.updated")[-1]["session"]["id"]
+        at = len(call.events)
+        await call.send(type="conversation.item.create", item={
+            "id": "item_sys_1", "type": "message", "role": "system",
+            "content": [{"type": "input_text", "text": "The caller is called Ada."}]})
+        await call.send(type="conversation.item.create", item={
+            "id": "item_said_1", "type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello Ada."}]})
+        added = [await call.next("conversation.item.added", at)]
+        added.append(await call.next("conversation.item.added", call.events.index(added[0]) + 1))
+        assert [(e["item"]["id"], e["previous_item_id"]) for e in added] == [("item_sys_1", None),
+                                                                            ("item_said_1", "item_sys_1")]
+        assert added[0]["item"]["content"] == [{"type": "input_text", "text": "The caller is called Ada."}]
+        assert added[1]["item"]["content"] == [{"type": "output_text", "text": "Hello Ada."}]
+        for item_id, role, part in (("item_sys_1", "system", "input_text"), ("item_said_1", "assistant", "output_text")):
+            mark = len(call.events)
+            await call.send(type="conversation.item.retrieve", item_id=item_id)
+            retrieved = (await call.next("conversation.item.retrieved", mark))["item"]
+            assert (retrieved["role"], retrieved["content"][0]["type"]) == (role, part)
+
+        # The reply's prompt holds both, after the session's instructions.
+        at = len(call.events)
+        await call.send(type="response.create")
+        done = (await call.next("response.done", at))["response"]
+        assert done["status"] == "completed"
+        processor = backend.history.processor
+        expected = processor.layout(Conversation("Be brief.", [Message("system", text="The caller is called Ada."),
+                                                               Message("assistant", text="Hello Ada.")]))
+        assert done["usage"]["input_tokens"] == len(expected.ids)
+        reply_id = done["output"][0]["id"]
+        history = await committed_history(store, session_id, 3)
+        assert [(m.id, m.role) for m in history] == [("item_sys_1", "system"), ("item_said_1", "assistant"),
+                                                     (reply_id, "assistant")]
+
+        # A note created while a turn is waiting for its reply goes ahead of that turn, and says so.
+        at = len(call.events)
+        await call.send(type="conversation.item.create", item={
+            "id": "item_user_2", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi?"}]})
+        await call.next("conversation.item.added", at)
+        mark = len(call.events)
+        await call.send(type="conversation.item.create", item={
+            "id": "item_sys_2", "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be kind."}]})
+        note = await call.next("conversation.item.added", mark)
+        assert (note["item"]["id"], note["previous_item_id"]) == ("item_sys_2", reply_id)
+        await call.send(type="response.create")
+        done = (await call.next("response.done", mark))["response"]
+        assert done["status"] == "completed"
+        history = await committed_history(store, session_id, 6)
+        assert [m.id for m in history[3:]] == ["item_sys_2", "item_user_2", done["output"][0]["id"]]
+
+        # The reply is no longer the history's last message, and a truncate still revises it.
+        mark = len(call.events)
+        await call.send(type="conversation.item.create", item={
+            "id": "item_sys_3", "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Go on."}]})
+        await call.next("conversation.item.added", mark)
+        await call.send(type="conversation.item.truncate", item_id=done["output"][0]["id"], content_index=0,
+                        audio_end_ms=0)
+        truncated = await call.next("conversation.item.truncated", mark)
+        assert truncated["audio_end_ms"] == 0
+        async with asyncio.timeout(30):
+            while (await store.get_session("acme", session_id)).history[5].text:
+                await asyncio.sleep(0.1)
+        assert call.of_type("error", at) == []
+
+        # Bad ones are named; the call goes on.
+        for item, named in (({"role": "system", "content": [{"type": "input_audio", "audio": "AAAA"}]}, "input_audio"),
+                            ({"role": "system", "content": [{"type": "input_text", "text": "  "}]}, "input_text"),
+                            ({"id": "item_sys_1", "role": "system", "content": [{"type": "input_text", "text": "x"}]},
+                             "item_sys_1")):
+            mark = len(call.events)
+            await call.send(type="conversation.item.create", item={"type": "message", **item})
+            error = (await call.next("error", mark))["error"]
+            assert named in error["message"], error
+        call.reader.cancel()
+
+    async with websockets.connect(url, additional_headers=AUTH, max_size=None) as ws:  # no voice: no history yet
+        call = Caller(ws)
+        await call.wait_for(lambda e: e["type"] == "session.created")
+        await call.send(type="conversation.item.create", item={
+            "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be kind."}]})
+        assert (await call.next("error", 0))["error"]["code"] == "no_voice"
+        call.reader.cancel()

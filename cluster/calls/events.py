@@ -40,6 +40,16 @@ class InputCommitted(CallEvent):
 
 
 @dataclass(frozen=True)
+class TextItemAdded(CallEvent):
+    """A system or assistant message the client created joined the conversation (and the session's history)."""
+
+    item_id: str
+    previous_item_id: str | None  # the message it follows in the history
+    role: Literal["system", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
 class InputCleared(CallEvent):
     pass
 
@@ -135,8 +145,8 @@ class ItemInfo:
     """One item of the call's conversation, as the client may ask for it (conversation.item.retrieve)."""
 
     item_id: str
-    role: str  # "user" or "assistant"
-    text: str | None  # a user's typed text, or the words of a reply the caller heard
+    role: str  # "user", "assistant" or "system"
+    text: str | None  # a user's typed text, the words of a reply the caller heard, or a client's message
     audio: bool  # it has audio (the caller's, or a reply's)
     complete: bool  # False for a reply still in progress or one cut short
 

@@ -21,6 +21,8 @@ Each reply's life is one `ReplyState` (cluster.calls.reply), moved here and nowh
   it drops leaves the session with the turn's commit, and the call says so (`ItemDeleted`), as it does for an
   item the client deletes (`delete_item`).
 
+- Messages the client adds: a system or assistant text message joins the session's history at once, ahead of a
+  turn still in progress (`add_text_message`); every reply planned from then on reads it.
 - Input transcription: where the session asks for it, each committed caller utterance is also transcribed by the
   Reasoner, in a request of its own that starts once the reply has its first audio (`TranscriptionDelta`, then
   `TranscriptionCompleted` or `TranscriptionFailed`); the transcript joins the item's history entry.
@@ -59,6 +61,7 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    TextItemAdded,
     TranscriptionCompleted,
     TranscriptionDelta,
     TranscriptionFailed,
@@ -73,7 +76,7 @@ from cluster.pipeline.turn import AudioChunk, ReplyEvent, TextDelta, TurnBackend
 from cluster.settings.calls import CallSettings
 from cluster.settings.tenants import Kind
 from cluster.state.history import Truncation
-from cluster.state.store import Session, StateStore, Voice
+from cluster.state.store import HistoryMessage, Session, StateStore, Voice
 from model.errors import CallerError, CapacityError, ChromaError, Conflict, InvalidInput, NotFound
 from model.processing.audio import CODEC_RATE, REASONER_RATE, pcm16_bytes
 from model.processing.processor import ChromaProcessor
@@ -139,6 +142,7 @@ class CallSession:
         self.speculative: Reply | None = None
         self._interrupting: asyncio.Task | None = None  # a barge-in still settling its reply
         self.replies: dict[str, Reply] = {}  # by id: every reply the caller heard of, for what the protocol reports
+        self.text_items: set[str] = set()  # the system and assistant messages the client created (no audio)
         self._tasks = CallTasks()
         self._closed = False
 
@@ -250,6 +254,30 @@ class CallSession:
         self._commit(UserInput(item_id, audio=audio, text=text or None), from_buffer=False)
         return item_id
 
+    async def add_text_message(self, role: Literal["system", "assistant"], text: str, item_id: str | None = None) -> str:
+        """conversation.item.create of a system or assistant message (a client's note for the replies to come, or a
+        line it has the assistant say): it joins the session's history at once, so every reply planned from now on
+        reads it. A turn still in progress commits after it: the reply being generated did not read it, and the
+        item's previous_item_id tells the client where it went."""
+        if not text.strip():
+            raise InvalidInput(f"a {role} message needs input_text content")
+        if self.session is None:
+            raise InvalidInput(f"a {role} message joins the session's history, and there is none before a voice is "
+                               "set: set session.audio.output.voice first", code="no_voice")
+        if item_id is not None and self.find_item(item_id) is not None:
+            raise InvalidInput(f"item {item_id!r} is already in this conversation", code="invalid_item_id")
+        item_id = item_id or _item_id()
+        message = HistoryMessage(id=item_id, role=role, text=text,
+                                 positions=self.backend.history.text_positions(role, text))
+        self.session = await self.state.append_message(self.tenant, self.session.id, message)
+        index = next(n for n, m in enumerate(self.session.history) if m.id == item_id)
+        previous = self.session.history[index - 1].id if index else None
+        if previous == self.last_item_id:  # no turn in progress: the next item follows this one
+            self.last_item_id = item_id
+        self.text_items.add(item_id)
+        self.emit(TextItemAdded(item_id, previous, role, text))
+        return item_id
+
     def _commit(self, user: UserInput, from_buffer: bool = True) -> None:
         self.emit(InputCommitted(user.item_id, self.last_item_id, user.text, from_buffer))
         if from_buffer and self.transcribing and user.audio is not None:
@@ -317,7 +345,7 @@ class CallSession:
         reply = next((r for r in reversed(self.replies.values()) if item_id in (r.item_id, _user_item_id(r))), None)
         if message is not None:
             cut = reply is not None and reply.item_id == item_id and reply.outcome != "completed"
-            has_audio = message.role == "assistant" or message.audio_bytes > 0
+            has_audio = message.audio_bytes > 0 or (message.role == "assistant" and item_id not in self.text_items)
             return ItemInfo(item_id, message.role, message.text, has_audio, complete=not cut)
         if self.pending is not None and self.pending.item_id == item_id:
             return ItemInfo(item_id, "user", self.pending.text, self.pending.audio is not None, complete=True)
@@ -470,12 +498,12 @@ class CallSession:
                 async for delta in deltas:
                     transcript += delta
                     self.emit(TranscriptionDelta(item_id, delta))
-        except Exception as error:
-            if not isinstance(error, ChromaError):
-                log.exception("transcribing %s failed", item_id)
-            code = error.code if isinstance(error, ChromaError) else "internal_error"
-            message = error.message if isinstance(error, ChromaError) else "the transcription failed"
-            self.emit(TranscriptionFailed(item_id, code, message))
+        except ChromaError as error:
+            self.emit(TranscriptionFailed(item_id, error.code, error.message))
+            return
+        except Exception:
+            log.exception("transcribing %s failed", item_id)
+            self.emit(TranscriptionFailed(item_id, "internal_error", "the transcription failed"))
             return
         self.emit(TranscriptionCompleted(item_id, transcript, audio.size / REASONER_RATE))
         self.transcripts[item_id] = transcript
@@ -579,7 +607,8 @@ class CallSession:
                         self.emit(ItemDeleted(item_id))
                 elif text != reply.committed_text:
                     self.session = await self.state.revise_reply(self.tenant, self.session.id, reply.committed_version,
-                                                                 text, self._positions(reply, None, text)[1])
+                                                                 reply.item_id, text,
+                                                                 self._positions(reply, None, text)[1])
                 reply.committed_text = text
             except (Conflict, NotFound) as error:
                 self.emit(CallError(error.code, f"the reply could not be saved to the session: {error.message}"))

@@ -141,7 +141,7 @@ class HistoryPolicy:
             used = mine + sum(costs)
         elif history:  # the last prompt's generation prompt is the start of its reply
             plan.new_positions = plan.user_positions + sum(
-                cost for reply, cost in zip(_trailing_replies(history), reversed(costs)) if reply)
+                cost for new, cost in zip(_after_last_caller(history), reversed(costs)) if new)
         plan.positions = system + used
         # Ahead: where the next turn (an utterance like this one, after a reply of up to reply_tokens) would not
         # fit, the commit drops now what that turn would, and the Reasoner prefills the shorter prompt while the
@@ -198,10 +198,11 @@ class HistoryPolicy:
                 f"the Reasoner's context of {self.context}, and this session's truncation is \"disabled\": {fix}")
 
 
-def _trailing_replies(history: list[HistoryMessage]) -> list[bool]:
-    """From the newest back: True for each reply after the last caller message (what the last turn added)."""
-    flags, replies = [], True
+def _after_last_caller(history: list[HistoryMessage]) -> list[bool]:
+    """From the newest back: True for each message after the last caller message (the last turn's reply, and any
+    system or assistant message a client added since: what the last prompt did not hold)."""
+    flags, after = [], True
     for message in reversed(history):
-        replies = replies and message.role == "assistant"
-        flags.append(replies)
+        after = after and message.role != "user"
+        flags.append(after)
     return flags

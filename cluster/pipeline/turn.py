@@ -91,8 +91,8 @@ def history_message(message: HistoryMessage, audio: bytes | None = None, held: b
     """A history message as the Reasoner reads it: its caller audio given (`audio`, 16 kHz PCM16) or held by the
     Reasoner under its digest; None for a caller message that leaves nothing to read. A reply with no words stays,
     empty, as the thinker ended it: the next prompt then extends the last one, which the prefix cache serves."""
-    if message.role == "assistant":
-        return Message("assistant", text=message.text or "")
+    if message.role != "user":  # a reply, or a client's system or assistant message: text only
+        return Message(message.role, text=message.text or "")
     if not message.audio_bytes:
         return Message("user", text=message.text) if message.text else None
     if audio is not None:

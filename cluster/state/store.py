@@ -92,11 +92,12 @@ class SessionSampling(SamplingParams):
 
 
 class HistoryMessage(BaseModel):
-    """One side of a committed turn: the caller's audio (kept beside the document) or the reply text."""
+    """One message of the conversation: a side of a committed turn (the caller's audio, kept beside the document, or
+    the reply text), or a text message a live call's client put in (`append_message`)."""
 
     id: str = ""  # the message's item id (a live call's item ids; item_<hex> for HTTP turns)
-    role: Literal["user", "assistant"]
-    text: str | None = None  # the reply, or a typed user message
+    role: Literal["user", "assistant", "system"]
+    text: str | None = None  # the reply, a typed user message, or a client's system or assistant message
     audio_bytes: int = 0  # a spoken user message: size of its 16 kHz PCM16 audio kept beside the document
     audio_id: str | None = None  # that audio's content digest (`audio_digest`): engines cache what they compute by it
     positions: int | None = None  # what it takes of the Reasoner's context (None: not counted yet)
@@ -364,6 +365,17 @@ class StateStore:
 
         return await self._update_session(tenant, session_id, None, delete)
 
+    async def append_message(self, tenant: str, session_id: str, message: HistoryMessage) -> Session:
+        """Add a text message at the end of the history (a live call's client-created system or assistant item). No
+        version, like a delete: a turn in flight commits on top, after it."""
+        if message.audio_bytes or not message.text:
+            raise ValueError("append_message takes a text message; turns commit with append_turn")
+
+        def append(session: Session, pipe) -> None:
+            session.history.append(message)
+
+        return await self._update_session(tenant, session_id, None, append)
+
     async def set_transcript(self, tenant: str, session_id: str, item_id: str, transcript: str) -> Session:
         """Record what the caller said in a spoken user message (its input transcription, which finishes beside the
         reply, before or after the turn commits); NotFound if the message is not there. No version, like a delete."""
@@ -377,15 +389,18 @@ class StateStore:
         return await self._update_session(tenant, session_id, None, transcribe)
 
     async def revise_reply(
-        self, tenant: str, session_id: str, version: int, assistant_text: str, positions: int | None = None
+        self, tenant: str, session_id: str, version: int, item_id: str, assistant_text: str,
+        positions: int | None = None,
     ) -> Session:
-        """Replace the text of the reply that `version` committed (the caller heard less of it than was sent,
-        e.g. a live call's truncated reply). VersionConflict once a later turn has committed."""
+        """Replace the text of reply `item_id`, which `version` committed (the caller heard less of it than was sent,
+        e.g. a live call's truncated reply). VersionConflict once a later turn has committed; NotFound once the
+        reply left the history."""
 
         def revise(session: Session, pipe) -> None:
-            if not session.history or session.history[-1].role != "assistant":
-                raise VersionConflict(session_id, version, session.version)
-            session.history[-1].text, session.history[-1].positions = assistant_text, positions
+            message = next((m for m in session.history if m.id == item_id and m.role == "assistant"), None)
+            if message is None:
+                raise NotFound("item", item_id)
+            message.text, message.positions = assistant_text, positions
 
         return await self._update_session(tenant, session_id, version, revise)
 

@@ -63,14 +63,15 @@ def _mono_float(audio: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass
 class Message:
-    """One side's turn in the conversation: user messages carry audio and/or text, assistant messages text (empty for
-    a reply that said nothing: the thinker ended it at once, and the prompt shows that as it happened).
+    """One message of the conversation: user messages carry audio and/or text, assistant messages text (empty for
+    a reply that said nothing: the thinker ended it at once, and the prompt shows that as it happened), system
+    messages text (a client's note for the replies that follow, after the session's own system prompt).
 
     `audio_id` names the audio's content (stored caller audio: a digest of its PCM16 samples): an engine may keep
     what it computed from it under that id. A user message may then leave `audio` out and give `audio_samples`
     (its length at REASONER_RATE) instead: the audio is *held*, by id, by the engine that will read it."""
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     text: str | None = None
     audio: np.ndarray | None = None
     sample_rate: int | None = None
@@ -78,8 +79,10 @@ class Message:
     audio_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ("user", "assistant"):
-            raise InvalidInput(f"turn role must be 'user' or 'assistant', got {self.role!r}")
+        if self.role not in ("user", "assistant", "system"):
+            raise InvalidInput(f"turn role must be 'user', 'assistant' or 'system', got {self.role!r}")
+        if self.role == "system" and not self.text:
+            raise InvalidInput("system turn has no text")
         if self.audio is None and self.audio_samples is not None:
             if self.role != "user" or not self.audio_id or self.audio_samples < 1:
                 raise InvalidInput("audio held by id needs a user turn, its audio_id and a positive audio_samples")
@@ -89,7 +92,7 @@ class Message:
         if self.audio is None:
             return
         if self.role != "user":
-            raise InvalidInput("assistant turns carry text only; audio is accepted in user turns")
+            raise InvalidInput(f"{self.role} turns carry text only; audio is accepted in user turns")
         self.audio = _mono_float(self.audio, "turn audio")
         if self.sample_rate is None or self.sample_rate <= 0:
             raise InvalidInput(f"turn audio needs a positive sample_rate, got {self.sample_rate}")

@@ -7,7 +7,7 @@ built by the README's "Connect LiveKit Agents" snippet itself, so the README can
 
 plays a call and prints a JSON report of what LiveKit saw: a greeting (`generate_reply()` with nothing said), a
 server-VAD turn spoken with espeak-ng, a barge-in over a reply (cut to what was "played", as LiveKit's AgentSession
-does), a text message added with `update_chat_ctx` and answered, LiveKit's copy of the history beside the server's,
+does), a system and a user message added with `update_chat_ctx` and answered, LiveKit's copy of the history beside the server's,
 and every warning LiveKit logged. It exits 0 whatever it saw: the test reads the report.
 """
 
@@ -18,12 +18,8 @@ import asyncio
 import json
 import logging
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +29,9 @@ from livekit.agents import llm
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
-RATE = 24000
+from common import RATE, espeak, readme_snippet
+
+SECTION = "Connect LiveKit Agents"
 FRAME_SAMPLES = RATE // 50  # 20 ms, as a LiveKit room delivers them
 STEP_TIMEOUT_S = 60
 SERVER_EVENT = TypeAdapter(RealtimeServerEvent)  # LiveKit builds the SDK's models of the events it handles unchecked
@@ -51,27 +49,11 @@ class Captured(logging.Handler):
         self.records.append({"level": record.levelname, "logger": record.name, "message": message[-2000:]})
 
 
-def readme_snippet(readme: Path, heading: str = "Connect LiveKit Agents") -> str:
-    """The first python block of the README section `heading`."""
-    section = readme.read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
 def build_model(readme: Path, url: str, api_key: str, voice_id: str):
     os.environ.update(CHROMA_URL=url, CHROMA_API_KEY=api_key, CHROMA_VOICE_ID=voice_id)
     namespace: dict = {}
-    exec(compile(readme_snippet(readme), f"{readme}:Connect LiveKit Agents", "exec"), namespace)  # noqa: S102
+    exec(compile(readme_snippet(readme, SECTION), f"{readme}:{SECTION}", "exec"), namespace)  # noqa: S102
     return namespace["model"]
-
-
-def espeak(text: str) -> bytes:
-    """`text` spoken by espeak-ng, as 24 kHz mono PCM16."""
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, pcm = Path(tmp) / "raw.wav", Path(tmp) / "pcm.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True)
-        subprocess.run(["sox", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(pcm)], check=True)
-        with wave.open(str(pcm)) as clip:
-            return clip.readframes(clip.getnframes())
 
 
 @dataclass
@@ -251,13 +233,15 @@ async def run(url: str, api_key: str, voice_id: str, readme: Path) -> dict:
 
         async def text_message() -> dict:
             chat_ctx = session.chat_ctx.copy()
+            note = chat_ctx.add_message(role="system", content="The caller's name is Ada.")
             message = chat_ctx.add_message(role="user", content="Please say something about the sea.")
             await session.update_chat_ctx(chat_ctx)  # waits for the server's conversation.item.added
             at = len(call.replies)
             generation = await session.generate_reply()
             reply = await call.next_reply(at)
             await reply.played_out()
-            return {**reply.summary(), "user_item": message.id, "created": generation.response_id == reply.response_id}
+            return {**reply.summary(), "user_item": message.id, "system_item": note.id,
+                    "created": generation.response_id == reply.response_id}
 
         async def histories() -> dict:
             """The server commits a reply once it was played: wait until both sides hold the same items."""

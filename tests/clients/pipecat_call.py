@@ -6,7 +6,8 @@ the reply on a real-time clock (pipecat's own BaseOutputTransport, so BotStarted
 are pipecat's), the assistant aggregator.
 
 The call: a spoken question (a server-VAD turn and a spoken reply), a second question talked over as soon as its
-reply plays (pipecat truncates it; the reply is cancelled), a text message (`LLMMessagesAppendFrame`, run_llm). It
+reply plays (pipecat truncates it; the reply is cancelled), a text message (`LLMMessagesAppendFrame`, run_llm), which
+pipecat sends as the conversation's setup, and another, which it sends as a `system` item. It
 prints a JSON report: what pipecat's frames and event handlers showed, what went over the wire (websockets' own
 debug log, both directions), pipecat's log problems, and `failures` (the process exits 1 if there are any).
 
@@ -26,9 +27,7 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -64,35 +63,18 @@ from pipecat.transports.base_output import BaseOutputTransport  # noqa: E402
 from pipecat.transports.base_transport import TransportParams  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
-RATE = 24000
+from common import RATE, espeak, readme_snippet  # noqa: E402
+
 FRAME_BYTES = RATE * 2 // 50  # 20 ms of PCM16 mono
 QUESTION = "Hello, can you tell me what the weather is like today?"
 SECOND = "And what about tomorrow, will it rain in the afternoon?"
 INTERRUPTION = "Wait, wait, please stop for a moment."
 TEXT = "Please say something short about the sea."
-SECTION = "## Connect pipecat"
+LATER = "Now say something short about the mountains."
+SECTION = "Connect pipecat"
 # What pipecat logs when it cannot take an event: an unknown type (older releases), one that fails its model, an
 # error event it treats as fatal, a task that died.
 LOG_PROBLEM = re.compile(r"unknown|parse|validation|invalid|Error: |exception|Traceback", re.IGNORECASE)
-
-
-def readme_block(readme: Path) -> str:
-    """The first ```python block under the section's heading."""
-    text = readme.read_text()
-    start = text.index(f"\n{SECTION}\n")
-    block = re.search(r"```python\n(.*?)```", text[start:], re.DOTALL)
-    assert block, f"no python block under {SECTION!r}"
-    return block.group(1)
-
-
-def espeak(text: str) -> bytes:
-    """Speech as 24 kHz PCM16 mono, raw."""
-    with tempfile.TemporaryDirectory() as tmp:
-        wav, raw = Path(tmp) / "say.wav", Path(tmp) / "say.raw"
-        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True)
-        subprocess.run(["sox", str(wav), "-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(raw)],
-                       check=True, capture_output=True)
-        return raw.read_bytes()
 
 
 class Wire(logging.Handler):
@@ -278,7 +260,7 @@ async def call(args) -> dict:
     os.environ.update(CHROMA_API_KEY=args.key, CHROMA_VOICE_ID=args.voice,
                       CHROMA_REALTIME_URL=args.url.replace("http", "ws", 1).rstrip("/") + "/v1/realtime")
     scope: dict = {}
-    exec(compile(readme_block(Path(args.readme)), f"{args.readme} ({SECTION})", "exec"), scope)
+    exec(compile(readme_snippet(Path(args.readme), SECTION), f"{args.readme}:{SECTION}", "exec"), scope)
     llm = scope["llm"]
 
     items: list[dict] = []  # pipecat's on_conversation_item_updated: the items as it settled them
@@ -311,7 +293,12 @@ async def call(args) -> dict:
         await microphone.say(speech["question"])
         done = await wire.wait_for("response.done", after=mark, timeout_s=90)
         await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) >= 1, 60, "end of playback")
-        steps["voice_turn"] = {"events": _types(wire, mark), "response": _response(done)}
+        committed = wire.of("input_audio_buffer.committed", mark)[0]
+        heard = await wire.wait_for("conversation.item.input_audio_transcription.completed", after=mark,
+                                    timeout_s=60, item_id=committed["item_id"])
+        await frames.until(lambda: heard["transcript"] in frames.user_transcripts, 10, "transcript of the caller")
+        steps["voice_turn"] = {"events": _types(wire, mark), "response": _response(done),
+                               "item_id": committed["item_id"], "transcript": heard["transcript"]}
 
         # 2. A second question, talked over as soon as its reply plays.
         mark, spoken = len(wire.received), len(frames.spoken)
@@ -344,6 +331,17 @@ async def call(args) -> dict:
         created = [e for e in wire.sent if e["type"] == "conversation.item.create"]
         steps["text"] = {"events": _types(wire, mark), "response": _response(done),
                          "item_create": _strip(created[-1]) if created else None}
+
+        # 4. Another, once pipecat has run the model: it sends appended messages as `system` items.
+        mark, sent_mark, spoken = len(wire.received), len(wire.sent), len(frames.spoken)
+        await worker.queue_frame(LLMMessagesAppendFrame(messages=[{"role": "user", "content": LATER}], run_llm=True))
+        done = await wire.wait_for("response.done", after=mark, timeout_s=90)
+        await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) > spoken, 60, "end of playback")
+        created = [e for e in wire.sent[sent_mark:] if e["type"] == "conversation.item.create"]
+        steps["later_text"] = {"events": _types(wire, mark), "response": _response(done),
+                               "item_create": _strip(created[-1]) if created else None,
+                               "item_added": _strip(next((e for e in wire.of("conversation.item.added", mark)
+                                                          if e["item"]["role"] == "system"), None))}
     except TimeoutError as error:
         failures.append(str(error))
     finally:

@@ -48,7 +48,8 @@ def test_livekit_agents_holds_a_call(cluster, voice_id):  # noqa: F811
     assert barge_in["truncated_ms"] == barge_in["played_ms"] and barge_in["played_ms"] <= barge_in["audio_ms"]
     assert barge_in["answer"]["audio_ms"] > 0  # the interruption itself was answered
 
-    # A text message through update_chat_ctx (LiveKit waits 5 s for its conversation.item.added), then a reply.
+    # A system and a user message through update_chat_ctx (LiveKit waits 5 s for each conversation.item.added),
+    # then a reply.
     text = report["text_message"]
     assert "error" not in text, text
     assert text["created"] and text["audio_ms"] > 0 and text["transcript"]
@@ -62,9 +63,13 @@ def test_livekit_agents_holds_a_call(cluster, voice_id):  # noqa: F811
                           headers={"Authorization": "Bearer key-acme"}).json()["history"]
     assert [m["id"] for m in committed] == list(server)
     assert history["server"][0] == {"id": greeting["message_id"], "role": "assistant", "text": greeting["transcript"]}
+    # The system message joined the history where the server's previous_item_id put it, in LiveKit's copy too.
+    assert server[text["system_item"]] == {"id": text["system_item"], "role": "system",
+                                           "text": "The caller's name is Ada."}
+    turns = [m for m in history["server"][1:] if m["role"] != "system"]
     replies = [turn, barge_in, barge_in["answer"], text]
-    assert [m["role"] for m in history["server"][1:]] == ["user", "assistant"] * len(replies)
-    assert [m["id"] for m in history["server"][2::2]] == [r["message_id"] for r in replies]
+    assert [m["role"] for m in turns] == ["user", "assistant"] * len(replies)
+    assert [m["id"] for m in turns[1::2]] == [r["message_id"] for r in replies]
     kept = server[barge_in["message_id"]]["text"]
     assert barge_in["transcript"].startswith(kept.rstrip("\ufffd"))  # what was played of it, no more
     assert server[text["user_item"]]["role"] == "user"  # under LiveKit's own item id

@@ -1,7 +1,9 @@
 """pipecat 1.14's `OpenAIRealtimeLLMService` holds a call on the live cluster's /v1/realtime, built by README's
 "Connect pipecat" block and driven through pipecat's own pipeline (`tests/clients/pipecat_call.py`, in the
 clients' venv): a server-VAD turn answered in our voice, a barge-in that cancels the reply and cuts the history to
-what pipecat played, a text message answered aloud, and nothing pipecat logs as an error. Weights are RANDOM."""
+what pipecat played, the caller's transcript in pipecat's context, text messages answered aloud (the first sent as
+the conversation's setup, a later one as a `system` item), and nothing pipecat logs as an error. Weights are
+RANDOM."""
 
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ def test_a_spoken_question_gets_a_spoken_reply_with_its_transcript(report):
     assert report["pipecat"]["frames"]["BotStartedSpeakingFrame"] >= 1
 
 
+def test_the_caller_is_transcribed_into_pipecats_context_and_the_history(report, cluster):
+    turn = report["steps"]["voice_turn"]
+    assert turn["transcript"] in report["pipecat"]["user_transcripts"]  # pipecat pushed it as a TranscriptionFrame
+    turns = {m["id"]: m for m in history(cluster, report["steps"]["session"]["id"])["history"]}
+    assert turns[turn["item_id"]]["transcript"] == turn["transcript"]
+
+
 def test_a_barge_in_cancels_the_reply_and_the_history_keeps_what_pipecat_played(report, cluster):
     barge_in = report["steps"]["barge_in"]
     reply = barge_in["response"]
@@ -81,3 +90,16 @@ def test_a_text_message_gets_a_spoken_answer(report, cluster):
     ids = [m["id"] for m in turns]
     assert ids[-2:] == [item["id"], text["response"]["item_id"]]  # the client's item id, kept, then the answer
     assert turns[-2]["text"] == item["content"][0]["text"]
+
+
+def test_a_message_appended_later_goes_in_as_a_system_item_and_is_answered_aloud(report, cluster):
+    later = report["steps"]["later_text"]
+    item = later["item_create"]["item"]
+    assert item["role"] == "system" and "mountains" in item["content"][0]["text"]
+    assert later["item_added"]["item"]["role"] == "system"
+    assert later["response"]["status"] == "completed"
+    assert report["pipecat"]["spoken"][-1]["audio_bytes"] > 0
+    turns = history(cluster, report["steps"]["session"]["id"])["history"]
+    assert [(m["id"], m["role"]) for m in turns[-2:]] == [(later["item_added"]["item"]["id"], "system"),
+                                                          (later["response"]["item_id"], "assistant")]
+    assert "mountains" in turns[-2]["text"]

@@ -33,6 +33,7 @@ from cluster.calls.events import (
     ReplyText,
     SpeechStartedEvent,
     SpeechStoppedEvent,
+    TextItemAdded,
     TranscriptionCompleted,
     TranscriptionDelta,
     TranscriptionFailed,
@@ -136,11 +137,13 @@ class RealtimeCall:
         self.call.clear_input()
 
     async def _item_create(self, event: wire.ConversationItemCreate) -> None:
-        content = event.item.content
-        text = " ".join(p.text for p in content if p.type == "input_text" and p.text) or None
+        item = event.item
+        if item.role != "user":
+            await self.call.add_text_message(item.role, item.text or "", item.id)
+            return
         clips = [InboundAudio(self.input_format).decode(p.audio)
-                 for p in content if p.type == "input_audio" and p.audio]
-        self.call.add_user_message(text, np.concatenate(clips) if clips else None, event.item.id)
+                 for p in item.content if p.type == "input_audio" and p.audio]
+        self.call.add_user_message(item.text, np.concatenate(clips) if clips else None, item.id)
 
     async def _truncate(self, event: wire.ConversationItemTruncate) -> None:
         await self.call.truncate(event.item_id, event.audio_end_ms)
@@ -203,6 +206,9 @@ class RealtimeCall:
             if event.from_buffer:
                 return [wire.BufferCommitted(item_id=event.item_id, previous_item_id=event.previous_item_id), added]
             return [added, wire.ItemDone(item=item)]
+        if isinstance(event, TextItemAdded):
+            item = _text_item(event.item_id, event.role, event.text)
+            return [wire.ItemAdded(previous_item_id=event.previous_item_id, item=item), wire.ItemDone(item=item)]
         if isinstance(event, InputCleared):
             return [wire.BufferCleared()]
         if isinstance(event, ItemDeleted):
@@ -300,6 +306,8 @@ def _turn_detection_out(detection: TurnDetection | None) -> dict | None:
 
 def _item(item: ItemInfo) -> wire.Item:
     status = "completed" if item.complete else "incomplete"
+    if item.role != "user" and not item.audio:  # a system or assistant message the client created
+        return _text_item(item.item_id, item.role, item.text or "")
     if item.role == "user":
         content = ([wire.InputText(text=item.text)] if item.text else []) + ([wire.InputAudio()] if item.audio else [])
         return wire.Item(id=item.item_id, role="user", status=status, content=content)
@@ -314,6 +322,11 @@ def _part(event: ReplyCallEvent) -> dict:
 def _user_item(item_id: str, text: str | None) -> wire.Item:
     content = [wire.InputText(text=text)] if text else [wire.InputAudio()]
     return wire.Item(id=item_id, role="user", status="completed", content=content)
+
+
+def _text_item(item_id: str, role: str, text: str) -> wire.Item:
+    part = wire.InputText(text=text) if role == "system" else wire.OutputText(text=text)
+    return wire.Item(id=item_id, role=role, status="completed", content=[part])
 
 
 def _assistant_item(event: ReplyCallEvent, status: str, transcript: str) -> wire.Item:

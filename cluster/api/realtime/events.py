@@ -135,11 +135,31 @@ class ContentIn(_Lenient):
     audio: Base64 | None = None
 
 
-class UserItem(_Lenient):
+TEXT_PARTS = ("input_text", "output_text", "text")  # GA, GA assistant, beta; pipecat sends input_text for any role
+
+
+class MessageItem(_Lenient):
+    """A message the client puts in the conversation: the caller's (typed text and/or audio), or a system or
+    assistant message (text only)."""
+
     id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")  # the client's, kept
     type: Literal["message"] = "message"
-    role: Literal["user"]
+    role: Literal["user", "system", "assistant"]
     content: list[ContentIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _parts(self) -> MessageItem:
+        taken = TEXT_PARTS + (("input_audio",) if self.role == "user" else ())
+        for part in self.content:
+            if part.type not in taken:
+                raise PydanticCustomError("invalid_event", "content type {part} is not taken in a {role} message "
+                                          "(it takes {taken})", {"part": repr(part.type), "role": self.role,
+                                                                 "taken": ", ".join(taken)})
+        return self
+
+    @property
+    def text(self) -> str | None:
+        return " ".join(p.text for p in self.content if p.type in TEXT_PARTS and p.text) or None
 
 
 class _ClientEvent(_Lenient):
@@ -166,7 +186,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 class ConversationItemCreate(_ClientEvent):
     type: Literal["conversation.item.create"]
-    item: UserItem
+    item: MessageItem
 
 
 class ConversationItemTruncate(_ClientEvent):
@@ -227,6 +247,11 @@ class InputText(BaseModel):
     text: str
 
 
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+
+
 class InputAudio(BaseModel):
     type: Literal["input_audio"] = "input_audio"
     transcript: str | None = None
@@ -241,9 +266,9 @@ class Item(BaseModel):
     id: str
     object: Literal["realtime.item"] = "realtime.item"
     type: Literal["message"] = "message"
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     status: Literal["in_progress", "completed", "incomplete"]
-    content: list[InputText | InputAudio | OutputAudio]
+    content: list[InputText | OutputText | InputAudio | OutputAudio]
 
 
 class ResponseError(BaseModel):
