@@ -5,9 +5,10 @@ pipeline shaped like pipecat's examples: an input transport (the caller's microp
 the reply on a real-time clock (pipecat's own BaseOutputTransport, so BotStarted/StoppedSpeaking and interruptions
 are pipecat's), the assistant aggregator.
 
-The call: a spoken question (a server-VAD turn and a spoken reply), a second question talked over as soon as its
-reply plays (pipecat truncates it; the reply is cancelled), a text message (`LLMMessagesAppendFrame`, run_llm), which
-pipecat sends as the conversation's setup, and another, which it sends as a `system` item. It
+The call: an `LLMRunFrame` at the start, as pipecat's examples send one (a greeting), a spoken question (a server-VAD
+turn and a spoken reply, and the caller's transcript in pipecat's context), a second question talked over as soon as
+its reply plays (pipecat truncates it; the reply is cancelled), a text message (`LLMMessagesAppendFrame`, run_llm),
+which pipecat sends as a `system` item. It
 prints a JSON report: what pipecat's frames and event handlers showed, what went over the wire (websockets' own
 debug log, both directions), pipecat's log problems, and `failures` (the process exits 1 if there are any).
 
@@ -42,6 +43,7 @@ from pipecat.frames.frames import (  # noqa: E402
     InterruptionFrame,
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
+    LLMRunFrame,
     OutputAudioRawFrame,
     StartFrame,
     TranscriptionFrame,
@@ -70,7 +72,6 @@ QUESTION = "Hello, can you tell me what the weather is like today?"
 SECOND = "And what about tomorrow, will it rain in the afternoon?"
 INTERRUPTION = "Wait, wait, please stop for a moment."
 TEXT = "Please say something short about the sea."
-LATER = "Now say something short about the mountains."
 SECTION = "Connect pipecat"
 # What pipecat logs when it cannot take an event: an unknown type (older releases), one that fails its model, an
 # error event it treats as fatal, a task that died.
@@ -288,16 +289,24 @@ async def call(args) -> dict:
         steps["session"] = {"id": updated["session"]["id"], "voice": args.voice,
                             "turn_detection": updated["session"]["audio"]["input"]["turn_detection"]}
 
+        # 0. As pipecat's examples start a call: an LLMRunFrame, which sets up the conversation from the context (the
+        # system instruction only) and runs the model: a greeting, with nothing said yet.
+        mark, spoken = len(wire.received), len(frames.spoken)
+        await worker.queue_frame(LLMRunFrame())
+        done = await wire.wait_for("response.done", after=mark, timeout_s=90)
+        await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) > spoken, 60, "end of playback")
+        steps["greeting"] = {"events": _types(wire, mark), "response": _response(done), "spoken": spoken}
+
         # 1. A spoken question: a server-VAD turn, a spoken reply, played to its end.
-        mark = len(wire.received)
+        mark, spoken = len(wire.received), len(frames.spoken)
         await microphone.say(speech["question"])
         done = await wire.wait_for("response.done", after=mark, timeout_s=90)
-        await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) >= 1, 60, "end of playback")
+        await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) > spoken, 60, "end of playback")
         committed = wire.of("input_audio_buffer.committed", mark)[0]
         heard = await wire.wait_for("conversation.item.input_audio_transcription.completed", after=mark,
                                     timeout_s=60, item_id=committed["item_id"])
         await frames.until(lambda: heard["transcript"] in frames.user_transcripts, 10, "transcript of the caller")
-        steps["voice_turn"] = {"events": _types(wire, mark), "response": _response(done),
+        steps["voice_turn"] = {"events": _types(wire, mark), "response": _response(done), "spoken": spoken,
                                "item_id": committed["item_id"], "transcript": heard["transcript"]}
 
         # 2. A second question, talked over as soon as its reply plays.
@@ -323,25 +332,18 @@ async def call(args) -> dict:
             "next_response": _response(answer),
         }
 
-        # 3. A text message, pipecat's way: appended to the context, run.
-        mark, spoken = len(wire.received), len(frames.spoken)
-        await worker.queue_frame(LLMMessagesAppendFrame(messages=[{"role": "user", "content": TEXT}], run_llm=True))
-        done = await wire.wait_for("response.done", after=mark, timeout_s=90)
-        await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) > spoken, 60, "end of playback")
-        created = [e for e in wire.sent if e["type"] == "conversation.item.create"]
-        steps["text"] = {"events": _types(wire, mark), "response": _response(done),
-                         "item_create": _strip(created[-1]) if created else None}
-
-        # 4. Another, once pipecat has run the model: it sends appended messages as `system` items.
+        # 3. A text message, pipecat's way: appended to the context, run. The service sends an appended message as a
+        # `system` item (the user aggregator takes appends queued at the pipeline's start into the context and
+        # never passes them on, so the frame is queued where it reaches the service).
         mark, sent_mark, spoken = len(wire.received), len(wire.sent), len(frames.spoken)
-        await worker.queue_frame(LLMMessagesAppendFrame(messages=[{"role": "user", "content": LATER}], run_llm=True))
+        await llm.queue_frame(LLMMessagesAppendFrame(messages=[{"role": "user", "content": TEXT}], run_llm=True))
         done = await wire.wait_for("response.done", after=mark, timeout_s=90)
         await frames.until(lambda: not frames.bot_speaking and len(frames.spoken) > spoken, 60, "end of playback")
         created = [e for e in wire.sent[sent_mark:] if e["type"] == "conversation.item.create"]
-        steps["later_text"] = {"events": _types(wire, mark), "response": _response(done),
-                               "item_create": _strip(created[-1]) if created else None,
-                               "item_added": _strip(next((e for e in wire.of("conversation.item.added", mark)
-                                                          if e["item"]["role"] == "system"), None))}
+        steps["text"] = {"events": _types(wire, mark), "response": _response(done), "spoken": spoken,
+                         "item_create": _strip(created[-1]) if created else None,
+                         "item_added": _strip(next((e for e in wire.of("conversation.item.added", mark)
+                                                    if e["item"]["role"] == "system"), None))}
     except TimeoutError as error:
         failures.append(str(error))
     finally:
