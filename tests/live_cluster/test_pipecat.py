@@ -74,7 +74,7 @@ def test_a_barge_in_cancels_the_reply_and_the_history_keeps_what_pipecat_played(
     fields = ("item_id", "content_index", "audio_end_ms")
     assert {k: barge_in["truncated"][k] for k in fields} == {k: truncate[k] for k in fields}
     # Token k entered with frame 2k; each transcript delta is one token.
-    deltas = report["wire"]["transcripts"][reply["id"]]
+    deltas = report["wire"]["transcripts"].get(reply["id"], [])  # RANDOM weights: it may have said no word yet
     heard_frames = truncate["audio_end_ms"] // 80
     turns = {m["id"]: m for m in history(cluster, report["steps"]["session"]["id"])["history"]}
     assert turns[reply["item_id"]]["text"] == "".join(deltas[: math.ceil(heard_frames / 2)])
