@@ -248,9 +248,7 @@ class CallSession:
         id if it gave one."""
         if not text and (audio is None or audio.size == 0):
             raise InvalidInput("a user message needs input_text or input_audio content")
-        if item_id is not None and self.find_item(item_id) is not None:
-            raise InvalidInput(f"item {item_id!r} is already in this conversation", code="invalid_item_id")
-        item_id = item_id or _item_id()
+        item_id = self._new_item_id(item_id)
         self._commit(UserInput(item_id, audio=audio, text=text or None), from_buffer=False)
         return item_id
 
@@ -264,9 +262,7 @@ class CallSession:
         if self.session is None:
             raise InvalidInput(f"a {role} message joins the session's history, and there is none before a voice is "
                                "set: set session.audio.output.voice first", code="no_voice")
-        if item_id is not None and self.find_item(item_id) is not None:
-            raise InvalidInput(f"item {item_id!r} is already in this conversation", code="invalid_item_id")
-        item_id = item_id or _item_id()
+        item_id = self._new_item_id(item_id)
         message = HistoryMessage(id=item_id, role=role, text=text,
                                  positions=self.backend.history.text_positions(role, text))
         self.session = await self.state.append_message(self.tenant, self.session.id, message)
@@ -277,6 +273,12 @@ class CallSession:
         self.text_items.add(item_id)
         self.emit(TextItemAdded(item_id, previous, role, text))
         return item_id
+
+    def _new_item_id(self, item_id: str | None) -> str:
+        """The client's id for an item it creates (refused if the conversation holds it already), or a new one."""
+        if item_id is not None and self.find_item(item_id) is not None:
+            raise InvalidInput(f"item {item_id!r} is already in this conversation", code="invalid_item_id")
+        return item_id or _item_id()
 
     def _commit(self, user: UserInput, from_buffer: bool = True) -> None:
         self.emit(InputCommitted(user.item_id, self.last_item_id, user.text, from_buffer))
