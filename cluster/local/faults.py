@@ -70,13 +70,17 @@ def kill(stage: str) -> str:
 @contextlib.contextmanager
 def paused(pids: list[int]):
     """Stop these processes where they stand until the block ends. The pids come first (`FaultAgent.pids`), so the
-    stop itself is instant."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    stop itself is instant. One gone meanwhile (a replica the autoscaler stopped) runs nothing to stop; whatever was
+    stopped runs again however the block ends, the stopping included."""
+    stopped: list[int] = []
     try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
         yield
     finally:
-        for pid in pids:
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):  # it was killed meanwhile
                 os.kill(pid, signal.SIGCONT)
 
